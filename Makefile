@@ -1,0 +1,36 @@
+# Two entry points (see README): `make run` runs the pipeline, `make test` runs the tests.
+# Both set up everything they need first: a project-local venv, the offline weights, the default data.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: setup run test test-fast bench clean-venv
+
+setup: $(VENV)/.installed $(FASHION_MNIST)
+	@$(PY) -m stages.core.offline_weights
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+# Debian ships Fashion-MNIST; without it, prepare falls back to torchvision's download.
+$(FASHION_MNIST):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || echo "note: dataset-fashion-mnist not installed; prepare will try torchvision's download"; \
+	else echo "note: not root or no apt-get; prepare will try torchvision's download of Fashion-MNIST"; fi
+
+run: setup
+	dvc repro
+
+test: setup
+	$(PY) -m pytest -q -m "slow or not slow" tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
+
+bench: setup
+	$(PY) benchmarks/extract_throughput.py

@@ -1,0 +1,1 @@
+"""The pipeline's stages: one module per DVC stage, each a thin main() over stages.core."""

@@ -1,0 +1,291 @@
+"""params.yaml, validated once into typed objects.
+
+Every stage calls `load_params()`: an unknown key, a wrong type, an unknown arch, weights name, estimator or
+data source fails here, before any work, with one message per problem naming the key and the valid choices.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from stages.core.errors import UserError
+
+PARAMS_FILE = Path("params.yaml")
+BUILTIN_SOURCES = ("fashion-mnist", "digits")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataParams(Section):
+    source: str = "fashion-mnist"
+    per_class: Annotated[int, Field(ge=1)] | None = 300
+    val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.15
+    test_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.15
+    seed: int = 0
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, source: str) -> str:
+        if source in BUILTIN_SOURCES:
+            return source
+        path = Path(source)
+        if path.is_dir() or (path.is_file() and path.suffix.lower() == ".csv"):
+            return source
+        if path.suffix.lower() == ".csv":
+            raise ValueError(f"CSV file {source!r} does not exist")
+        raise ValueError(
+            f"{source!r} is neither a built-in source ({', '.join(BUILTIN_SOURCES)}) nor an existing folder "
+            "of <class>/<image> files nor a CSV file with path,label[,split] columns"
+        )
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> DataParams:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"val_fraction + test_fraction must be below 1 (got {self.val_fraction} + {self.test_fraction})"
+            )
+        return self
+
+    @property
+    def builtin(self) -> bool:
+        return self.source in BUILTIN_SOURCES
+
+
+class BackboneParams(Section):
+    arch: str = "mobilenet_v2"
+    weights: str | None = "IMAGENET1K_V1"
+    weights_path: str | None = None
+    cut: Union[int, str] = "penultimate"
+    pool: Literal["avg", "max", "none"] = "avg"
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, arch: str) -> str:
+        valid = classification_archs()
+        if arch not in valid:
+            raise ValueError(f"{arch!r} is not a torchvision classification model; valid: {', '.join(valid)}")
+        return arch
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _none_means_random_init(cls, weights: Any) -> Any:
+        return None if weights is None or str(weights).lower() == "none" else weights
+
+    @field_validator("cut", mode="before")
+    @classmethod
+    def _cut_number_or_name(cls, cut: Any) -> Any:
+        if isinstance(cut, bool):
+            raise ValueError("cut must be 'penultimate', a number of blocks, or a graph node name")
+        if isinstance(cut, str) and cut.strip().isdigit():
+            return int(cut)
+        if isinstance(cut, int) and cut < 1:
+            raise ValueError(f"cut={cut}: keep at least 1 block")
+        return cut
+
+    @model_validator(mode="after")
+    def _weights_exist_for_arch(self) -> BackboneParams:
+        if self.weights is None:
+            if self.weights_path:
+                raise ValueError("weights_path is set but weights is none: name the weights the file holds")
+            return self
+        from torchvision.models import get_model_weights
+
+        enum = get_model_weights(self.arch)
+        valid = [w.name for w in enum]
+        if self.weights != "DEFAULT" and self.weights not in valid:
+            raise ValueError(
+                f"weights {self.weights!r} does not exist for {self.arch}; valid: {', '.join(valid)}, DEFAULT or none"
+            )
+        if self.weights_path and not Path(self.weights_path).is_file():
+            raise ValueError(f"weights_path {self.weights_path!r} is not a file")
+        return self
+
+
+class ExportParams(Section):
+    opset: Annotated[int, Field(ge=13)] = 18
+    atol: Annotated[float, Field(gt=0)] = 1.0e-4
+
+
+class ExtractParams(Section):
+    providers: list[str] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    batch_size: Annotated[int, Field(ge=1)] = 64
+    workers: Annotated[int, Field(ge=0)] = 2
+    store: str = "data/feature-store"
+    dtype: Literal["float32", "float16"] = "float32"
+    augment_views: Annotated[int, Field(ge=0)] = 0
+
+    @field_validator("providers")
+    @classmethod
+    def _known_providers(cls, providers: list[str]) -> list[str]:
+        import onnxruntime
+
+        known = onnxruntime.get_all_providers()
+        unknown = [p for p in providers if p not in known]
+        if unknown or not providers:
+            raise ValueError(f"unknown ONNX Runtime provider(s) {unknown}; valid: {', '.join(known)}")
+        return providers
+
+
+class LogisticHead(Section):
+    type: Literal["logistic"]
+    C: list[Annotated[float, Field(gt=0)]] = [0.001, 0.01, 0.1, 1, 10, 100]
+    max_iter: Annotated[int, Field(ge=1)] = 1000
+    class_weight: Literal["balanced"] | None = None
+
+
+class LinearHead(Section):
+    type: Literal["linear"]
+    epochs: Annotated[int, Field(ge=1)] = 100
+    lr: Annotated[float, Field(gt=0)] = 1.0e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 1.0e-4
+    batch_size: Annotated[int, Field(ge=1)] = 256
+    patience: Annotated[int, Field(ge=1)] = 10
+    class_weight: Literal["balanced"] | None = None
+
+
+class MLPHead(LinearHead):
+    type: Literal["mlp"]  # type: ignore[assignment]
+    hidden: list[Annotated[int, Field(ge=1)]] = [512]
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
+
+
+class SklearnHead(Section):
+    type: Literal["sklearn"]
+    estimator: str
+    params: dict[str, Any] = {}
+    grid: dict[str, list[Any]] = {}
+    class_weight: Literal["balanced"] | None = None
+
+    @field_validator("estimator")
+    @classmethod
+    def _importable_classifier(cls, estimator: str) -> str:
+        from sklearn.base import is_classifier
+
+        module_name, _, class_name = estimator.rpartition(".")
+        try:
+            found = getattr(importlib.import_module(module_name), class_name) if module_name else None
+        except ImportError:
+            found = None
+        if found is None:
+            raise ValueError(f"{estimator!r} is not importable; give a dotted path such as sklearn.svm.LinearSVC")
+        if not (isinstance(found, type) and is_classifier(found())):
+            raise ValueError(f"{estimator!r} is not a scikit-learn classifier")
+        return estimator
+
+
+HeadSpec = Annotated[Union[LogisticHead, LinearHead, MLPHead, SklearnHead], Field(discriminator="type")]
+
+
+class AugmentParams(Section):
+    random_resized_crop: bool = True
+    hflip: bool = True
+    color_jitter: Annotated[float, Field(ge=0)] = 0.0
+
+
+class FinetuneParams(Section):
+    enabled: bool = False
+    unfreeze: Union[Annotated[int, Field(ge=0)], Literal["all", "auto"]] = 2
+    init_head: str | None = "logreg"
+    epochs: Annotated[int, Field(ge=1)] = 5
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    lr_head: Annotated[float, Field(gt=0)] = 1.0e-3
+    lr_backbone: Annotated[float, Field(gt=0)] = 1.0e-4
+    bn: Literal["frozen", "train"] = "frozen"
+    patience: Annotated[int, Field(ge=1)] = 2
+    cache_prefix: bool = False
+    augment: AugmentParams = AugmentParams()
+
+
+class EvaluateParams(Section):
+    models: Union[Literal["all"], list[str]] = "all"
+
+
+def _default_heads() -> dict[str, Any]:
+    return {
+        "logreg": LogisticHead(type="logistic"),
+        "linear": LinearHead(type="linear"),
+        "mlp": MLPHead(type="mlp"),
+        "knn": SklearnHead(
+            type="sklearn", estimator="sklearn.neighbors.KNeighborsClassifier", grid={"n_neighbors": [5, 15]}
+        ),
+    }
+
+
+class Params(Section):
+    data: DataParams = DataParams()
+    backbone: BackboneParams = BackboneParams()
+    export: ExportParams = ExportParams()
+    extract: ExtractParams = ExtractParams()
+    heads: dict[str, HeadSpec] = Field(default_factory=_default_heads)
+    finetune: FinetuneParams = FinetuneParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+    @model_validator(mode="after")
+    def _references_exist(self) -> Params:
+        if self.finetune.init_head is not None and self.finetune.init_head not in self.heads:
+            raise ValueError(
+                f"finetune.init_head {self.finetune.init_head!r} is not a head; valid: {', '.join(self.heads)} or null"
+            )
+        return self
+
+
+def classification_archs() -> list[str]:
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def load_params(path: Path | str = PARAMS_FILE) -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise UserError(f"{path} not found: run from the project's root") from None
+    except yaml.YAMLError as error:
+        raise UserError(f"{path} is not valid YAML: {error}") from None
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise UserError(f"{path} is invalid:\n" + describe_errors(error, raw)) from None
+
+
+def describe_errors(error: ValidationError, raw: dict[str, Any]) -> str:
+    """One line per problem: the dotted key, what is wrong, and for an unknown key the valid ones."""
+    lines = []
+    for problem in error.errors():
+        # union/discriminator members add their type name to loc; keep only the keys a user wrote
+        loc = [str(p) for p in problem["loc"] if not _is_union_tag(p)]
+        key = ".".join(loc) or "(top level)"
+        if problem["type"] == "extra_forbidden":
+            valid = _valid_keys(loc[:-1], raw)
+            lines.append(f"  {key}: unknown key; valid keys here: {', '.join(valid)}")
+        else:
+            message = problem["msg"].removeprefix("Value error, ")
+            lines.append(f"  {key}: {message} (got {problem.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _is_union_tag(part: Any) -> bool:
+    return isinstance(part, str) and (part[:1].isupper() or part.startswith(("int", "str", "literal", "list[")))
+
+
+def _valid_keys(parent: list[str], raw: dict[str, Any]) -> list[str]:
+    model: Any = Params
+    for part in parent:
+        field = model.model_fields.get(part) if isinstance(model, type) else None
+        if field is None:
+            if model is Params.model_fields["heads"].annotation or part in raw.get("heads", {}):
+                head_type = raw.get("heads", {}).get(part, {}).get("type")
+                model = {"logistic": LogisticHead, "linear": LinearHead, "mlp": MLPHead, "sklearn": SklearnHead}.get(
+                    head_type, LogisticHead
+                )
+                continue
+            return []
+        model = field.annotation
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []

@@ -1,0 +1,118 @@
+"""prepare: the source's images -> data/prepared/{manifest.csv, classes.json, rejected.csv} + metrics/prepare.json.
+
+Every image is read once: its sha256 goes into the manifest and it is fully decoded; files that do not decode
+are listed in rejected.csv with the reason, never fatal. Exact duplicate files keep their first copy only.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tqdm import tqdm
+
+from stages.core import manifest, sources
+from stages.core.config import DataParams, load_params
+from stages.core.errors import UserError, run_main
+from stages.core.hashing import sha256_bytes
+from stages.core.images import BadImage, decode
+from stages.core.metrics import write_metrics
+
+log = logging.getLogger("prepare")
+BUILTIN_IMAGES = manifest.PREPARED / "images"
+
+
+def candidates(data: DataParams) -> list[sources.Candidate]:
+    if data.source == "fashion-mnist":
+        return sources.fashion_mnist_candidates(BUILTIN_IMAGES, data.per_class, data.seed)
+    if data.source == "digits":
+        return sources.digits_candidates(BUILTIN_IMAGES, data.per_class, data.seed)
+    path = Path(data.source)
+    found = sources.csv_candidates(path) if path.is_file() else sources.folder_candidates(path)
+    return sources.cap_per_class(found, data.per_class, data.seed)
+
+
+def inspect(candidate: sources.Candidate) -> tuple[str | None, str | None]:
+    """(sha256, None) for a good image, (None, reason) for a bad one."""
+    try:
+        data = candidate.path.read_bytes()
+    except OSError as error:
+        return None, f"unreadable: {error.strerror}"
+    try:
+        decode(data)
+    except BadImage as error:
+        return None, str(error)
+    return sha256_bytes(data), None
+
+
+def main() -> None:
+    started = time.perf_counter()
+    data = load_params().data
+    found = candidates(data)
+    log.info("%d candidate images from %s", len(found), data.source)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        results = list(tqdm(pool.map(inspect, found), total=len(found), desc="prepare", unit="img"))
+
+    rejected: list[tuple[str, str]] = []
+    first_copy: dict[str, sources.Candidate] = {}
+    kept: list[tuple[sources.Candidate, str]] = []
+    duplicates = 0
+    for candidate, (digest, reason) in zip(found, results):
+        path = manifest.display_path(candidate.path)
+        if digest is None:
+            rejected.append((path, reason))
+        elif digest in first_copy:
+            duplicates += 1
+            rejected.append((path, f"duplicate of {manifest.display_path(first_copy[digest].path)}"))
+        else:
+            first_copy[digest] = candidate
+            kept.append((candidate, digest))
+
+    classes = sorted({c.label for c in found})
+    per_class = Counter(c.label for c, _ in kept)
+    empty = [label for label in classes if per_class[label] == 0]
+    manifest.write([], classes, rejected)  # the rejection report survives the error below
+    if empty:
+        raise UserError(
+            f"every image of class(es) {', '.join(empty)} was rejected; see {manifest.REJECTED} for the reasons"
+        )
+
+    free = [i for i, (c, _) in enumerate(kept) if c.split is None]
+    drawn = manifest.stratified_splits(
+        [kept[i][0].label for i in free], data.val_fraction, data.test_fraction, data.seed
+    ) if free else []
+    splits = [c.split for c, _ in kept]
+    for i, split in zip(free, drawn):
+        splits[i] = split
+    rows = [
+        manifest.Row(manifest.display_path(c.path), c.label, split, digest)
+        for (c, digest), split in zip(kept, splits)
+    ]
+    manifest.write(rows, classes, rejected)
+
+    split_counts = Counter(r.split for r in rows)
+    write_metrics("prepare", {
+        "source": data.source,
+        "classes": len(classes),
+        "images": len(rows),
+        "rejected": len(rejected) - duplicates,
+        "duplicates": duplicates,
+        "train": split_counts["train"],
+        "val": split_counts["val"],
+        "test": split_counts["test"],
+        "min_per_class": min(per_class.values()),
+        "max_per_class": max(per_class.values()),
+        "seconds": round(time.perf_counter() - started, 2),
+    })
+    log.info(
+        "%d images in %d classes (train %d, val %d, test %d); rejected %d, duplicates %d -> %s",
+        len(rows), len(classes), split_counts["train"], split_counts["val"], split_counts["test"],
+        len(rejected) - duplicates, duplicates, manifest.MANIFEST,
+    )
+
+
+if __name__ == "__main__":
+    run_main(main)
