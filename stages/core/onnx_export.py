@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
@@ -24,7 +25,31 @@ def export(module: nn.Module, example: torch.Tensor, path: Path, opset: int) -> 
         )
     tmp = path.with_suffix(".onnx.part")
     program.save(str(tmp), external_data=False)  # one self-contained file, weights inside
+    model = onnx.load(str(tmp))
+    canonicalize(model.graph)
+    onnx.save(model, str(tmp))
     tmp.replace(path)
+
+
+def canonicalize(graph: onnx.GraphProto) -> None:
+    """Name nodes and intermediate values by position and drop per-node metadata.
+
+    The exporter numbers them from process-wide counters and records stack traces, so the same model
+    exported twice gives different bytes; the feature store keys features by these bytes."""
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output} | {t.name for t in graph.initializer}
+    renamed: dict[str, str] = {}
+    for index, node in enumerate(graph.node):
+        node.name = f"{node.op_type}_{index}"
+        node.doc_string = ""
+        del node.metadata_props[:]
+        for slot, name in enumerate(node.input):
+            node.input[slot] = renamed.get(name, name)
+        for slot, name in enumerate(node.output):
+            if name and name not in keep:
+                renamed[name] = node.output[slot] = f"t{len(renamed)}"
+    for value in graph.value_info:
+        value.name = renamed.get(value.name, value.name)
+    graph.doc_string = ""
 
 
 def cpu_session(path: Path) -> ort.InferenceSession:

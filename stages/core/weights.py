@@ -36,7 +36,7 @@ def resolve(arch: str, name: str) -> WeightsEnum:
     enum = get_model_weights(arch)
     try:
         return enum.verify(name)
-    except ValueError:
+    except (KeyError, ValueError):
         raise UserError(
             f"backbone.weights: {name!r} does not exist for {arch}; valid: {', '.join(w.name for w in enum)}"
         ) from None

@@ -1,0 +1,43 @@
+"""A real git + DVC repository holding a copy of this project, for end-to-end tests."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import DEFAULT_PARAMS, REPO, merged
+
+
+class DvcRepo:
+    def __init__(self, root: Path, **params):
+        self.root = root
+        shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+        self.set_params(**params)
+        # the stages run `python`: the interpreter running the tests, whatever venv it is in
+        self.env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        self.run("git", "init", "-q")
+        self.run("git", "config", "user.email", "test@example.com")
+        self.run("git", "config", "user.name", "test")
+        self.dvc("init", "-q")
+        self.dvc("config", "core.analytics", "false")
+        self.run("git", "add", "-A")
+        self.run("git", "commit", "-qm", "init")
+
+    def set_params(self, **params) -> None:
+        (self.root / "params.yaml").write_text(yaml.safe_dump(merged(DEFAULT_PARAMS, params), sort_keys=False))
+
+    def run(self, *command: str, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run(command, cwd=self.root, env=getattr(self, "env", None), text=True,
+                                capture_output=True)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def dvc(self, *args: str, check: bool = True) -> str:
+        result = self.run(sys.executable, "-m", "dvc", *args, check=check)
+        return result.stdout + result.stderr

@@ -1,0 +1,74 @@
+"""export: cut + pool + ONNX with a dynamic batch, parity-checked with ONNX Runtime, for three architectures."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from stages import download, export
+from stages.core import backbone_files, onnx_export
+from stages.core.backbones import PooledFeatures
+from stages.core.errors import UserError
+
+CASES = {
+    # arch: (weights, [(cut, pool, expected feature_dim)])
+    "mobilenet_v2": ("IMAGENET1K_V1", [("penultimate", "avg", 1280), (5, "max", 32), ("features.10.add", "avg", 64)]),
+    "resnet18": ("none", [("penultimate", "avg", 512), (3, "none", 64 * 56 * 56), ("layer3.1.relu_1", "max", 256)]),
+    "efficientnet_b0": ("none", [("penultimate", "avg", 1280), (4, "avg", 40), ("features.6.2.add", "max", 192)]),
+}
+
+
+def check_onnx_against_torch(batch_sizes=(1, 3)):
+    """ORT output == torch output at batch sizes other than the ones the stage used."""
+    params = json.loads(open("metrics/export.json").read())
+    backbone = backbone_files.load()
+    module = PooledFeatures(backbone.model(), params["cut_node"], params["pool"])
+    session = onnx_export.cpu_session(backbone_files.ONNX)
+    assert session.get_inputs()[0].shape[0] == "batch"
+    for n in batch_sizes:
+        batch = torch.randn(n, 3, 224, 224)
+        got = session.run(None, {onnx_export.INPUT: batch.numpy()})[0]
+        with torch.inference_mode():
+            np.testing.assert_allclose(got, module(batch).numpy(), atol=1e-4)
+        assert got.shape == (n, params["feature_dim"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", list(CASES))
+def test_export_three_cuts(project, arch):
+    weights, cuts = CASES[arch]
+    project.params(backbone={"arch": arch, "weights": weights})
+    download.main()
+    for cut, pool, dim in cuts:
+        project.params(backbone={"arch": arch, "weights": weights, "cut": cut, "pool": pool})
+        export.main()
+        metrics = json.loads(open("metrics/export.json").read())
+        assert metrics["feature_dim"] == dim
+        assert metrics["max_abs_diff"] <= metrics["atol"]
+        assert metrics["parity_batch_sizes"] == [2, 5]
+        check_onnx_against_torch()
+
+
+def test_export_is_byte_identical_when_repeated(project):
+    project.params(backbone={"cut": 2})
+    download.main()
+    export.main()
+    first = backbone_files.ONNX.read_bytes()
+    export.main()
+    assert backbone_files.ONNX.read_bytes() == first  # the feature store's fingerprint relies on this
+
+
+def test_parity_above_atol_fails_with_the_numbers(project):
+    project.params(backbone={"cut": 2}, export={"atol": 1e-12})
+    download.main()
+    with pytest.raises(UserError, match=r"export.atol: ONNX Runtime differs from torch by .* > atol 1e-12"):
+        export.main()
+    assert json.loads(open("metrics/export.json").read())["max_abs_diff"] > 1e-12
+
+
+def test_bad_cut_fails_before_exporting(project):
+    project.params(backbone={"cut": "features.99"})
+    download.main()
+    with pytest.raises(UserError, match="not a graph node"):
+        export.main()
+    assert not backbone_files.ONNX.exists()

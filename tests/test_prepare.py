@@ -1,0 +1,424 @@
+"""prepare: real image files of every kind -> manifest.csv, classes.json, rejected.csv, metrics/prepare.json."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import struct
+import warnings
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stages import prepare
+from stages.core import images
+from stages.core.errors import UserError
+
+MANIFEST = Path("data/prepared/manifest.csv")
+CLASSES = Path("data/prepared/classes.json")
+REJECTED = Path("data/prepared/rejected.csv")
+METRICS = Path("metrics/prepare.json")
+
+
+# ---------------------------------------------------------------- helpers: real files
+
+
+def noise(seed: int, size: int = 16, channels: int = 3) -> np.ndarray:
+    """Distinct random pixels, so that no two helper images share bytes."""
+    shape = (size, size, channels) if channels > 1 else (size, size)
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def save(image: Image.Image, path: Path, format: str | None = None, **options) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format=format, **options)
+    return path
+
+
+def rgb(path: Path, seed: int, size: int = 16) -> Path:
+    return save(Image.fromarray(noise(seed, size)), path)
+
+
+def encoded(image: Image.Image, format: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    return buffer.getvalue()
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def decompression_bomb_png(side: int = 30000) -> bytes:
+    """A valid PNG header announcing side x side 1-bit grayscale pixels, with a tiny IDAT."""
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # width, height, bit depth 1, grayscale
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def write_bytes(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def plain_class(folder: Path, count: int, seed: int) -> list[Path]:
+    return [rgb(folder / f"img{i:03d}.png", seed * 1000 + i, size=8) for i in range(count)]
+
+
+def read_manifest() -> list[dict]:
+    with open(MANIFEST, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def read_rejected() -> dict[str, str]:
+    with open(REJECTED, newline="") as handle:
+        return {row["path"]: row["reason"] for row in csv.DictReader(handle)}
+
+
+def metrics() -> dict:
+    return json.loads(METRICS.read_text())
+
+
+def rel(path: Path) -> str:
+    return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+
+
+def run_prepare(project, **data) -> list[dict]:
+    project.params(data={"per_class": None, **data})
+    prepare.main()
+    return read_manifest()
+
+
+# ---------------------------------------------------------------- folder source: every kind of file
+
+
+def good_images(root: Path) -> list[Path]:
+    """One file per mode and extension, some nested deeper inside the class folder."""
+    alpha = root / "alpha"
+    palette = Image.fromarray(noise(3)).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    transparent = palette.copy()
+    transparent.info["transparency"] = 0
+    sixteen = Image.fromarray((np.arange(256, dtype=np.uint16).reshape(16, 16) * 257))
+    assert sixteen.mode == "I;16"
+    return [
+        save(Image.fromarray(noise(1, channels=1), mode="L"), alpha / "gray.png"),
+        save(palette, alpha / "palette.png"),
+        save(transparent, alpha / "nested" / "transparent.gif"),
+        save(Image.fromarray(noise(4, channels=4), mode="RGBA"), alpha / "rgba.png"),
+        save(sixteen, alpha / "deep" / "er" / "sixteen.png"),
+        save(Image.fromarray(noise(6, channels=4), mode="CMYK"), alpha / "cmyk.jpg", quality=90),
+        save(Image.fromarray(noise(7)), alpha / "photo.jpeg"),
+        save(Image.fromarray(noise(8)), alpha / "bitmap.bmp"),
+        save(Image.fromarray(noise(9)), alpha / "web.webp"),
+        save(Image.fromarray(noise(10)), alpha / "scan.tif"),
+        save(Image.fromarray(noise(11)), alpha / "nested" / "scan2.tiff"),
+        save(Image.fromarray(noise(12)), alpha / "UPPER.PNG", format="PNG"),
+        save(Image.fromarray(noise(13), mode="RGB").convert("P"), alpha / "anim.gif"),
+        *plain_class(root / "beta", 12, seed=2),
+    ]
+
+
+def bad_images(root: Path) -> dict[Path, str]:
+    """Broken files inside a class that also has good ones; value: a word the reason must contain."""
+    alpha = root / "alpha"
+    png = encoded(Image.fromarray(noise(20, size=64)), "PNG")
+    jpeg = encoded(Image.fromarray(noise(21, size=64)), "JPEG", quality=95)
+    return {
+        write_bytes(alpha / "zero.png", b""): "empty",
+        write_bytes(alpha / "cut.png", png[: len(png) // 2]): "decodable",
+        write_bytes(alpha / "cut.jpg", jpeg[: len(jpeg) // 2]): "decodable",
+        write_bytes(alpha / "notes.jpg", b"these are my notes, not a photo\n" * 10): "decodable",
+        write_bytes(alpha / "nested" / "bomb.png", decompression_bomb_png()): "decompression bomb",
+    }
+
+
+def test_crafted_png_is_a_decompression_bomb_for_pil(tmp_path):
+    path = write_bytes(tmp_path / "bomb.png", decompression_bomb_png())
+    assert path.stat().st_size < 200
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(path)
+    with pytest.raises(images.BadImage, match="decompression bomb"):
+        images.decode(path.read_bytes())
+
+
+def test_crafted_warning_sized_bomb_is_refused_too(tmp_path):
+    """Between MAX_IMAGE_PIXELS and twice that, PIL only warns; decode must still refuse it."""
+    side = int((Image.MAX_IMAGE_PIXELS * 1.5) ** 0.5)
+    data = decompression_bomb_png(side)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pytest.raises(Image.DecompressionBombWarning):
+            Image.open(io.BytesIO(data))
+    with pytest.raises(images.BadImage, match="decompression bomb"):
+        images.decode(data)
+
+
+def test_folder_source_accepts_every_mode_and_rejects_broken_files(project):
+    root = project.root / "photos"
+    good = good_images(root)
+    bad = bad_images(root)
+    (root / "alpha" / "README.txt").write_text("not an image extension: ignored, not rejected\n")
+
+    rows = run_prepare(project, source="photos")
+
+    assert {r["path"] for r in rows} == {rel(p) for p in good}
+    assert json.loads(CLASSES.read_text()) == ["alpha", "beta"]
+    assert Counter(r["label"] for r in rows) == {"alpha": 13, "beta": 12}
+    for row in rows:
+        assert row["sha256"] == hashlib.sha256(Path(row["path"]).read_bytes()).hexdigest()
+        assert row["split"] in ("train", "val", "test")
+        assert images.decode(Path(row["path"]).read_bytes()).mode == "RGB"
+
+    rejected = read_rejected()
+    assert set(rejected) == {rel(p) for p in bad}
+    for path, word in bad.items():
+        assert word in rejected[rel(path)], rejected[rel(path)]
+    written = metrics()
+    assert written["rejected"] == len(bad) and written["duplicates"] == 0
+    assert written["images"] == len(good) and written["classes"] == 2
+    assert written["train"] + written["val"] + written["test"] == len(good)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B"])
+def test_to_rgb_scales_16_bit_instead_of_clipping(mode):
+    pixels = np.array([[65535, 32768, 0, 1000]], dtype=np.uint16)
+    image = Image.fromarray(pixels.astype(">u2" if mode == "I;16B" else "<u2"), mode=mode)
+    assert image.mode == mode
+    out = images.to_rgb(image)
+    assert out.mode == "RGB"
+    channel = np.asarray(out)[0, :, 0]
+    assert channel[0] == 255 and abs(int(channel[1]) - 128) <= 1 and channel[2] == 0
+    assert abs(int(channel[3]) - 4) <= 1  # 1000/65535 of full scale, not clipped to 255
+    assert (np.asarray(out)[..., 0] == np.asarray(out)[..., 2]).all()
+
+
+def test_16_bit_png_file_decodes_scaled():
+    """Scaling is by the 16-bit range, not by the image's own maximum: a flat mid-grey stays mid-grey."""
+    flat = np.full((4, 4), 32768, dtype=np.uint16)
+    data = encoded(Image.fromarray(flat), "PNG")
+    assert Image.open(io.BytesIO(data)).mode == "I;16"
+    out = np.asarray(images.decode(data))
+    assert out.shape == (4, 4, 3) and abs(int(out.max()) - 128) <= 1 and abs(int(out.min()) - 128) <= 1
+
+
+def test_exact_duplicates_keep_one_copy(project):
+    root = project.root / "photos"
+    plain_class(root / "a", 10, seed=1)
+    plain_class(root / "b", 10, seed=2)
+    original = rgb(root / "a" / "x.png", seed=99, size=8)
+    copies = [root / "a" / "x_copy.png", root / "b" / "sub" / "y.png"]
+    for copy in copies:
+        write_bytes(copy, original.read_bytes())
+
+    rows = run_prepare(project, source="photos")
+
+    paths = {r["path"] for r in rows}
+    assert len(paths & {rel(original), *(rel(c) for c in copies)}) == 1
+    assert len(rows) == 21 and len({r["sha256"] for r in rows}) == len(rows)
+    written = metrics()
+    assert written["duplicates"] == 2 and written["rejected"] == 0 and written["images"] == 21
+    rejected = read_rejected()
+    assert len(rejected) == 2 and all("duplicate" in reason for reason in rejected.values())
+
+
+def test_class_with_only_bad_images_fails_naming_it(project):
+    root = project.root / "photos"
+    plain_class(root / "alpha", 10, seed=1)
+    broken = [write_bytes(root / "gamma" / "zero.png", b""), write_bytes(root / "gamma" / "text.jpg", b"hello\n")]
+    project.params(data={"source": "photos", "per_class": None})
+
+    with pytest.raises(UserError, match="gamma"):
+        prepare.main()
+
+    assert set(read_rejected()) == {rel(p) for p in broken}
+
+
+@pytest.mark.parametrize("content", [None, "notes.txt"])
+def test_class_folder_without_images_fails_before_any_output(project, content):
+    root = project.root / "photos"
+    plain_class(root / "alpha", 10, seed=1)
+    empty = root / "empty_class"
+    empty.mkdir()
+    if content:
+        (empty / content).write_text("no images here\n")
+    project.params(data={"source": "photos", "per_class": None})
+
+    with pytest.raises(UserError) as caught:
+        prepare.main()
+
+    assert "empty_class" in str(caught.value)
+    assert not Path("data/prepared").exists() and not METRICS.exists()
+
+
+# ---------------------------------------------------------------- CSV source
+
+
+def csv_dataset(project, rows: list[tuple], header: str = "path,label,split") -> str:
+    """Images under ds/img (paths in the CSV relative to the CSV's folder); returns data.source."""
+    folder = project.root / "ds"
+    folder.mkdir(exist_ok=True)
+    lines = [header] + [",".join(str(v) for v in row) for row in rows]
+    (folder / "list.csv").write_text("\n".join(lines) + "\n")
+    return "ds/list.csv"
+
+
+def test_csv_source_keeps_given_splits_and_draws_the_rest(project):
+    rows = []
+    for c, label in enumerate(("cat", "dog")):
+        for i in range(14):
+            rgb(project.root / "ds" / "img" / f"{label}{i}.png", seed=c * 100 + i, size=8)
+            split = ("train", "val", "test")[i] if i < 3 else ""  # the first three are fixed, the rest drawn
+            rows.append((f"img/{label}{i}.png", label, split))
+    source = csv_dataset(project, rows)
+
+    manifest = run_prepare(project, source=source)
+
+    by_path = {r["path"]: r for r in manifest}
+    assert len(by_path) == 28
+    for path, label, split in rows:
+        row = by_path[f"ds/{path}"]
+        assert row["label"] == label
+        if split:
+            assert row["split"] == split
+        assert row["sha256"] == hashlib.sha256(Path(row["path"]).read_bytes()).hexdigest()
+    assert {r["split"] for r in manifest} == {"train", "val", "test"}
+    assert json.loads(CLASSES.read_text()) == ["cat", "dog"]
+
+
+def test_csv_source_with_every_split_given(project):
+    rows = []
+    for i in range(6):
+        rgb(project.root / "ds" / f"{i}.png", seed=i, size=8)
+        rows.append((f"{i}.png", "ab"[i % 2], ("train", "train", "val", "val", "test", "test")[i]))
+    manifest = run_prepare(project, source=csv_dataset(project, rows))
+    assert {r["path"]: r["split"] for r in manifest} == {f"ds/{p}": s for p, _, s in rows}
+
+
+def test_csv_source_without_split_column(project):
+    rows = []
+    for i in range(20):
+        rgb(project.root / "ds" / f"{i}.png", seed=i, size=8)
+        rows.append((f"{i}.png", "ab"[i % 2]))
+    manifest = run_prepare(project, source=csv_dataset(project, rows, header="path,label"))
+    assert len(manifest) == 20 and {r["split"] for r in manifest} == {"train", "val", "test"}
+
+
+def test_csv_missing_path_names_the_file_and_line(project):
+    rgb(project.root / "ds" / "a.png", seed=1, size=8)
+    source = csv_dataset(project, [("a.png", "x", ""), ("nowhere.png", "x", "")])
+    project.params(data={"source": source, "per_class": None})
+    with pytest.raises(UserError) as caught:
+        prepare.main()
+    message = str(caught.value)
+    assert "list.csv" in message and "line 3" in message and "nowhere.png" in message
+
+
+def test_csv_bad_split_value_fails(project):
+    rgb(project.root / "ds" / "a.png", seed=1, size=8)
+    source = csv_dataset(project, [("a.png", "x", "training")])
+    project.params(data={"source": source, "per_class": None})
+    with pytest.raises(UserError) as caught:
+        prepare.main()
+    message = str(caught.value)
+    assert "list.csv" in message and "line 2" in message and "'training'" in message and "train" in message
+
+
+# ---------------------------------------------------------------- stratified split, seed, cap
+
+
+@pytest.fixture
+def three_classes(project) -> Path:
+    root = project.root / "photos"
+    for c, label in enumerate(("ant", "bee", "cow")):
+        plain_class(root / label, 40, seed=c + 1)
+    return root
+
+
+def splits_by_label(rows: list[dict]) -> dict[str, Counter]:
+    out: dict[str, Counter] = {}
+    for row in rows:
+        out.setdefault(row["label"], Counter())[row["split"]] += 1
+    return out
+
+
+def test_stratified_split_respects_fractions_per_class(project, three_classes):
+    rows = run_prepare(project, source="photos", val_fraction=0.2, test_fraction=0.2, seed=0)
+    assert len(rows) == 120
+    per_label = splits_by_label(rows)
+    assert set(per_label) == {"ant", "bee", "cow"}
+    for label, counts in per_label.items():
+        assert set(counts) == {"train", "val", "test"}, label
+        assert abs(counts["val"] - 8) <= 1 and abs(counts["test"] - 8) <= 1, (label, counts)
+        assert sum(counts.values()) == 40
+    written = metrics()
+    assert (written["train"], written["val"], written["test"]) == (72, 24, 24)
+
+
+def test_same_seed_same_manifest_other_seed_other_split(project, three_classes):
+    run_prepare(project, source="photos", seed=7)
+    first = MANIFEST.read_bytes()
+    run_prepare(project, source="photos", seed=7)
+    assert MANIFEST.read_bytes() == first
+    run_prepare(project, source="photos", seed=8)
+    again = MANIFEST.read_bytes()
+    assert again != first
+    with open(MANIFEST, newline="") as handle:
+        other = {r["path"]: r["split"] for r in csv.DictReader(handle)}
+    same = {r["path"]: r["split"] for r in csv.DictReader(io.StringIO(first.decode()))}
+    assert set(other) == set(same) and other != same
+
+
+def test_per_class_cap(project, three_classes):
+    rows = run_prepare(project, source="photos", per_class=25, seed=3)
+    assert Counter(r["label"] for r in rows) == {"ant": 25, "bee": 25, "cow": 25}
+    assert metrics()["max_per_class"] == 25 and metrics()["min_per_class"] == 25
+    chosen = {r["path"] for r in rows}
+    assert {r["path"] for r in run_prepare(project, source="photos", per_class=25, seed=3)} == chosen
+
+
+def test_per_class_cap_larger_than_class_keeps_all(project, three_classes):
+    rows = run_prepare(project, source="photos", per_class=1000)
+    assert len(rows) == 120
+
+
+# ---------------------------------------------------------------- built-in sources
+
+
+def test_builtin_digits(project):
+    rows = run_prepare(project, source="digits", per_class=20)
+    assert len(rows) == 200
+    assert json.loads(CLASSES.read_text()) == [str(d) for d in range(10)]
+    assert Counter(r["label"] for r in rows) == {str(d): 20 for d in range(10)}
+    for row in rows:
+        path = Path(row["path"])
+        assert path.suffix == ".png" and path.is_file()
+        assert Path("data/prepared/images") in path.parents
+        assert row["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert Image.open(rows[0]["path"]).size == (8, 8)
+    assert metrics()["classes"] == 10 and metrics()["images"] == 200
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="dataset-fashion-mnist missing")
+def test_builtin_fashion_mnist(project):
+    rows = run_prepare(project, source="fashion-mnist", per_class=10)
+    assert len(rows) == 100
+    classes = json.loads(CLASSES.read_text())
+    assert len(classes) == 10 and "T-shirt/top" in classes and "Ankle boot" in classes
+    assert Counter(r["label"] for r in rows) == {c: 10 for c in classes}
+    for row in rows:
+        path = Path(row["path"])
+        assert Path("data/prepared/images") in path.parents
+        with Image.open(path) as image:
+            assert image.size == (28, 28)
+        assert images.decode(path.read_bytes()).size == (28, 28)
+    assert metrics()["rejected"] == 0
