@@ -192,7 +192,8 @@ def test_folder_source_accepts_every_mode_and_rejects_broken_files(project):
 @pytest.mark.parametrize("mode", ["I;16", "I;16B"])
 def test_to_rgb_scales_16_bit_instead_of_clipping(mode):
     pixels = np.array([[65535, 32768, 0, 1000]], dtype=np.uint16)
-    image = Image.fromarray(pixels.astype(">u2" if mode == "I;16B" else "<u2"), mode=mode)
+    order = ">u2" if mode == "I;16B" else "<u2"
+    image = Image.frombytes(mode, (4, 1), pixels.astype(order).tobytes())
     assert image.mode == mode
     out = images.to_rgb(image)
     assert out.mode == "RGB"

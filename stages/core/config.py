@@ -48,7 +48,7 @@ class DataParams(Section):
     def _fractions_leave_training_data(self) -> DataParams:
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError(
-                f"val_fraction + test_fraction must be below 1 (got {self.val_fraction} + {self.test_fraction})"
+                f"test_fraction: val_fraction + test_fraction must be below 1 (val_fraction is {self.val_fraction})"
             )
         return self
 
@@ -92,7 +92,7 @@ class BackboneParams(Section):
     def _weights_exist_for_arch(self) -> BackboneParams:
         if self.weights is None:
             if self.weights_path:
-                raise ValueError("weights_path is set but weights is none: name the weights the file holds")
+                raise ValueError("weights_path: set, but weights is none: name the weights the file holds")
             return self
         from torchvision.models import get_model_weights
 
@@ -100,10 +100,10 @@ class BackboneParams(Section):
         valid = [w.name for w in enum]
         if self.weights != "DEFAULT" and self.weights not in valid:
             raise ValueError(
-                f"weights {self.weights!r} does not exist for {self.arch}; valid: {', '.join(valid)}, DEFAULT or none"
+                f"weights: {self.weights!r} does not exist for {self.arch}; valid: {', '.join(valid)}, DEFAULT or none"
             )
         if self.weights_path and not Path(self.weights_path).is_file():
-            raise ValueError(f"weights_path {self.weights_path!r} is not a file")
+            raise ValueError(f"weights_path: {self.weights_path!r} is not a file")
         return self
 
 
@@ -230,7 +230,7 @@ class Params(Section):
     def _references_exist(self) -> Params:
         if self.finetune.init_head is not None and self.finetune.init_head not in self.heads:
             raise ValueError(
-                f"finetune.init_head {self.finetune.init_head!r} is not a head; valid: {', '.join(self.heads)} or null"
+                f"finetune: init_head {self.finetune.init_head!r} is not a head; valid: {', '.join(self.heads)} or null"
             )
         return self
 
@@ -255,37 +255,42 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
         raise UserError(f"{path} is invalid:\n" + describe_errors(error, raw)) from None
 
 
+HEAD_TYPES = {"logistic": LogisticHead, "linear": LinearHead, "mlp": MLPHead, "sklearn": SklearnHead}
+
+
 def describe_errors(error: ValidationError, raw: dict[str, Any]) -> str:
     """One line per problem: the dotted key, what is wrong, and for an unknown key the valid ones."""
     lines = []
     for problem in error.errors():
-        # union/discriminator members add their type name to loc; keep only the keys a user wrote
-        loc = [str(p) for p in problem["loc"] if not _is_union_tag(p)]
+        loc = _user_keys(problem["loc"])
+        message = problem["msg"].removeprefix("Value error, ")
+        given = problem.get("input")
+        field, _, rest = message.partition(": ")
+        if isinstance(given, dict) and field in given:  # a check across keys names the key it is about
+            loc, message, given = loc + [field], rest, given[field]
         key = ".".join(loc) or "(top level)"
         if problem["type"] == "extra_forbidden":
-            valid = _valid_keys(loc[:-1], raw)
-            lines.append(f"  {key}: unknown key; valid keys here: {', '.join(valid)}")
+            lines.append(f"  {key}: unknown key; valid keys here: {', '.join(_valid_keys(loc[:-1], raw))}")
+        elif isinstance(given, (dict, list)) and len(repr(given)) > 80:
+            lines.append(f"  {key}: {message}")
         else:
-            message = problem["msg"].removeprefix("Value error, ")
-            lines.append(f"  {key}: {message} (got {problem.get('input')!r})")
+            lines.append(f"  {key}: {message} (got {given!r})")
     return "\n".join(lines)
 
 
-def _is_union_tag(part: Any) -> bool:
-    return isinstance(part, str) and (part[:1].isupper() or part.startswith(("int", "str", "literal", "list[")))
+def _user_keys(loc: tuple) -> list[str]:
+    """The keys a user wrote: pydantic adds union members (`int`, `literal['all']`) and head types to loc."""
+    keys = [str(p) for p in loc]
+    if len(keys) >= 3 and keys[0] == "heads" and keys[2] in HEAD_TYPES:
+        del keys[2]
+    return [k for k in keys if not k.startswith(("int", "str", "literal[", "list[", "function-"))]
 
 
 def _valid_keys(parent: list[str], raw: dict[str, Any]) -> list[str]:
-    model: Any = Params
-    for part in parent:
-        field = model.model_fields.get(part) if isinstance(model, type) else None
-        if field is None:
-            if model is Params.model_fields["heads"].annotation or part in raw.get("heads", {}):
-                head_type = raw.get("heads", {}).get(part, {}).get("type")
-                model = {"logistic": LogisticHead, "linear": LinearHead, "mlp": MLPHead, "sklearn": SklearnHead}.get(
-                    head_type, LogisticHead
-                )
-                continue
-            return []
-        model = field.annotation
-    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+    if len(parent) == 2 and parent[0] == "heads":
+        model: Any = HEAD_TYPES.get(raw.get("heads", {}).get(parent[1], {}).get("type"), LogisticHead)
+    else:
+        model = Params
+        for part in parent:
+            model = model.model_fields[part].annotation
+    return list(model.model_fields)
