@@ -1,9 +1,125 @@
-"""extract: not implemented yet (issue #3); the stage is declared in dvc.yaml so that the DAG is already final."""
+"""extract: manifest + models/backbone.onnx -> feature store -> data/features/{train,val,test}.h5 + metrics.
+
+Only rows missing from the store (extract.store, not a DVC output) are computed: new images, a backbone or cut
+never seen before. Decoding and preprocessing run in `extract.workers` processes while ONNX Runtime runs the
+previous batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from stages.core import backbone_files, manifest
+from stages.core.config import load_params
 from stages.core.errors import UserError, run_main
+from stages.core.feature_files import FEATURES_DIR, SplitRows, write_split
+from stages.core.feature_store import FeatureStore, store_key
+from stages.core.hashing import sha256_file
+from stages.core.images import Preprocessing
+from stages.core.image_views import ViewDataset, ViewRequest, collate, view_id
+from stages.core.inference import FeatureRunner
+from stages.core.metrics import write_metrics
+from stages.core.sources import SPLITS
+
+log = logging.getLogger("extract")
+
+
+def fingerprint(onnx_sha256: str, preprocessing: dict, dtype: str) -> str:
+    """What changes features: the ONNX bytes (weights, cut, pooling) and the preprocessing."""
+    spec = json.dumps({"onnx": onnx_sha256, "preprocessing": preprocessing, "dtype": dtype}, sort_keys=True)
+    return hashlib.sha256(spec.encode()).hexdigest()
+
+
+def _one_thread(_worker: int) -> None:
+    torch.set_num_threads(1)  # the workers share the cores with ONNX Runtime
+
+
+def compute(store: FeatureStore, todo: dict[str, ViewRequest], runner: FeatureRunner,
+            preprocessing: Preprocessing, batch_size: int, workers: int) -> float:
+    """Runs the backbone over `todo`, committing to the store as it goes; returns the seconds it took."""
+    started = time.perf_counter()
+    keys = list(todo)
+    normalize = preprocessing.normalize
+    loader = DataLoader(ViewDataset(list(todo.values()), preprocessing), batch_size=batch_size,
+                        num_workers=workers, collate_fn=collate, worker_init_fn=_one_thread,
+                        prefetch_factor=4 if workers else None)
+    done = 0
+    with tqdm(total=len(keys), desc="extract", unit="img", smoothing=0.1) as bar:
+        for batch, errors in loader:
+            if errors:
+                raise UserError(f"cannot extract {len(errors)} image(s): " + "; ".join(errors[:5])
+                                + f". The {done} rows computed before are kept in the store.")
+            features = runner(normalize(batch).numpy())
+            store.add(keys[done:done + len(batch)], features)
+            done += len(batch)
+            bar.update(len(batch))
+    return time.perf_counter() - started
 
 
 def main() -> None:
-    raise UserError("stage 'extract' is not implemented yet (issue #3); run `dvc repro export` for the stages that are")
+    started = time.perf_counter()
+    params = load_params().extract
+    rows = manifest.read()
+    classes = manifest.read_classes()
+    label_index = {label: i for i, label in enumerate(classes)}
+    backbone = backbone_files.load()
+    preprocessing = backbone.preprocessing
+    runner = FeatureRunner(backbone_files.ONNX, params.providers, params.batch_size)
+    feature_dim = runner.feature_dim or int(
+        runner(np.zeros((1, 3, preprocessing.crop, preprocessing.crop), np.float32)).shape[1])
+    print_ = fingerprint(sha256_file(backbone_files.ONNX), preprocessing.to_json(), params.dtype)
+
+    per_split: dict[str, SplitRows] = {split: SplitRows([], [], [], []) for split in SPLITS}
+    wanted: dict[str, ViewRequest] = {}
+    for row in rows:
+        views = range(params.augment_views + 1) if row.split == "train" else range(1)
+        for view in views:
+            key = store_key(row.sha256, view_id(view, preprocessing))
+            wanted.setdefault(key, ViewRequest(row.path, row.sha256, view))
+            split = per_split[row.split]
+            split.keys.append(key)
+            split.paths.append(row.path)
+            split.labels.append(label_index[row.label])
+            split.views.append(view)
+
+    with FeatureStore(params.store, print_, feature_dim, params.dtype) as store:
+        todo = {key: request for key, request in wanted.items() if key not in store}
+        log.info("%d images, %d rows with views: %d reused from the store %s, %d to compute",
+                 len(rows), len(wanted), len(wanted) - len(todo), store.dir, len(todo))
+        seconds = compute(store, todo, runner, preprocessing, params.batch_size, params.workers) if todo else 0.0
+        store.commit()
+        store.compact()
+        for split, split_rows in per_split.items():
+            write_split(FEATURES_DIR / f"{split}.h5", split_rows, store.gather(split_rows.keys),
+                        fingerprint=print_, classes=classes, feature_dim=feature_dim, dtype=params.dtype)
+        store_rows, rejected_files = len(store), store.rejected_files
+
+    write_metrics("extract", {
+        "images": len(rows),
+        "rows": len(wanted),
+        "augment_views": params.augment_views,
+        "computed": len(todo),
+        "reused": len(wanted) - len(todo),
+        "seconds": round(time.perf_counter() - started, 2),
+        "compute_seconds": round(seconds, 2),
+        "images_per_s": round(len(todo) / seconds, 1) if seconds else None,
+        "provider": runner.provider,
+        "fingerprint": print_,
+        "feature_dim": feature_dim,
+        "dtype": params.dtype,
+        "store_rows": store_rows,
+        "store_files_rejected": rejected_files,
+    })
+    log.info("features for %s -> %s (%d computed, %d reused, provider %s)",
+             ", ".join(f"{s} {len(r.keys)}" for s, r in per_split.items()), FEATURES_DIR, len(todo),
+             len(wanted) - len(todo), runner.provider)
 
 
 if __name__ == "__main__":

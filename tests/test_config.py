@@ -66,6 +66,13 @@ def test_wrong_type_names_the_key(project):
     assert "data.per_class" in message and "'many'" in message
 
 
+def test_wrong_value_for_a_union_names_the_key_as_written(project):
+    message = invalid(project, finetune={"unfreeze": "some"})
+    assert "finetune.unfreeze:" in message and "'all' or 'auto'" in message
+    keys = [line.split(":")[0].strip() for line in message.splitlines()[1:]]
+    assert set(keys) == {"finetune.unfreeze"}, keys  # no pydantic member names such as 'constrained-int'
+
+
 def test_unknown_arch_lists_valid_choices(project):
     message = invalid(project, backbone={"arch": "resnet999"})
     assert "backbone.arch" in message and "'resnet999'" in message
@@ -74,7 +81,7 @@ def test_unknown_arch_lists_valid_choices(project):
 
 def test_unknown_weights_lists_the_archs_weights(project):
     message = invalid(project, backbone={"weights": "IMAGENET1K_V9"})
-    assert "backbone" in message and "IMAGENET1K_V9" in message
+    assert "backbone.weights" in message and "IMAGENET1K_V9" in message
     assert "IMAGENET1K_V1" in message and "IMAGENET1K_V2" in message
 
 

@@ -169,6 +169,12 @@ def test_folder_source_accepts_every_mode_and_rejects_broken_files(project):
     bad = bad_images(root)
     (root / "alpha" / "README.txt").write_text("not an image extension: ignored, not rejected\n")
 
+    modes = {p.name: Image.open(p).mode for p in good}
+    assert {modes[n] for n in ("gray.png", "palette.png", "rgba.png", "sixteen.png", "cmyk.jpg")} == {
+        "L", "P", "RGBA", "I;16", "CMYK"
+    }
+    assert modes["palette.png"] == "P" and modes["transparent.gif"] == "P" and modes["cmyk.jpg"] == "CMYK"
+
     rows = run_prepare(project, source="photos")
 
     assert {r["path"] for r in rows} == {rel(p) for p in good}
@@ -259,6 +265,19 @@ def test_class_folder_without_images_fails_before_any_output(project, content):
 
     assert "empty_class" in str(caught.value)
     assert not Path("data/prepared").exists() and not METRICS.exists()
+
+
+def test_parallel_decoding_leaves_the_global_warning_filters_alone(project):
+    """decode() guards against bombs with warnings.catch_warnings, which is not thread-safe, and prepare decodes
+    in a thread pool: interleaved enter/exit leaks the 'error' filter into the process-wide list (and, in the
+    opposite window, lets a warning-sized bomb through unguarded)."""
+    root = project.root / "photos"
+    for c in range(2):
+        for i in range(200):
+            rgb(root / "ab"[c] / f"{i}.png", seed=c * 1000 + i, size=64)
+    before = list(warnings.filters)
+    run_prepare(project, source="photos")
+    assert list(warnings.filters) == before
 
 
 # ---------------------------------------------------------------- CSV source

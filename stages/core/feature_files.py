@@ -1,0 +1,41 @@
+"""data/features/{train,val,test}.h5: the per-split feature files that heads read (regular DVC outputs)."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+FEATURES_DIR = Path("data/features")
+
+
+@dataclass(frozen=True)
+class SplitRows:
+    keys: list[str]
+    paths: list[str]
+    labels: list[int]
+    views: list[int]
+
+
+def write_split(path: Path, rows: SplitRows, chunks: Iterator[np.ndarray], *, fingerprint: str,
+                classes: list[str], feature_dim: int, dtype: str) -> None:
+    """Streams `chunks` (features in the order of rows) into one file; written as .part, then renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".part")
+    n = len(rows.keys)
+    with h5py.File(tmp, "w") as handle:
+        features = handle.create_dataset("features", shape=(n, feature_dim), dtype=dtype,
+                                         chunks=(min(max(n, 1), 256), feature_dim) if n else None)
+        start = 0
+        for chunk in chunks:
+            features[start:start + len(chunk)] = chunk
+            start += len(chunk)
+        assert start == n, f"{start} feature rows for {n} keys"
+        handle.create_dataset("labels", data=np.array(rows.labels, dtype=np.int64))
+        handle.create_dataset("views", data=np.array(rows.views, dtype=np.int32))
+        handle.create_dataset("keys", data=np.array(rows.keys, dtype="S80"))
+        handle.create_dataset("paths", data=rows.paths, dtype=h5py.string_dtype())
+        handle.attrs.update(fingerprint=fingerprint, classes=classes, feature_dim=feature_dim)
+    tmp.replace(path)
