@@ -230,7 +230,7 @@ class Params(Section):
     def _references_exist(self) -> Params:
         if self.finetune.init_head is not None and self.finetune.init_head not in self.heads:
             raise ValueError(
-                f"finetune: init_head {self.finetune.init_head!r} is not a head; valid: {', '.join(self.heads)} or null"
+                f"finetune.init_head: {self.finetune.init_head!r} is not a head; valid: {', '.join(self.heads)} or null"
             )
         return self
 
@@ -266,8 +266,9 @@ def describe_errors(error: ValidationError, raw: dict[str, Any]) -> str:
         message = problem["msg"].removeprefix("Value error, ")
         given = problem.get("input")
         field, _, rest = message.partition(": ")
-        if isinstance(given, dict) and field in given:  # a check across keys names the key it is about
-            loc, message, given = loc + [field], rest, given[field]
+        value = _lookup(given, field.split("."))
+        if rest and value is not _MISSING:  # a check across keys starts its message with the key it is about
+            loc, message, given = loc + field.split("."), rest, value
         key = ".".join(loc) or "(top level)"
         if problem["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key; valid keys here: {', '.join(_valid_keys(loc[:-1], raw))}")
@@ -278,12 +279,23 @@ def describe_errors(error: ValidationError, raw: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+_MISSING = object()
+
+
+def _lookup(given: Any, path: list[str]) -> Any:
+    for part in path:
+        if not isinstance(given, dict) or part not in given:
+            return _MISSING
+        given = given[part]
+    return given
+
+
 def _user_keys(loc: tuple) -> list[str]:
     """The keys a user wrote: pydantic adds union members (`int`, `literal['all']`) and head types to loc."""
     keys = [str(p) for p in loc]
     if len(keys) >= 3 and keys[0] == "heads" and keys[2] in HEAD_TYPES:
         del keys[2]
-    return [k for k in keys if not k.startswith(("int", "str", "literal[", "list[", "function-"))]
+    return [k for k in keys if not k.startswith(("int", "str", "literal[", "list[", "function-", "constrained-"))]
 
 
 def _valid_keys(parent: list[str], raw: dict[str, Any]) -> list[str]:

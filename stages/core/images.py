@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -23,11 +22,15 @@ def decode(data: bytes) -> Image.Image:
     if not data:
         raise BadImage("empty file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        image = Image.open(io.BytesIO(data))  # reads the header only; PIL raises above 2x MAX_IMAGE_PIXELS
+        if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
+            # PIL only warns between 1x and 2x; a warnings filter would not be thread-safe, so check here
+            raise BadImage(f"decompression bomb: {image.width}x{image.height} pixels exceeds the limit of "
+                           f"{Image.MAX_IMAGE_PIXELS} (PIL.Image.MAX_IMAGE_PIXELS)")
+        image.load()
+    except BadImage:
+        raise
+    except Image.DecompressionBombError as error:
         raise BadImage(f"decompression bomb: {error}") from None
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for broken files
         raise BadImage(f"not a decodable image: {type(error).__name__}: {error}") from None
