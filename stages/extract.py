@@ -52,14 +52,15 @@ def compute(store: FeatureStore, todo: dict[str, ViewRequest], runner: FeatureRu
                         prefetch_factor=4 if workers else None)
     done = 0
     with tqdm(total=len(keys), desc="extract", unit="img", smoothing=0.1) as bar:
-        for batch, errors in loader:
+        for batch, good, errors in loader:
+            batch_keys = keys[done:done + len(good) + len(errors)]
+            if good:
+                store.add([batch_keys[i] for i in good], runner(normalize(batch).numpy()))
+            done += len(batch_keys)
+            bar.update(len(batch_keys))
             if errors:
                 raise UserError(f"cannot extract {len(errors)} image(s): " + "; ".join(errors[:5])
-                                + f". The {done} rows computed before are kept in the store.")
-            features = runner(normalize(batch).numpy())
-            store.add(keys[done:done + len(batch)], features)
-            done += len(batch)
-            bar.update(len(batch))
+                                + ". Every row computed before is kept in the feature store.")
     return time.perf_counter() - started
 
 

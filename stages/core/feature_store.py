@@ -38,12 +38,14 @@ def store_key(sha256: str, view: str) -> str:
 
 class FeatureStore:
     def __init__(self, root: Path | str, fingerprint: str, feature_dim: int, dtype: str = "float32",
-                 commit_rows: int = 1024, lock_timeout: float = 600.0):
+                 commit_rows: int = 1024, commit_seconds: float = 5.0, lock_timeout: float = 600.0):
         self.dir = Path(root) / fingerprint
         self.fingerprint = fingerprint
         self.feature_dim = feature_dim
         self.dtype = np.dtype(dtype)
         self.commit_rows = commit_rows
+        self.commit_seconds = commit_seconds  # at most this much work is lost to a kill
+        self.last_commit = time.monotonic()
         self.lock = FileLock(str(self.dir) + ".lock", timeout=lock_timeout)
         self.index: dict[str, tuple[Path, int]] = {}
         self.pending_keys: list[str] = []
@@ -149,11 +151,12 @@ class FeatureStore:
             raise ValueError(f"features of shape {features.shape} for {len(keys)} keys of dim {self.feature_dim}")
         self.pending_keys += keys
         self.pending.append(features.astype(self.dtype, copy=False))
-        if len(self.pending_keys) >= self.commit_rows:
+        if len(self.pending_keys) >= self.commit_rows or time.monotonic() - self.last_commit > self.commit_seconds:
             self.commit()
 
     def commit(self) -> None:
         """Make the pending rows durable: a new complete file, or nothing."""
+        self.last_commit = time.monotonic()
         if not self.pending_keys:
             return
         path = self._write(f"segment-{time.time_ns()}.h5", [(self.pending_keys, np.concatenate(self.pending))])

@@ -82,7 +82,7 @@ class ViewDataset(Dataset):
 
 
 def collate(items):
-    """Runs in the worker: one stacked tensor for the good items, and the errors."""
-    good = [tensor for tensor, error in items if error is None]
+    """Runs in the worker: one stacked tensor of the good items, their positions in the batch, the errors."""
+    good = [i for i, (_, error) in enumerate(items) if error is None]
     errors = [error for _, error in items if error is not None]
-    return (torch.stack(good) if good else None), errors
+    return (torch.stack([items[i][0] for i in good]) if good else None), good, errors
