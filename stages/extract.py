@@ -20,7 +20,7 @@ from stages.core import backbone_files, manifest
 from stages.core.config import load_params
 from stages.core.errors import UserError, run_main
 from stages.core.feature_files import FEATURES_DIR, SplitRows, write_split
-from stages.core.feature_store import FeatureStore, store_key
+from stages.core.feature_store import FeatureStore, resolve_store, store_key
 from stages.core.hashing import sha256_file
 from stages.core.images import Preprocessing
 from stages.core.image_views import ViewDataset, ViewRequest, collate, view_id
@@ -90,7 +90,7 @@ def main() -> None:
             split.labels.append(label_index[row.label])
             split.views.append(view)
 
-    with FeatureStore(params.store, print_, feature_dim, params.dtype) as store:
+    with FeatureStore(resolve_store(params.store), print_, feature_dim, params.dtype) as store:
         todo = {key: request for key, request in wanted.items() if key not in store}
         log.info("%d images, %d rows with views: %d reused from the store %s, %d to compute",
                  len(rows), len(wanted), len(wanted) - len(todo), store.dir, len(todo))

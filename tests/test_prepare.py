@@ -442,3 +442,13 @@ def test_builtin_fashion_mnist(project):
             assert image.size == (28, 28)
         assert images.decode(path.read_bytes()).size == (28, 28)
     assert metrics()["rejected"] == 0
+
+
+def test_raising_per_class_only_adds_images():
+    from stages.core.sources import Candidate, cap_per_class
+
+    pool = [Candidate(Path(f"{label}/{i}.png"), label) for label in "abc" for i in range(100)]
+    small = {c.path for c in cap_per_class(pool, 10, seed=3)}
+    large = {c.path for c in cap_per_class(pool, 11, seed=3)}
+    assert len(small) == 30 and len(large) == 33 and small < large
+    assert small != {c.path for c in cap_per_class(pool, 10, seed=4)}

@@ -32,6 +32,19 @@ KEY_DTYPE = "S80"  # "<sha256 hex>/<view id>"
 CHUNK_ROWS = 256
 
 
+def resolve_store(store: str) -> Path:
+    """extract.store, relative to the project. `dvc exp run --temp` and queued experiments run in a copy under
+    .dvc/tmp/exps/; their relative store path is taken from the real project so that they share its store."""
+    path = Path(store)
+    if path.is_absolute():
+        return path
+    parts = Path.cwd().resolve().parts
+    for i in range(len(parts) - 2):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i]) / path
+    return path
+
+
 def store_key(sha256: str, view: str) -> str:
     return f"{sha256}/{view}"
 

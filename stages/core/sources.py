@@ -35,12 +35,12 @@ def cap_per_class(candidates: list[Candidate], per_class: int | None, seed: int)
     """At most `per_class` per label, a seeded choice; the order of the result is deterministic."""
     if per_class is None:
         return candidates
-    rng = np.random.default_rng(seed)
     kept: list[Candidate] = []
-    for label in sorted({c.label for c in candidates}):
+    for class_index, label in enumerate(sorted({c.label for c in candidates})):
+        rng = np.random.default_rng([seed, class_index])
         group = [c for c in candidates if c.label == label]
-        if len(group) > per_class:
-            group = [group[i] for i in sorted(rng.choice(len(group), per_class, replace=False))]
+        if len(group) > per_class:  # a prefix of one permutation: raising per_class only adds images
+            group = [group[i] for i in sorted(rng.permutation(len(group))[:per_class])]
         kept += group
     return kept
 
