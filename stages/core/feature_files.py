@@ -26,8 +26,7 @@ def write_split(path: Path, rows: SplitRows, chunks: Iterator[np.ndarray], *, fi
     tmp = path.with_suffix(".part")
     n = len(rows.keys)
     with h5py.File(tmp, "w") as handle:
-        features = handle.create_dataset("features", shape=(n, feature_dim), dtype=dtype,
-                                         chunks=(min(max(n, 1), 256), feature_dim) if n else None)
+        features = handle.create_dataset("features", shape=(n, feature_dim), dtype=dtype)
         start = 0
         for chunk in chunks:
             features[start:start + len(chunk)] = chunk

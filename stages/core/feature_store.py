@@ -29,7 +29,6 @@ from stages.core.errors import UserError
 
 log = logging.getLogger(__name__)
 KEY_DTYPE = "S80"  # "<sha256 hex>/<view id>"
-CHUNK_ROWS = 256
 
 
 def resolve_store(store: str) -> Path:
@@ -172,7 +171,8 @@ class FeatureStore:
         self.last_commit = time.monotonic()
         if not self.pending_keys:
             return
-        path = self._write(f"segment-{time.time_ns()}.h5", [(self.pending_keys, np.concatenate(self.pending))])
+        path = self._write(f"segment-{time.time_ns()}.h5", len(self.pending_keys),
+                           [(self.pending_keys, np.concatenate(self.pending))])
         for row, key in enumerate(self.pending_keys):
             self.index.setdefault(key, (path, row))
         self.pending_keys, self.pending = [], []
@@ -183,29 +183,28 @@ class FeatureStore:
         if len(files) <= 1:
             return
         keys = list(self.index)
-        path = self._write(f"base-{time.time_ns()}.h5", zip(
+        path = self._write(f"base-{time.time_ns()}.h5", len(keys), zip(
             (keys[i:i + 4096] for i in range(0, len(keys), 4096)), self.gather(keys)))
         self.index = {key: (path, row) for row, key in enumerate(keys)}
         for old in files:
             old.unlink()
         log.info("feature store: compacted %d files into %s (%d rows)", len(files), path.name, len(keys))
 
-    def _write(self, name: str, parts) -> Path:
+    def _write(self, name: str, rows: int, parts) -> Path:
+        """A complete file of `rows` rows from (keys, features) parts, or none: written as .part, fsynced,
+        renamed. Contiguous layout: the size is known up front, and a row costs feature_dim x dtype bytes."""
         final = self.dir / name
         tmp = final.with_suffix(".part")
-        rows = 0
         with h5py.File(tmp, "w") as handle:
-            keys = handle.create_dataset("keys", shape=(0,), maxshape=(None,), dtype=KEY_DTYPE, chunks=(4096,))
-            features = handle.create_dataset(
-                "features", shape=(0, self.feature_dim), maxshape=(None, self.feature_dim), dtype=self.dtype,
-                chunks=(CHUNK_ROWS, self.feature_dim))
+            keys = handle.create_dataset("keys", shape=(rows,), dtype=KEY_DTYPE)
+            features = handle.create_dataset("features", shape=(rows, self.feature_dim), dtype=self.dtype)
+            start = 0
             for part_keys, part_features in parts:
-                n = len(part_keys)
-                keys.resize(rows + n, axis=0)
-                features.resize(rows + n, axis=0)
-                keys[rows:] = np.array(part_keys, dtype=KEY_DTYPE)
-                features[rows:] = part_features
-                rows += n
+                keys[start:start + len(part_keys)] = np.array(part_keys, dtype=KEY_DTYPE)
+                features[start:start + len(part_keys)] = part_features
+                start += len(part_keys)
+            if start != rows:
+                raise RuntimeError(f"wrote {start} rows into a file of {rows}")
             handle.attrs.update(fingerprint=self.fingerprint, rows=rows, feature_dim=self.feature_dim)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
