@@ -57,3 +57,12 @@ def test_preprocessing_matches_the_weights_own_transforms():
         image = Image.fromarray(photo)
         assert torch.allclose(ours.transform()(image), reference(image), atol=1e-6)
     assert Preprocessing.from_json(ours.to_json()) == ours
+
+
+def test_worker_pixels_plus_batch_normalize_equal_the_weights_transforms():
+    reference = MobileNet_V2_Weights.IMAGENET1K_V1.transforms()
+    ours = Preprocessing.from_weights_transforms(reference)
+    photos = [Image.fromarray(p) for p in (skdata.chelsea(), skdata.coffee())]
+    batch = ours.normalize(torch.stack([ours.pixels()(p) for p in photos]))
+    assert batch.dtype == torch.float32
+    assert torch.allclose(batch, torch.stack([reference(p) for p in photos]), atol=1e-6)
