@@ -1,6 +1,6 @@
 """Extract speed and memory, each figure a ratio measured in this one run (these machines are noisy).
 
-    python benchmarks/extract_throughput.py [--per-class 200] [--big-per-class 2000] [--baseline-images 512]
+    python benchmarks/extract_throughput.py [--per-class 300] [--big-per-class 2000] [--baseline-images 512]
 
 1. end-to-end extract images/s  vs  a plain torch eager loop (torchvision model, DataLoader, inference_mode)
 2. end-to-end extract images/s  vs  ONNX Runtime alone on pre-decoded tensors
@@ -93,7 +93,7 @@ def ort_model_only_images_per_s(onnx_path: Path, batches: int = 8, batch_size: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--per-class", type=int, default=200)
+    parser.add_argument("--per-class", type=int, default=300, help="300 = the default data")
     parser.add_argument("--big-per-class", type=int, default=2000)
     parser.add_argument("--baseline-images", type=int, default=512)
     args = parser.parse_args()

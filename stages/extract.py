@@ -66,7 +66,7 @@ def compute(store: FeatureStore, todo: dict[str, ViewRequest], runner: FeatureRu
 
 def main() -> None:
     started = time.perf_counter()
-    params = load_params().extract
+    params = load_params(resolve_estimators=False).extract
     rows = manifest.read()
     classes = manifest.read_classes()
     label_index = {label: i for i, label in enumerate(classes)}

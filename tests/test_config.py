@@ -171,3 +171,12 @@ def test_invalid_yaml_is_a_user_error(project):
     (project.root / "params.yaml").write_text("data: {source: [unclosed\n")
     with pytest.raises(UserError, match="params.yaml is not valid YAML"):
         load_params()
+
+
+def test_extract_can_skip_importing_estimators_but_the_others_check_them(project):
+    from stages.core.config import load_params
+
+    project.params(heads={"knn": {"type": "sklearn", "estimator": "sklearn.neighbors.Nope"}})
+    with pytest.raises(UserError, match="heads.knn.estimator"):
+        load_params()
+    assert load_params(resolve_estimators=False).heads["knn"].estimator == "sklearn.neighbors.Nope"

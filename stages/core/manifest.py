@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from stages.core.errors import UserError
 
@@ -37,6 +36,7 @@ def display_path(path: Path) -> str:
 
 def stratified_splits(labels: list[str], val_fraction: float, test_fraction: float, seed: int) -> list[str]:
     """train/val/test per item, stratified by label, seeded."""
+    from sklearn.model_selection import train_test_split  # imported here: the stages reading manifests skip it
     index = np.arange(len(labels))
     splits = np.array(["train"] * len(labels), dtype=object)
     y = np.array(labels)
