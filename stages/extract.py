@@ -31,9 +31,15 @@ from stages.core.sources import SPLITS
 log = logging.getLogger("extract")
 
 
+# Bump when the code that turns image bytes into model inputs changes (images.py, image_views.py): the
+# fingerprint then changes, and no feature computed by the old code is served.
+PIPELINE_VERSION = 1
+
+
 def fingerprint(onnx_sha256: str, preprocessing: dict, dtype: str) -> str:
-    """What changes features: the ONNX bytes (weights, cut, pooling) and the preprocessing."""
-    spec = json.dumps({"onnx": onnx_sha256, "preprocessing": preprocessing, "dtype": dtype}, sort_keys=True)
+    """What changes features: the ONNX bytes (weights, cut, pooling), the preprocessing, the input code."""
+    spec = json.dumps({"onnx": onnx_sha256, "preprocessing": preprocessing, "dtype": dtype,
+                       "pipeline": PIPELINE_VERSION}, sort_keys=True)
     return hashlib.sha256(spec.encode()).hexdigest()
 
 

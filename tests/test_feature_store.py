@@ -31,14 +31,32 @@ def test_rows_survive_reopening_and_come_back_in_request_order(tmp_path):
 
 def test_compaction_leaves_one_file_with_every_row(tmp_path):
     keys, features = rows(50)
-    with FeatureStore(tmp_path, "fp", DIM, commit_rows=7) as store:
-        for start in range(0, 50, 7):
-            store.add(keys[start:start + 7], features[start:start + 7])
-        store.commit()
-        assert len(list(store.dir.glob("*.h5"))) == 8
+    with FeatureStore(tmp_path, "fp", DIM, commit_rows=5) as store:
+        for start in range(0, 40, 5):
+            store.add(keys[start:start + 5], features[start:start + 5])
+        store.compact()
+        assert len(list(store.dir.glob("*.h5"))) == 8  # a few files: not worth rewriting the store
+        store.add(keys[40:], features[40:])
         store.compact()
         assert len(list(store.dir.glob("*.h5"))) == 1
         np.testing.assert_array_equal(np.concatenate(list(store.gather(keys))), features)
+
+
+def test_compaction_also_removes_files_whose_rows_all_live_elsewhere(tmp_path):
+    keys, features = rows(5)
+    with FeatureStore(tmp_path, "fp", DIM) as store:
+        store.add(keys, features)
+    first = next((tmp_path / "fp").glob("*.h5"))
+    (tmp_path / "fp" / "segment-0.h5").write_bytes(first.read_bytes())  # a kill between rename and unlink
+    with FeatureStore(tmp_path, "fp", DIM) as store:
+        store.compact(above_files=1)
+        assert len(list(store.dir.glob("*.h5"))) == 1
+        np.testing.assert_array_equal(np.concatenate(list(store.gather(keys))), features)
+
+
+def test_keys_too_long_for_the_file_are_refused_not_truncated():
+    with pytest.raises(ValueError, match="longer than"):
+        store_key("f" * 64, "aug-12345678-" + "9" * 40)
 
 
 def test_uncommitted_part_files_are_dropped_and_committed_rows_kept(tmp_path):

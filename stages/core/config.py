@@ -118,7 +118,7 @@ class ExtractParams(Section):
     workers: Annotated[int, Field(ge=0)] = 2
     store: str = "data/feature-store"
     dtype: Literal["float32", "float16"] = "float32"
-    augment_views: Annotated[int, Field(ge=0)] = 0
+    augment_views: Annotated[int, Field(ge=0, le=999)] = 0
 
     @field_validator("providers")
     @classmethod

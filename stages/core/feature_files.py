@@ -8,6 +8,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from stages.core.feature_store import KEY_DTYPE
+
 FEATURES_DIR = Path("data/features")
 
 
@@ -34,7 +36,7 @@ def write_split(path: Path, rows: SplitRows, chunks: Iterator[np.ndarray], *, fi
         assert start == n, f"{start} feature rows for {n} keys"
         handle.create_dataset("labels", data=np.array(rows.labels, dtype=np.int64))
         handle.create_dataset("views", data=np.array(rows.views, dtype=np.int32))
-        handle.create_dataset("keys", data=np.array(rows.keys, dtype="S80"))
+        handle.create_dataset("keys", data=np.array(rows.keys, dtype=KEY_DTYPE))
         handle.create_dataset("paths", data=rows.paths, dtype=h5py.string_dtype())
         handle.attrs.update(fingerprint=fingerprint, classes=classes, feature_dim=feature_dim)
     tmp.replace(path)

@@ -28,7 +28,8 @@ from filelock import FileLock, Timeout
 from stages.core.errors import UserError
 
 log = logging.getLogger(__name__)
-KEY_DTYPE = "S80"  # "<sha256 hex>/<view id>"
+KEY_DTYPE = "S96"  # "<sha256 hex>/<view id>", checked in store_key: numpy would truncate silently
+COMPACT_ABOVE_FILES = 8
 
 
 def resolve_store(store: str) -> Path:
@@ -45,7 +46,10 @@ def resolve_store(store: str) -> Path:
 
 
 def store_key(sha256: str, view: str) -> str:
-    return f"{sha256}/{view}"
+    key = f"{sha256}/{view}"
+    if len(key) > int(KEY_DTYPE[1:]):
+        raise ValueError(f"store key {key!r} is longer than {KEY_DTYPE}")
+    return key
 
 
 class FeatureStore:
@@ -60,6 +64,7 @@ class FeatureStore:
         self.last_commit = time.monotonic()
         self.lock = FileLock(str(self.dir) + ".lock", timeout=lock_timeout)
         self.index: dict[str, tuple[Path, int]] = {}
+        self.files: list[Path] = []  # every trusted file, including ones whose rows all live elsewhere too
         self.pending_keys: list[str] = []
         self.pending: list[np.ndarray] = []
         self.rejected_files: list[str] = []
@@ -104,6 +109,7 @@ class FeatureStore:
                 log.warning("feature store: %s %s; moved to %s, its rows will be recomputed",
                             path, problem, aside.name)
                 continue
+            self.files.append(path)
             with h5py.File(path, "r") as handle:
                 for row, key in enumerate(handle["keys"][:]):
                     self.index.setdefault(key.decode(), (path, row))
@@ -123,6 +129,8 @@ class FeatureStore:
                 if handle["features"].dtype != self.dtype:
                     return f"holds {handle['features'].dtype}, not {self.dtype}"
         except (OSError, KeyError) as error:
+            if getattr(error, "errno", None) is not None:  # EIO, EACCES, EMFILE...: the disk, not the file
+                raise
             return f"is unreadable (truncated or corrupt: {error})"
         return None
 
@@ -173,19 +181,22 @@ class FeatureStore:
             return
         path = self._write(f"segment-{time.time_ns()}.h5", len(self.pending_keys),
                            [(self.pending_keys, np.concatenate(self.pending))])
+        self.files.append(path)
         for row, key in enumerate(self.pending_keys):
             self.index.setdefault(key, (path, row))
         self.pending_keys, self.pending = [], []
 
-    def compact(self) -> None:
-        """Merge every file into one, streaming; the old files go only after the new one is in place."""
-        files = sorted({path for path, _ in self.index.values()})
-        if len(files) <= 1:
+    def compact(self, above_files: int = COMPACT_ABOVE_FILES) -> None:
+        """Merge every file into one once there are more than `above_files` (so a run that adds 10 rows
+        does not rewrite the whole store); the old files go only after the new one is in place."""
+        files = list(self.files)
+        if len(files) <= above_files:
             return
         keys = list(self.index)
         path = self._write(f"base-{time.time_ns()}.h5", len(keys), zip(
             (keys[i:i + 4096] for i in range(0, len(keys), 4096)), self.gather(keys)))
         self.index = {key: (path, row) for row, key in enumerate(keys)}
+        self.files = [path]
         for old in files:
             old.unlink()
         log.info("feature store: compacted %d files into %s (%d rows)", len(files), path.name, len(keys))
