@@ -221,12 +221,19 @@ def test_two_extracts_on_one_store_at_once(exported, tmp_path):
         shutil.copytree(exported, work)
         text = (work / "params.yaml").read_text().replace("store: store", f"store: {shared_store}")
         (work / "params.yaml").write_text(text)
+        write_digits(work / "images", 200, start=DIGITS_PER_CLASS)  # long enough that the runs overlap
+        os.chdir(work)
+        try:
+            prepare.main()
+        finally:
+            os.chdir(REPO)
         works.append(work)
+    total = len((works[0] / "data/prepared/manifest.csv").read_text().splitlines()) - 1
     processes = [run_extract(w) for w in works]
     outputs = [p.communicate(timeout=300)[0] for p in processes]
     assert [p.returncode for p in processes] == [0, 0], outputs
     results = [json.loads((w / "metrics/extract.json").read_text()) for w in works]
-    assert sorted(r["computed"] for r in results) == [0, 60]  # the second waited, then reused everything
+    assert sorted(r["computed"] for r in results) == [0, total]  # the second waited, then reused everything
     assert any("in use by another process; waiting" in out for out in outputs)
     for split in ("train", "val", "test"):
         with h5py.File(works[0] / f"data/features/{split}.h5") as a, h5py.File(works[1] / f"data/features/{split}.h5") as b:
