@@ -81,7 +81,7 @@ def main() -> None:
     runner = FeatureRunner(backbone_files.ONNX, params.providers, params.batch_size)
     feature_dim = runner.feature_dim or int(
         runner(np.zeros((1, 3, preprocessing.crop, preprocessing.crop), np.float32)).shape[1])
-    print_ = fingerprint(sha256_file(backbone_files.ONNX), preprocessing.to_json(), params.dtype)
+    features_fingerprint = fingerprint(sha256_file(backbone_files.ONNX), preprocessing.to_json(), params.dtype)
 
     per_split: dict[str, SplitRows] = {split: SplitRows([], [], [], []) for split in SPLITS}
     wanted: dict[str, ViewRequest] = {}
@@ -96,7 +96,7 @@ def main() -> None:
             split.labels.append(label_index[row.label])
             split.views.append(view)
 
-    with FeatureStore(resolve_store(params.store), print_, feature_dim, params.dtype) as store:
+    with FeatureStore(resolve_store(params.store), features_fingerprint, feature_dim, params.dtype) as store:
         todo = {key: request for key, request in wanted.items() if key not in store}
         log.info("%d images, %d rows with views: %d reused from the store %s, %d to compute",
                  len(rows), len(wanted), len(wanted) - len(todo), store.dir, len(todo))
@@ -105,7 +105,7 @@ def main() -> None:
         store.compact()
         for split, split_rows in per_split.items():
             write_split(FEATURES_DIR / f"{split}.h5", split_rows, store.gather(split_rows.keys),
-                        fingerprint=print_, classes=classes, feature_dim=feature_dim, dtype=params.dtype)
+                        fingerprint=features_fingerprint, classes=classes, feature_dim=feature_dim, dtype=params.dtype)
         store_rows, rejected_files = len(store), store.rejected_files
 
     write_metrics("extract", {
@@ -118,7 +118,7 @@ def main() -> None:
         "compute_seconds": round(seconds, 2),
         "images_per_s": round(len(todo) / seconds, 1) if seconds else None,
         "provider": runner.provider,
-        "fingerprint": print_,
+        "fingerprint": features_fingerprint,
         "feature_dim": feature_dim,
         "dtype": params.dtype,
         "store_rows": store_rows,

@@ -64,4 +64,4 @@ def test_experiments_reuse_the_feature_store(tmp_path):
     assert "Running stage 'extract'" in out
     assert f"60 reused from the store {tmp_path / 'data' / 'feature-store'}" in out and ", 0 to compute" in out
     shown = repo.dvc("exp", "show", "--no-pager", "--csv")
-    assert "metrics/extract.json:computed" in shown or "computed" in shown
+    assert "computed" in shown.splitlines()[0]  # exp show lists extract's metrics beside the params
