@@ -155,8 +155,8 @@ class FeatureStore:
                 for path, pairs in by_file.items():
                     if path not in handles:
                         handles[path] = h5py.File(path, "r")
-                    rows = np.array(sorted({row for row, _ in pairs}))
-                    block = handles[path]["features"][rows] if len(rows) else None
+                    rows = np.array(sorted({row for row, _ in pairs}))  # h5py reads increasing indices only
+                    block = handles[path]["features"][rows]
                     position = {row: i for i, row in enumerate(rows)}
                     for row, slot in pairs:
                         out[slot] = block[position[row]]

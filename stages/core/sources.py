@@ -105,6 +105,15 @@ def write_pngs(images: np.ndarray, labels: list[str], names: list[str], out_dir:
     return out
 
 
+def write_capped_pngs(images: np.ndarray, labels: list[str], names: list[str], out_dir: Path,
+                      per_class: int | None, seed: int) -> list[Candidate]:
+    """A built-in dataset's seeded per-class choice, written out as PNG files (only the chosen ones)."""
+    chosen = cap_per_class([Candidate(Path(n), label) for n, label in zip(names, labels)], per_class, seed)
+    index = {n: i for i, n in enumerate(names)}
+    picked = [index[str(c.path)] for c in chosen]
+    return write_pngs(images[picked], [labels[i] for i in picked], [names[i] for i in picked], out_dir)
+
+
 def _read_idx(path: Path) -> np.ndarray:
     data = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
     ndim = data[3]
@@ -147,10 +156,7 @@ def fashion_mnist_candidates(out_dir: Path, per_class: int | None, seed: int) ->
     targets = np.concatenate([_read_idx(raw / "train-labels-idx1-ubyte"), _read_idx(raw / "t10k-labels-idx1-ubyte")])
     names = [f"{'train' if i < 60000 else 't10k'}-{i if i < 60000 else i - 60000:05d}" for i in range(len(images))]
     labels = [FashionMNIST.classes[t] for t in targets]
-    chosen = cap_per_class([Candidate(Path(n), lab) for n, lab in zip(names, labels)], per_class, seed)
-    index = {n: i for i, n in enumerate(names)}
-    picked = [index[str(c.path)] for c in chosen]
-    return write_pngs(images[picked], [labels[i] for i in picked], [names[i] for i in picked], out_dir)
+    return write_capped_pngs(images, labels, names, out_dir, per_class, seed)
 
 
 def digits_candidates(out_dir: Path, per_class: int | None, seed: int) -> list[Candidate]:
@@ -160,6 +166,4 @@ def digits_candidates(out_dir: Path, per_class: int | None, seed: int) -> list[C
     pixels = np.round(digits.images / 16.0 * 255.0).astype(np.uint8)
     labels = [str(t) for t in digits.target]
     names = [f"digit-{i:04d}" for i in range(len(labels))]
-    chosen = cap_per_class([Candidate(Path(n), lab) for n, lab in zip(names, labels)], per_class, seed)
-    picked = [int(str(c.path).split("-")[1]) for c in chosen]
-    return write_pngs(pixels[picked], [labels[i] for i in picked], [names[i] for i in picked], out_dir)
+    return write_capped_pngs(pixels, labels, names, out_dir, per_class, seed)
