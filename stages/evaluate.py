@@ -1,9 +1,80 @@
-"""evaluate: not implemented yet (issue #4); the stage is declared in dvc.yaml so that the DAG is already final."""
+"""evaluate: every trained model on the test split -> metrics/evaluate.json, plots/confusion/<model>.csv,
+reports/confusion/<model>.png, reports/summary.md."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from stages.core import head_files
+from stages.core.config import load_params
 from stages.core.errors import UserError, run_main
+from stages.core.evaluation_report import (
+    CONFUSION_IMAGES,
+    CONFUSION_PLOTS,
+    Evaluated,
+    write_confusion_csv,
+    write_confusion_png,
+    write_summary,
+)
+from stages.core.feature_files import read_split
+from stages.core.manifest import SPLITS
+from stages.core.metrics import write_metrics
+from stages.core.scoring import score
+
+log = logging.getLogger("evaluate")
+
+
+def chosen_models(requested: list[str] | str, trained: list[str]) -> list[str]:
+    if requested == "all":
+        return trained
+    unknown = [name for name in requested if name not in trained]
+    if unknown:
+        raise UserError(f"evaluate.models: {', '.join(map(repr, unknown))} not trained; "
+                        f"trained: {', '.join(trained) or 'none'}, or all")
+    return list(requested)
 
 
 def main() -> None:
-    raise UserError("stage 'evaluate' is not implemented yet (issue #4); run `dvc repro export` for the stages that are")
+    params = load_params(resolve_estimators=False, resolve_backbone=False)
+    splits = {split: read_split(split) for split in SPLITS}
+    test = splits["test"].plain()
+    if len(test) == 0:
+        raise UserError("the test split is empty: set data.test_fraction above 0 to evaluate")
+    classes = test.classes
+    names = chosen_models(params.evaluate.models, head_files.trained_names())
+    if not names:
+        raise UserError("no trained model to evaluate: add a head under `heads` in params.yaml")
+
+    # wall-clock seconds stay out of models/heads, so that retraining identical heads leaves their hash as it was
+    heads_metrics_file = Path("metrics/heads.json")
+    heads_metrics = json.loads(heads_metrics_file.read_text()) if heads_metrics_file.is_file() else {}
+    for folder in (CONFUSION_PLOTS, CONFUSION_IMAGES):  # a model no longer evaluated leaves no stale file
+        shutil.rmtree(folder, ignore_errors=True)
+    results = []
+    for name in names:
+        head = head_files.load(name)
+        if head.meta["features_fingerprint"] != test.fingerprint:
+            raise UserError(f"head {name!r} was trained on other features than data/features/test.h5: "
+                            "run `dvc repro train_heads`")
+        scores = head.scores(test.features)
+        metrics = score(test.labels, scores, head.probabilistic)
+        predicted = scores.argmax(axis=1)
+        write_confusion_csv(name, test.labels, predicted, classes)
+        write_confusion_png(name, test.labels, predicted, classes)
+        chosen = ", ".join(f"{k}={v}" for k, v in head.meta["chosen"].items()) or "–"
+        results.append(Evaluated(name, f"{head.meta['type']} head", metrics, head.meta["val_accuracy"], chosen,
+                                 heads_metrics.get(name, {}).get("train_seconds")))
+        log.info("%s: test accuracy %.4f", name, metrics["accuracy"])
+
+    counts = {split: np.bincount(s.plain().labels, minlength=len(classes)) for split, s in splits.items()}
+    write_summary(results, classes, counts, int(splits["train"].views.max(initial=0)))
+    write_metrics("evaluate", {r.name: r.metrics for r in results})
+    best = max(results, key=lambda r: r.metrics["accuracy"])
+    log.info("best test accuracy: %s %.4f; side by side in reports/summary.md", best.name, best.metrics["accuracy"])
 
 
 if __name__ == "__main__":

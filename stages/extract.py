@@ -22,11 +22,11 @@ from stages.core.errors import UserError, run_main
 from stages.core.feature_files import FEATURES_DIR, SplitRows, write_split
 from stages.core.feature_store import FeatureStore, resolve_store, store_key
 from stages.core.hashing import sha256_file
-from stages.core.images import Preprocessing
 from stages.core.image_views import ViewDataset, ViewRequest, collate, view_id
+from stages.core.images import Preprocessing
 from stages.core.inference import FeatureRunner
+from stages.core.manifest import SPLITS
 from stages.core.metrics import write_metrics
-from stages.core.sources import SPLITS
 
 log = logging.getLogger("extract")
 

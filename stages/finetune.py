@@ -1,9 +1,27 @@
-"""finetune: not implemented yet (issue #5); the stage is declared in dvc.yaml so that the DAG is already final."""
+"""finetune: partial unfreeze + LP-FT (issue #5). With finetune.enabled false (the default) the stage only
+records that it was skipped, so that `dvc repro` runs through and evaluate leaves the model out."""
+import json
+import shutil
+from pathlib import Path
+
+from stages.core.config import load_params
 from stages.core.errors import UserError, run_main
+from stages.core.metrics import write_metrics
+
+FINETUNE_DIR = Path("models/finetune")
+PLOTS_DIR = Path("plots/finetune")
 
 
 def main() -> None:
-    raise UserError("stage 'finetune' is not implemented yet (issue #5); run `dvc repro export` for the stages that are")
+    params = load_params().finetune
+    if params.enabled:
+        raise UserError("finetune.enabled: fine-tuning is not implemented yet (issue #5); set it to false")
+    shutil.rmtree(FINETUNE_DIR, ignore_errors=True)
+    FINETUNE_DIR.mkdir(parents=True)
+    (FINETUNE_DIR / "skipped.json").write_text(json.dumps({"enabled": False}) + "\n")
+    PLOTS_DIR.mkdir(parents=True, exist_ok=True)
+    write_metrics("finetune", {"skipped": True})
+    print("finetune.enabled is false: skipped")
 
 
 if __name__ == "__main__":

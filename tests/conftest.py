@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
+from sklearn.datasets import load_digits
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -36,3 +41,46 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Project:
     project = Project(tmp_path)
     project.params()
     return project
+
+
+DIGITS_PER_CLASS = 6
+
+
+def write_digits(folder: Path, per_class: int, start: int = 0) -> None:
+    """sklearn's digits as PNG files in <class>/ folders: a user's folder of images."""
+    digits = load_digits()
+    for label in range(10):
+        indices = np.flatnonzero(digits.target == label)[start:start + per_class]
+        for i in indices:
+            path = folder / str(label) / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((digits.images[i] * 15).astype(np.uint8)).save(path)
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory) -> Path:
+    """A project with prepared digits (a folder source), MobileNetV2 downloaded and exported, once."""
+    from stages import download, export, prepare
+
+    root = tmp_path_factory.mktemp("exported")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        write_digits(root / "images", DIGITS_PER_CLASS)
+        Project(root).params(data={"source": "images", "per_class": None, "val_fraction": 0.2, "test_fraction": 0.2},
+                             extract={"batch_size": 16, "store": "store"})
+        prepare.main()
+        download.main()
+        export.main()
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.fixture
+def workdir(exported, tmp_path, monkeypatch) -> Path:
+    """A private copy of `exported` as the working directory."""
+    work = tmp_path / "work"
+    shutil.copytree(exported, work)
+    monkeypatch.chdir(work)
+    return work

@@ -15,52 +15,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from sklearn.datasets import load_digits
 
-from stages import download, export, extract, prepare
+from stages import export, extract, prepare
 from stages.core import backbone_files
 from stages.core.backbones import PooledFeatures
 from stages.core.errors import UserError
-from tests.conftest import REPO, Project
-
-DIGITS_PER_CLASS = 6
-
-
-def write_digits(folder: Path, per_class: int, start: int = 0) -> None:
-    """sklearn's digits as PNG files in <class>/ folders: a user's folder of images."""
-    digits = load_digits()
-    for label in range(10):
-        indices = np.flatnonzero(digits.target == label)[start:start + per_class]
-        for i in indices:
-            path = folder / str(label) / f"{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray((digits.images[i] * 15).astype(np.uint8)).save(path)
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> Path:
-    """A project with prepared digits (a folder source), MobileNetV2 downloaded and exported, once."""
-    root = tmp_path_factory.mktemp("exported")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        write_digits(root / "images", DIGITS_PER_CLASS)
-        Project(root).params(data={"source": "images", "per_class": None, "val_fraction": 0.2, "test_fraction": 0.2},
-                             extract={"batch_size": 16, "store": "store"})
-        prepare.main()
-        download.main()
-        export.main()
-    finally:
-        os.chdir(cwd)
-    return root
-
-
-@pytest.fixture
-def workdir(exported, tmp_path, monkeypatch) -> Path:
-    work = tmp_path / "work"
-    shutil.copytree(exported, work)
-    monkeypatch.chdir(work)
-    return work
+from tests.conftest import DIGITS_PER_CLASS, REPO, write_digits
 
 
 def metrics() -> dict:

@@ -66,7 +66,9 @@ class BackboneParams(Section):
 
     @field_validator("arch")
     @classmethod
-    def _known_arch(cls, arch: str) -> str:
+    def _known_arch(cls, arch: str, info: ValidationInfo) -> str:
+        if not (info.context or {}).get("resolve_backbone", True):
+            return arch
         valid = classification_archs()
         if arch not in valid:
             raise ValueError(f"{arch!r} is not a torchvision classification model; valid: {', '.join(valid)}")
@@ -89,7 +91,9 @@ class BackboneParams(Section):
         return cut
 
     @model_validator(mode="after")
-    def _weights_exist_for_arch(self) -> BackboneParams:
+    def _weights_exist_for_arch(self, info: ValidationInfo) -> BackboneParams:
+        if not (info.context or {}).get("resolve_backbone", True):
+            return self
         if self.weights is None:
             if self.weights_path:
                 raise ValueError("weights_path: set, but weights is none: name the weights the file holds")
@@ -134,9 +138,10 @@ class ExtractParams(Section):
 
 class LogisticHead(Section):
     type: Literal["logistic"]
-    C: list[Annotated[float, Field(gt=0)]] = [0.001, 0.01, 0.1, 1, 10, 100]
+    C: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)] = [0.001, 0.01, 0.1, 1, 10, 100]
     max_iter: Annotated[int, Field(ge=1)] = 1000
     class_weight: Literal["balanced"] | None = None
+    seed: int = 0
 
 
 class LinearHead(Section):
@@ -147,11 +152,12 @@ class LinearHead(Section):
     batch_size: Annotated[int, Field(ge=1)] = 256
     patience: Annotated[int, Field(ge=1)] = 10
     class_weight: Literal["balanced"] | None = None
+    seed: int = 0
 
 
 class MLPHead(LinearHead):
     type: Literal["mlp"]  # type: ignore[assignment]
-    hidden: list[Annotated[int, Field(ge=1)]] = [512]
+    hidden: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] = [512]
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
 
 
@@ -159,8 +165,9 @@ class SklearnHead(Section):
     type: Literal["sklearn"]
     estimator: str
     params: dict[str, Any] = {}
-    grid: dict[str, list[Any]] = {}
+    grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = {}
     class_weight: Literal["balanced"] | None = None
+    seed: int = 0  # given to the estimator as random_state when it has one and params/grid do not set it
 
     @field_validator("estimator")
     @classmethod
@@ -221,7 +228,7 @@ def _default_heads() -> dict[str, Any]:
 
 class Params(Section):
     data: DataParams = DataParams()
-    backbone: BackboneParams = BackboneParams()
+    backbone: BackboneParams = Field(default_factory=BackboneParams)
     export: ExportParams = ExportParams()
     extract: ExtractParams = ExtractParams()
     heads: dict[str, HeadSpec] = Field(default_factory=_default_heads)
@@ -243,10 +250,13 @@ def classification_archs() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
-def load_params(path: Path | str = PARAMS_FILE, resolve_estimators: bool = True) -> Params:
-    """The validated params. `resolve_estimators=False` skips importing the heads' scikit-learn classes
-    (about 1.6 s): for stages that never read heads and must start fast (extract, on every small data change);
-    every other stage, the first ones of a fresh pipeline among them, still checks them before any work."""
+def load_params(path: Path | str = PARAMS_FILE, resolve_estimators: bool = True,
+                resolve_backbone: bool = True) -> Params:
+    """The validated params. Two checks import heavy libraries, and a stage that never reads their section
+    may skip them to start fast (every stage pays its imports on each small change); the first stages of a
+    fresh pipeline still make every check before any work:
+    - `resolve_estimators=False`: the heads' scikit-learn classes are not imported (about 1.6 s);
+    - `resolve_backbone=False`: backbone.arch/weights are not checked against torchvision (about 5 s)."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -254,8 +264,9 @@ def load_params(path: Path | str = PARAMS_FILE, resolve_estimators: bool = True)
         raise UserError(f"{path} not found: run from the project's root") from None
     except yaml.YAMLError as error:
         raise UserError(f"{path} is not valid YAML: {error}") from None
+    context = {"resolve_estimators": resolve_estimators, "resolve_backbone": resolve_backbone}
     try:
-        return Params.model_validate(raw, context={"resolve_estimators": resolve_estimators})
+        return Params.model_validate(raw, context=context)
     except ValidationError as error:
         raise UserError(f"{path} is invalid:\n" + describe_errors(error, raw)) from None
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from stages.core.errors import UserError
 from stages.core.feature_store import KEY_DTYPE
 
 FEATURES_DIR = Path("data/features")
@@ -40,3 +41,37 @@ def write_split(path: Path, rows: SplitRows, chunks: Iterator[np.ndarray], *, fi
         handle.create_dataset("paths", data=rows.paths, dtype=h5py.string_dtype())
         handle.attrs.update(fingerprint=fingerprint, classes=classes, feature_dim=feature_dim)
     tmp.replace(path)
+
+
+@dataclass(frozen=True)
+class SplitFeatures:
+    features: np.ndarray
+    labels: np.ndarray
+    views: np.ndarray
+    paths: list[str]
+    classes: list[str]
+    fingerprint: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def plain(self) -> SplitFeatures:
+        """Only view 0 of every image: the rows to score a model on."""
+        keep = self.views == 0
+        return SplitFeatures(self.features[keep], self.labels[keep], self.views[keep],
+                             [p for p, k in zip(self.paths, keep) if k], self.classes, self.fingerprint)
+
+
+def read_split(split: str, directory: Path = FEATURES_DIR) -> SplitFeatures:
+    path = directory / f"{split}.h5"
+    if not path.is_file():
+        raise UserError(f"{path} not found: run `dvc repro extract` first")
+    with h5py.File(path, "r") as handle:
+        return SplitFeatures(
+            features=handle["features"][:].astype(np.float32, copy=False),
+            labels=handle["labels"][:],
+            views=handle["views"][:],
+            paths=[p.decode() if isinstance(p, bytes) else p for p in handle["paths"][:]],
+            classes=[str(c) for c in handle.attrs["classes"]],
+            fingerprint=str(handle.attrs["fingerprint"]),
+        )

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode, v2
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -32,6 +32,8 @@ def decode(data: bytes) -> Image.Image:
         raise
     except Image.DecompressionBombError as error:
         raise BadImage(f"decompression bomb: {error}") from None
+    except UnidentifiedImageError:
+        raise BadImage("not a decodable image: not a format PIL can identify") from None
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for broken files
         raise BadImage(f"not a decodable image: {type(error).__name__}: {error}") from None
     return to_rgb(image)

@@ -15,6 +15,7 @@ MANIFEST = PREPARED / "manifest.csv"
 CLASSES = PREPARED / "classes.json"
 REJECTED = PREPARED / "rejected.csv"
 COLUMNS = ("path", "label", "split", "sha256")
+SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)

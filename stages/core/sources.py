@@ -17,9 +17,9 @@ from PIL import Image
 
 from stages.core.errors import UserError
 from stages.core.images import IMAGE_EXTENSIONS
+from stages.core.manifest import SPLITS
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val", "test")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DOWNLOADS = Path("data/downloads")
 

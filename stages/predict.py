@@ -1,0 +1,167 @@
+"""Predict classes of new images with the ONNX backbone and a trained head (not a DVC stage).
+
+    python -m stages.predict IMAGES_OR_FOLDERS... [--model NAME] [--top-k K] [--json]
+    python -m stages.predict --deploy [--model NAME]      # writes models/deploy/<name>.onnx
+
+Folders are searched recursively for images. A file that cannot be read is reported, and the others are still
+predicted; the exit status is then 1. The default model is the best one in metrics/evaluate.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stages.core import backbone_files, deploy_onnx, head_files
+from stages.core.errors import UserError, run_main
+from stages.core.images import IMAGE_EXTENSIONS, BadImage, Preprocessing, decode
+from stages.core.inference import FeatureRunner
+from stages.core.onnx_export import cpu_session
+
+log = logging.getLogger("predict")
+EVALUATE_METRICS = Path("metrics/evaluate.json")
+PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+@dataclass
+class Prediction:
+    path: str
+    top: list[tuple[str, float]] = field(default_factory=list)
+    error: str | None = None
+
+
+def image_files(inputs: list[str]) -> tuple[list[Path], list[Prediction]]:
+    """The image files named or found under the folders named; paths that do not exist become errors."""
+    files, missing = [], []
+    for given in inputs:
+        path = Path(given)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                missing.append(Prediction(given, error=f"no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder"))
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            missing.append(Prediction(given, error="no such file or folder"))
+    return files, missing
+
+
+def default_model() -> str:
+    if EVALUATE_METRICS.is_file():
+        scores = json.loads(EVALUATE_METRICS.read_text())
+        trained = set(head_files.trained_names())
+        ranked = sorted((m for m in scores if m in trained), key=lambda m: -scores[m]["accuracy"])
+        if ranked:
+            return ranked[0]
+    trained = head_files.trained_names()
+    if not trained:
+        raise UserError("no trained head in models/heads: run `dvc repro` first")
+    return trained[0]
+
+
+def load_pixels(path: Path, preprocessing: Preprocessing) -> torch.Tensor:
+    """uint8 3×crop×crop, the same decode and transforms as extract."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise BadImage(f"cannot read: {error.strerror or error}") from None
+    return preprocessing.pixels()(decode(data))
+
+
+class TwoStepPredictor:
+    """models/backbone.onnx with ONNX Runtime, then the head on the features."""
+
+    def __init__(self, head: head_files.Head, batch_size: int):
+        self.head = head
+        self.runner = FeatureRunner(backbone_files.ONNX, PROVIDERS, batch_size)
+
+    def __call__(self, pixels: torch.Tensor, preprocessing: Preprocessing) -> np.ndarray:
+        return self.head.scores(self.runner(preprocessing.normalize(pixels).numpy()))
+
+
+def predict(files: list[Path], model: str, top_k: int, batch_size: int = 32) -> list[Prediction]:
+    backbone = backbone_files.load()
+    preprocessing = backbone.preprocessing
+    head = head_files.load(model)
+    predictor = TwoStepPredictor(head, batch_size)
+    results = [Prediction(str(path)) for path in files]
+    for start in range(0, len(files), batch_size):
+        batch, positions = [], []
+        for i in range(start, min(start + batch_size, len(files))):
+            try:
+                batch.append(load_pixels(files[i], preprocessing))
+                positions.append(i)
+            except BadImage as error:
+                results[i].error = str(error)
+        if not batch:
+            continue
+        scores = predictor(torch.stack(batch), preprocessing)
+        for row, i in zip(scores, positions):
+            best = np.argsort(-row, kind="stable")[:top_k]
+            results[i].top = [(head.classes[c], float(row[c])) for c in best]
+    return results
+
+
+def deploy(model: str) -> Path:
+    head = head_files.load(model)
+    if head.arrays is None:
+        layered = [n for n in head_files.trained_names() if head_files.load(n).arrays is not None]
+        raise UserError(f"head {model!r} is a pickled scikit-learn estimator, which has no ONNX form here; "
+                        f"deployable heads: {', '.join(layered) or 'none'} (logistic, linear, mlp)")
+    built = deploy_onnx.build(backbone_files.ONNX, head, backbone_files.load().preprocessing)
+    path = deploy_onnx.write(built, model)
+    cpu_session(path)  # fails here, not at the user's, if ONNX Runtime cannot load it
+    return path
+
+
+def print_text(results: list[Prediction], probabilistic: bool) -> None:
+    what = "" if probabilistic else " (score)"
+    for result in results:
+        if result.error:
+            print(f"{result.path}: ERROR {result.error}")
+        else:
+            print(f"{result.path}: " + ", ".join(f"{name} {value:.3f}{what}" for name, value in result.top))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stages.predict", description=__doc__.splitlines()[0])
+    parser.add_argument("inputs", nargs="*", metavar="IMAGES_OR_FOLDERS")
+    parser.add_argument("--model", help="a trained head (models/heads/<name>); default: the best in "
+                                        "metrics/evaluate.json")
+    parser.add_argument("--top-k", type=int, default=3, help="classes to show per image (default 3)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument("--deploy", action="store_true", help="write models/deploy/<model>.onnx: pixels in, "
+                                                              "probabilities out, no dependency on this repo")
+    args = parser.parse_args(argv)
+    model = args.model or default_model()
+    if args.deploy:
+        print(deploy(model))
+        return 0
+    if not args.inputs:
+        parser.error("give at least one image or folder")
+    if args.top_k < 1:
+        parser.error("--top-k must be at least 1")
+    files, missing = image_files(args.inputs)
+    results = predict(files, model, args.top_k) + missing if files else missing
+    probabilistic = head_files.load(model).probabilistic
+    if args.json:
+        print(json.dumps({"model": model, "probabilities": probabilistic, "predictions": [
+            {"path": r.path, "error": r.error} if r.error else
+            {"path": r.path, "top": [{"class": c, "score": s} for c, s in r.top]} for r in results]}, indent=2))
+    else:
+        print_text(results, probabilistic)
+    failed = [r for r in results if r.error]
+    if failed:
+        print(f"{len(failed)} of {len(results)} input(s) could not be predicted", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    run_main(main)
