@@ -13,7 +13,9 @@ PLOTS_DIR = Path("plots/finetune")
 
 
 def main() -> None:
-    params = load_params().finetune
+    # train_heads and evaluate are its neighbours in the DAG, so this runs after every heads edit: when disabled
+    # it must cost next to nothing, hence no torchvision check of backbone.* (every earlier stage made it)
+    params = load_params(resolve_estimators=False, resolve_backbone=False).finetune
     if params.enabled:
         raise UserError("finetune.enabled: fine-tuning is not implemented yet (issue #5); set it to false")
     shutil.rmtree(FINETUNE_DIR, ignore_errors=True)

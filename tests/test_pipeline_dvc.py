@@ -3,6 +3,7 @@ import json
 import sys
 
 import pytest
+import yaml
 
 from tests.dvc_repo import DvcRepo
 
@@ -65,3 +66,57 @@ def test_experiments_reuse_the_feature_store(tmp_path):
     assert f"60 reused from the store {tmp_path / 'data' / 'feature-store'}" in out and ", 0 to compute" in out
     shown = repo.dvc("exp", "show", "--no-pager", "--csv")
     assert "computed" in shown.splitlines()[0]  # exp show lists extract's metrics beside the params
+
+
+QUICK_HEADS = {
+    "logreg": {"type": "logistic", "C": [0.01, 1.0]},
+    "mlp": {"type": "mlp", "hidden": [32], "epochs": 10},
+    "knn": {"type": "sklearn", "estimator": "sklearn.neighbors.KNeighborsClassifier", "grid": {"n_neighbors": [3]}},
+}
+
+
+@pytest.mark.slow
+def test_head_experiments_rerun_only_heads_and_evaluate(tmp_path):
+    repo = DvcRepo(tmp_path, data={"per_class": 8, "val_fraction": 0.25, "test_fraction": 0.25})
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["heads"] = QUICK_HEADS
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = repo.dvc("repro")
+    for stage in ("prepare", "download", "export", "extract", "train_heads", "finetune", "evaluate"):
+        assert f"Running stage '{stage}'" in out
+    assert json.loads((tmp_path / "metrics/finetune.json").read_text()) == {"skipped": True}
+    scores = json.loads((tmp_path / "metrics/evaluate.json").read_text())
+    assert set(scores) == set(QUICK_HEADS)
+    plots = repo.dvc("plots", "show")  # DVC's confusion template accepts plots/confusion/*.csv
+    assert "failed" not in plots.lower() and (tmp_path / "dvc_plots" / "index.html").is_file()
+    repo.run("git", "add", "-A")
+    repo.run("git", "commit", "-qm", "baseline")
+
+    params["heads"]["logreg"]["C"] = [0.1]  # an edit of heads.* in params.yaml
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = repo.dvc("status")
+    assert "train_heads" in status and "extract" not in status and "evaluate" not in status  # evaluate: via outs
+    out = repo.dvc("repro")
+    assert "Running stage 'train_heads'" in out and "Running stage 'evaluate'" in out
+    for stage in ("prepare", "download", "export", "extract"):
+        assert f"Stage '{stage}' didn't change, skipping" in out
+    assert "finetune.enabled is false: skipped" in out  # it depends on models/heads: a no-op when disabled
+    assert json.loads((tmp_path / "metrics/heads.json").read_text())["logreg"]["params"] == {"C": 0.1}
+    repo.run("git", "checkout", "params.yaml")
+
+    out = repo.dvc("exp", "run", "-S", "heads.logreg.C=[0.1,1]")
+    assert "Stage 'extract' didn't change, skipping" in out and "Running stage 'train_heads'" in out
+
+    for k in (1, 5):
+        repo.dvc("exp", "run", "--queue", "-S", f"heads.knn.grid.n_neighbors=[{k}]")
+    repo.dvc("exp", "run", "--run-all", "-j", "1")  # waits for the queue; exits 0 even if one failed, so:
+    assert "Failed" not in repo.dvc("queue", "status")
+    shown = json.loads(repo.run(sys.executable, "-m", "dvc", "exp", "show", "--json").stdout)
+    experiments = [e for baseline in shown for e in (baseline.get("experiments") or [])]
+    knn_grids = set()
+    for experiment in experiments:
+        data = experiment["revs"][0]["data"]
+        assert experiment["executor"] is None or experiment["executor"]["state"] == "success"
+        assert "accuracy" in data["metrics"]["metrics/evaluate.json"]["data"]["logreg"]
+        knn_grids.add(str(data["params"]["params.yaml"]["data"]["heads"]["knn"]["grid"]["n_neighbors"]))
+    assert {"[1]", "[5]"} <= knn_grids and len(experiments) == 3

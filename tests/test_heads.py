@@ -1,0 +1,264 @@
+"""Heads, their shared selection path, their saved form, and evaluate's outputs, on real HDF5 feature files.
+
+The features are scikit-learn's digits pixels (64-d, 1,797 rows): real data where only the shape matters.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.preprocessing import StandardScaler
+
+from stages import evaluate, train_heads
+from stages.core import head_files
+from stages.core.config import load_params
+from stages.core.errors import UserError
+from stages.core.feature_files import FEATURES_DIR, SplitRows, read_split, write_split
+from stages.core.heads import fit_head
+from stages.core.torch_heads import TorchHead
+
+CLASSES = [f"digit {i}" for i in range(10)]
+FAST_HEADS = {
+    "logreg": {"type": "logistic", "C": [0.01, 1.0]},
+    "linear": {"type": "linear", "epochs": 30, "lr": 1.0e-2, "patience": 5},
+    "mlp": {"type": "mlp", "hidden": [32], "epochs": 30, "lr": 1.0e-2, "patience": 5},
+    "knn": {"type": "sklearn", "estimator": "sklearn.neighbors.KNeighborsClassifier",
+            "grid": {"n_neighbors": [1, 15]}},
+    "svc": {"type": "sklearn", "estimator": "sklearn.svm.LinearSVC", "params": {"C": 0.1}},
+}
+
+
+def write_features(train_keep=None, views: int = 0) -> dict[str, np.ndarray]:
+    """data/features/{train,val,test}.h5 from the digits; returns the row indices of each split."""
+    digits = load_digits()
+    rest, test = train_test_split(np.arange(len(digits.target)), test_size=0.2, random_state=0,
+                                  stratify=digits.target)
+    train, val = train_test_split(rest, test_size=0.25, random_state=0, stratify=digits.target[rest])
+    if train_keep is not None:
+        train = train[train_keep(digits.target[train])]
+    splits = {"train": train, "val": val, "test": test}
+    rng = np.random.default_rng(0)
+    for split, indices in splits.items():
+        copies = range(views + 1) if split == "train" else range(1)
+        rows = SplitRows([], [], [], [])
+        chunks = []
+        for view in copies:
+            noise = 0 if view == 0 else rng.normal(0, 0.5, (len(indices), 64))
+            chunks.append((digits.data[indices] + noise).astype(np.float32))
+            rows.keys.extend(f"{i:064x}:{view}" for i in indices)
+            rows.paths.extend(f"images/{i}.png" for i in indices)
+            rows.labels.extend(int(t) for t in digits.target[indices])
+            rows.views.extend([view] * len(indices))
+        write_split(FEATURES_DIR / f"{split}.h5", rows, iter(chunks), fingerprint="digits-pixels",
+                    classes=CLASSES, feature_dim=64, dtype="float32")
+    return splits
+
+
+@pytest.fixture
+def features(project):
+    write_features()
+    return project
+
+
+def spec(head: dict):
+    return load_params_with(heads={"h": head}).heads["h"]
+
+
+def load_params_with(**sections):
+    import yaml
+
+    from tests.conftest import DEFAULT_PARAMS, merged
+    params = merged(DEFAULT_PARAMS, sections)
+    if "heads" in sections:
+        params["heads"] = sections["heads"]
+        if params["finetune"]["init_head"] not in params["heads"]:
+            params["finetune"]["init_head"] = None
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return load_params()
+
+
+def splits():
+    return read_split("train"), read_split("val")
+
+
+@pytest.mark.parametrize("name", list(FAST_HEADS))
+def test_every_head_type_saves_a_form_that_scores_like_the_estimator(features, name):
+    train, val = splits()
+    test = read_split("test")
+    fitted = fit_head(name, spec(FAST_HEADS[name]), train, val)
+    assert fitted.val_accuracy > 0.9
+    head_files.save(fitted, CLASSES, train.fingerprint)
+    head = head_files.load(name)
+
+    expected_format = head_files.PICKLE if FAST_HEADS[name]["type"] == "sklearn" else head_files.LAYERS
+    assert head.meta["format"] == expected_format
+    x = fitted.scaler.transform(test.features)
+    if hasattr(fitted.estimator, "predict_proba"):
+        np.testing.assert_allclose(head.scores(test.features), fitted.estimator.predict_proba(x), atol=1e-5)
+        assert head.probabilistic
+    else:
+        np.testing.assert_allclose(head.scores(test.features), fitted.estimator.decision_function(x), atol=1e-5)
+        assert not head.probabilistic
+    assert (head.scores(test.features).argmax(axis=1) == fitted.estimator.predict(x)).all()
+
+
+def test_selection_fits_each_grid_point_on_train_and_keeps_the_best_on_val(features):
+    train, val = splits()
+    scaler = StandardScaler().fit(train.features)
+    grids = {
+        "logistic": ({"type": "logistic", "C": [0.0001, 0.01, 1.0]},
+                     lambda c: LogisticRegression(C=c, max_iter=1000, random_state=0), "C"),
+        "sklearn": ({"type": "sklearn", "estimator": "sklearn.neighbors.KNeighborsClassifier",
+                     "grid": {"n_neighbors": [1, 40, 200]}}, lambda k: KNeighborsClassifier(n_neighbors=k),
+                    "n_neighbors"),
+    }
+    for head, make, key in grids.values():
+        fitted = fit_head("h", spec(head), train, val)
+        by_hand = {}
+        for candidate in fitted.candidates:
+            value = candidate["params"][key]
+            model = make(value).fit(scaler.transform(train.features), train.labels)
+            by_hand[value] = float(np.mean(model.predict(scaler.transform(val.features)) == val.labels))
+            assert candidate["val_accuracy"] == pytest.approx(by_hand[value])
+        assert len(by_hand) == 3 and len(set(by_hand.values())) > 1  # the grid really matters here
+        assert fitted.chosen == {key: max(by_hand, key=by_hand.get)}
+        assert fitted.val_accuracy == max(by_hand.values())
+
+
+def test_ties_keep_the_first_grid_point(features):
+    train, val = splits()
+    fitted = fit_head("h", spec({"type": "sklearn", "estimator": "sklearn.neighbors.KNeighborsClassifier",
+                                 "grid": {"n_neighbors": [3], "weights": ["uniform", "uniform"]}}), train, val)
+    assert fitted.candidates[0]["val_accuracy"] == fitted.candidates[1]["val_accuracy"]
+    assert fitted.chosen == fitted.candidates[0]["params"]
+
+
+def test_torch_heads_stop_early_keep_the_best_epoch_and_are_seeded(features):
+    train, val = splits()
+    scaler = StandardScaler().fit(train.features)
+    x, v = scaler.transform(train.features), scaler.transform(val.features)
+
+    def fit(seed):
+        return TorchHead(hidden=[16], epochs=300, lr=1e-2, patience=3, random_state=seed).fit(
+            x, train.labels, validation=(v, val.labels))
+
+    first, again, other = fit(0), fit(0), fit(1)
+    assert first.epochs_run_ < 300 and first.best_epoch_ == first.epochs_run_ - 3
+    for (w1, b1), (w2, b2) in zip(first.layers(), again.layers()):
+        assert np.array_equal(w1, w2) and np.array_equal(b1, b2)
+    assert not np.array_equal(first.layers()[0][0], other.layers()[0][0])
+
+
+@pytest.mark.parametrize("head", [{"type": "logistic", "C": [1.0]}, {"type": "linear", "epochs": 40},
+                                  {"type": "sklearn", "estimator": "sklearn.svm.LinearSVC"}])
+def test_balanced_class_weight_predicts_a_rare_class_more_often(project, head):
+    rare = 8
+    write_features(train_keep=lambda labels: (labels != rare) | (np.cumsum(labels == rare) <= 4))
+    train, val = splits()
+    test = read_split("test")
+    assert (train.labels == rare).sum() == 4
+    counts = []
+    for class_weight in (None, "balanced"):
+        fitted = fit_head("h", spec({**head, "class_weight": class_weight}), train, val)
+        counts.append(int((fitted.estimator.predict(fitted.scaler.transform(test.features)) == rare).sum()))
+    assert counts[1] > counts[0]
+
+
+def test_sklearn_head_mistakes_fail_naming_the_key(features):
+    train, val = splits()
+    knn = {"type": "sklearn", "estimator": "sklearn.neighbors.KNeighborsClassifier"}
+    with pytest.raises(UserError, match=r"heads.h.params.n_neighbour: KNeighborsClassifier has no parameter "
+                                        r"'n_neighbour'; valid: .*n_neighbors"):
+        fit_head("h", spec({**knn, "params": {"n_neighbour": 3}}), train, val)
+    with pytest.raises(UserError, match=r"heads.h.grid.k: KNeighborsClassifier has no parameter 'k'"):
+        fit_head("h", spec({**knn, "grid": {"k": [3]}}), train, val)
+    with pytest.raises(UserError, match="heads.h.class_weight: KNeighborsClassifier does not support class weights"):
+        fit_head("h", spec({**knn, "class_weight": "balanced"}), train, val)
+    with pytest.raises(UserError, match=r"heads.h: fitting KNeighborsClassifier with \{'n_neighbors': 0\} failed"):
+        fit_head("h", spec({**knn, "grid": {"n_neighbors": [0]}}), train, val)
+
+
+def test_an_empty_val_split_is_a_clear_error(features):
+    train, _ = splits()
+    with pytest.raises(UserError, match="data.val_fraction"):
+        fit_head("h", spec(FAST_HEADS["logreg"]), train, train.plain().__class__(
+            train.features[:0], train.labels[:0], train.views[:0], [], train.classes, train.fingerprint))
+
+
+def run_stages(heads: dict = FAST_HEADS, **sections) -> tuple[dict, dict]:
+    load_params_with(heads=heads, **sections)
+    train_heads.main()
+    evaluate.main()
+    return (json.loads(Path("metrics/heads.json").read_text()), json.loads(Path("metrics/evaluate.json").read_text()))
+
+
+def test_stages_write_metrics_plots_and_a_side_by_side_summary(features):
+    heads, scores = run_stages()
+    assert set(heads) == set(scores) == set(FAST_HEADS)
+    assert heads["logreg"]["params"]["C"] in (0.01, 1.0) and heads["knn"]["params"]["n_neighbors"] in (1, 15)
+    assert heads["mlp"]["best_epoch"] <= heads["mlp"]["epochs_run"] <= 30
+    for name, head in heads.items():
+        assert head["type"] == FAST_HEADS[name]["type"] and head["train_seconds"] >= 0
+        assert head["train_rows"] == len(read_split("train"))
+        assert 0.85 < head["val_accuracy"] <= 1
+
+    test = read_split("test")
+    for name, metrics in scores.items():
+        assert {"accuracy", "balanced_accuracy", "macro_f1", "top5_accuracy"} <= set(metrics)
+        assert ("log_loss" in metrics) == (name != "svc")  # LinearSVC has no probabilities
+        assert metrics["top5_accuracy"] >= metrics["accuracy"] > 0.85
+        rows = Path(f"plots/confusion/{name}.csv").read_text().splitlines()
+        assert rows[0] == "actual,predicted" and len(rows) == len(test) + 1
+        correct = sum(a == p for a, p in (r.split(",") for r in rows[1:]))
+        assert correct / len(test) == pytest.approx(metrics["accuracy"], abs=1e-6)
+        assert Path(f"reports/confusion/{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    summary = Path("reports/summary.md").read_text()
+    best = max(scores, key=lambda n: scores[n]["accuracy"])
+    assert summary.count("★") == 2  # the best row, and the legend
+    assert f"| {best} ★ |" in summary
+    for name in FAST_HEADS:
+        assert f"| {name}" in summary
+    counts = {split: np.bincount(read_split(split).labels, minlength=10) for split in ("train", "val", "test")}
+    assert f"| digit 3 | {counts['train'][3]} | {counts['val'][3]} | {counts['test'][3]} |" in summary
+
+
+def test_evaluate_models_picks_a_subset_and_rejects_unknown_names(features):
+    _, scores = run_stages(evaluate={"models": ["knn", "logreg"]})
+    assert set(scores) == {"knn", "logreg"}
+    assert sorted(p.stem for p in Path("plots/confusion").iterdir()) == ["knn", "logreg"]
+    load_params_with(heads=FAST_HEADS, evaluate={"models": ["logreg", "nope"]})
+    with pytest.raises(UserError, match=r"evaluate.models: 'nope' not trained; trained: knn, linear, logreg, mlp, svc"):
+        evaluate.main()
+
+
+def test_a_head_removed_from_params_leaves_no_files(features):
+    run_stages()
+    _, scores = run_stages(heads={"logreg": FAST_HEADS["logreg"]})
+    assert head_files.trained_names() == ["logreg"] and set(scores) == {"logreg"}
+
+
+def test_augmented_views_are_train_rows(project):
+    splits_rows = write_features(views=2)
+    heads, _ = run_stages(heads={"logreg": FAST_HEADS["logreg"]})
+    assert heads["logreg"]["train_rows"] == 3 * len(splits_rows["train"])
+    assert "2 augmented view(s)" in Path("reports/summary.md").read_text()
+
+
+def test_same_params_twice_give_identical_metrics_and_heads(features):
+    def outputs():
+        heads, scores = run_stages()
+        for head in heads.values():
+            head.pop("train_seconds")  # wall-clock time, the one thing that may differ
+        files = {p: p.read_bytes() for p in sorted(Path("models/heads").rglob("*")) if p.is_file()}
+        return heads, scores, files, Path("reports/summary.md").read_text().split("★ best")[0]
+
+    first, second = outputs(), outputs()
+    assert first[0] == second[0] and first[1] == second[1]
+    assert first[2] == second[2]  # byte for byte, pickles included
+    assert [line.rsplit("|", 2)[0] for line in first[3].splitlines()] == \
+           [line.rsplit("|", 2)[0] for line in second[3].splitlines()]  # all but the seconds column

@@ -1,0 +1,134 @@
+"""predict and the deploy ONNX: the real exported MobileNetV2 with ONNX Runtime, real heads, real image files."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from stages import evaluate, extract, predict, train_heads
+from stages.core import backbone_files, head_files
+from stages.core.deploy_onnx import PIXELS, PROBABILITIES
+from stages.core.errors import UserError
+from stages.core.feature_files import read_split
+from stages.core.onnx_export import cpu_session
+from tests.conftest import REPO
+
+HEADS = {
+    "logreg": {"type": "logistic", "C": [1.0]},
+    "mlp": {"type": "mlp", "hidden": [16], "epochs": 5},
+    "knn": {"type": "sklearn", "estimator": "sklearn.neighbors.KNeighborsClassifier", "grid": {"n_neighbors": [1]}},
+}
+
+
+@pytest.fixture(scope="module")
+def trained(exported, tmp_path_factory) -> Path:
+    """`exported` (digits PNGs, MobileNetV2) with features extracted, heads trained and evaluated, once."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("trained") / "project"
+    shutil.copytree(exported, root)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        params = yaml.safe_load(Path("params.yaml").read_text())
+        params["heads"] = HEADS
+        Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        extract.main()
+        train_heads.main()
+        evaluate.main()
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.fixture
+def here(trained, monkeypatch) -> Path:
+    monkeypatch.chdir(trained)
+    return trained
+
+
+def test_predictions_of_the_test_images_match_the_head_on_extracted_features(here):
+    test = read_split("test")
+    results = predict.predict([Path(p) for p in test.paths], "logreg", top_k=3)
+    expected = head_files.load("logreg").scores(test.features)
+    classes = test.classes
+    for result, row in zip(results, expected):
+        assert result.error is None and len(result.top) == 3
+        assert result.top[0][0] == classes[int(row.argmax())]
+        assert result.top[0][1] == pytest.approx(float(row.max()), abs=1e-4)
+        assert [p for _, p in result.top] == sorted((p for _, p in result.top), reverse=True)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "stages.predict", *args], capture_output=True, text=True, env=env)
+
+
+def test_a_folder_with_a_bad_file_still_predicts_the_others(here, tmp_path):
+    folder = tmp_path / "new"
+    shutil.copytree(here / "images" / "3", folder / "threes")
+    (folder / "threes" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    result = run_cli(str(folder), str(tmp_path / "missing.jpg"), "--model", "knn", "--top-k", "2")
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    good = [line for line in lines if "ERROR" not in line]
+    assert len(good) == 6 and all(line.count(" 0.") + line.count(" 1.") == 2 for line in good)
+    assert any(line.startswith(f"{folder / 'threes' / 'broken.png'}: ERROR not a decodable image") for line in lines)
+    assert f"{tmp_path / 'missing.jpg'}: ERROR no such file or folder" in lines
+    assert "2 of 8 input(s) could not be predicted" in result.stderr
+
+
+def test_json_output_and_the_default_model_is_the_best_evaluated(here):
+    scores = json.loads(Path("metrics/evaluate.json").read_text())
+    best = max(scores, key=lambda name: scores[name]["accuracy"])
+    image = sorted((here / "images" / "7").iterdir())[0]
+    result = run_cli(str(image), "--json", "--top-k", "4")
+    assert result.returncode == 0, result.stderr
+    output = json.loads(result.stdout)
+    assert output["model"] == best
+    [prediction] = output["predictions"]
+    assert prediction["path"] == str(image) and len(prediction["top"]) == 4
+    assert {"class", "score"} == set(prediction["top"][0])
+
+
+def pixels_of(paths: list[str]) -> torch.Tensor:
+    preprocessing = backbone_files.load().preprocessing
+    return torch.stack([predict.load_pixels(Path(p), preprocessing) for p in paths])
+
+
+@pytest.mark.parametrize("model", ["logreg", "mlp"])
+def test_deploy_onnx_gives_the_two_step_probabilities(here, model):
+    path = predict.deploy(model)
+    assert path == Path(f"models/deploy/{model}.onnx")
+    deployed = onnx.load(str(path))
+    props = {p.key: p.value for p in deployed.metadata_props}
+    assert json.loads(props["classes"]) == read_split("test").classes and props["head"] == model
+
+    session = cpu_session(path)
+    test = read_split("test")
+    two_step = predict.TwoStepPredictor(head_files.load(model), batch_size=8)
+    preprocessing = backbone_files.load().preprocessing
+    for batch in (test.paths[:1], test.paths[1:4]):  # two batch sizes: the batch dimension stays dynamic
+        pixels = pixels_of(batch)
+        got = session.run([PROBABILITIES], {PIXELS: pixels.numpy()})[0]
+        expected = two_step(pixels, preprocessing)
+        assert got.shape == expected.shape == (len(batch), 10)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_a_pickled_head_cannot_be_deployed(here):
+    with pytest.raises(UserError, match="head 'knn' is a pickled scikit-learn estimator.*deployable heads: logreg, mlp"):
+        predict.deploy("knn")
+
+
+def test_an_unknown_model_lists_the_trained_ones(here):
+    result = run_cli("images", "--model", "nope")
+    assert result.returncode == 2
+    assert "no trained head 'nope' in models/heads; trained: knn, logreg, mlp" in result.stderr
+
