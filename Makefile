@@ -24,7 +24,7 @@ $(FASHION_MNIST):
 	else echo "note: not root or no apt-get; prepare will try torchvision's download of Fashion-MNIST"; fi
 
 run: setup
-	dvc repro extract  # train_heads, finetune, evaluate land with issues #4 and #5
+	dvc repro
 
 test: setup
 	$(PY) -m pytest -q -m "slow or not slow" tests
