@@ -45,29 +45,6 @@ def test_bad_params_fail_before_any_work(tmp_path):
     assert not (tmp_path / "data" / "prepared" / "manifest.csv").exists()
 
 
-@pytest.mark.slow
-def test_experiments_reuse_the_feature_store(tmp_path):
-    repo = DvcRepo(tmp_path, data={"per_class": 6, "val_fraction": 0.2, "test_fraction": 0.2})
-    repo.dvc("repro", "extract")
-    extract_metrics = tmp_path / "metrics" / "extract.json"
-    assert json.loads(extract_metrics.read_text())["computed"] == 60
-    repo.run("git", "add", "-A")
-    repo.run("git", "commit", "-qm", "baseline")
-
-    out = repo.dvc("exp", "run", "extract", "-S", "heads.logreg.C=[0.1,1]")
-    assert "Stage 'extract' didn't change, skipping" in out  # a heads edit never touches the features
-
-    out = repo.dvc("exp", "run", "extract", "-S", "data.val_fraction=0.25")  # a new split, no new image
-    assert "Running stage 'prepare'" in out and "Running stage 'extract'" in out
-    assert json.loads(extract_metrics.read_text())["computed"] == 0
-
-    out = repo.dvc("exp", "run", "--temp", "extract", "-S", "data.test_fraction=0.25")  # runs in .dvc/tmp/exps
-    assert "Running stage 'extract'" in out
-    assert f"60 reused from the store {tmp_path / 'data' / 'feature-store'}" in out and ", 0 to compute" in out
-    shown = repo.dvc("exp", "show", "--no-pager", "--csv")
-    assert "computed" in shown.splitlines()[0]  # exp show lists extract's metrics beside the params
-
-
 QUICK_HEADS = {
     "logreg": {"type": "logistic", "C": [0.01, 1.0]},
     "mlp": {"type": "mlp", "hidden": [32], "epochs": 10},
@@ -76,14 +53,16 @@ QUICK_HEADS = {
 
 
 @pytest.mark.slow
-def test_head_experiments_rerun_only_heads_and_evaluate(tmp_path):
-    repo = DvcRepo(tmp_path, data={"per_class": 8, "val_fraction": 0.25, "test_fraction": 0.25})
+def test_experiments_reuse_features_and_rerun_only_what_changed(tmp_path):
+    repo = DvcRepo(tmp_path, data={"per_class": 6, "val_fraction": 0.2, "test_fraction": 0.2})
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     params["heads"] = QUICK_HEADS
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = repo.dvc("repro")
     for stage in ("prepare", "download", "export", "extract", "train_heads", "finetune", "evaluate"):
         assert f"Running stage '{stage}'" in out
+    extract_metrics = tmp_path / "metrics" / "extract.json"
+    assert json.loads(extract_metrics.read_text())["computed"] == 60
     assert json.loads((tmp_path / "metrics/finetune.json").read_text()) == {"skipped": True}
     scores = json.loads((tmp_path / "metrics/evaluate.json").read_text())
     assert set(scores) == set(QUICK_HEADS)
@@ -107,6 +86,14 @@ def test_head_experiments_rerun_only_heads_and_evaluate(tmp_path):
     out = repo.dvc("exp", "run", "-S", "heads.logreg.C=[0.1,1]")
     assert "Stage 'extract' didn't change, skipping" in out and "Running stage 'train_heads'" in out
 
+    out = repo.dvc("exp", "run", "extract", "-S", "data.val_fraction=0.25")  # a new split, no new image
+    assert "Running stage 'prepare'" in out and "Running stage 'extract'" in out
+    assert json.loads(extract_metrics.read_text())["computed"] == 0
+
+    out = repo.dvc("exp", "run", "--temp", "extract", "-S", "data.test_fraction=0.25")  # runs in .dvc/tmp/exps
+    assert "Running stage 'extract'" in out
+    assert f"60 reused from the store {tmp_path / 'data' / 'feature-store'}" in out and ", 0 to compute" in out
+
     for k in (1, 5):
         repo.dvc("exp", "run", "--queue", "-S", f"heads.knn.grid.n_neighbors=[{k}]")
     repo.dvc("exp", "run", "--run-all", "-j", "1")  # waits for the queue; exits 0 even if one failed, so:
@@ -119,4 +106,6 @@ def test_head_experiments_rerun_only_heads_and_evaluate(tmp_path):
         assert experiment["executor"] is None or experiment["executor"]["state"] == "success"
         assert "accuracy" in data["metrics"]["metrics/evaluate.json"]["data"]["logreg"]
         knn_grids.add(str(data["params"]["params.yaml"]["data"]["heads"]["knn"]["grid"]["n_neighbors"]))
-    assert {"[1]", "[5]"} <= knn_grids and len(experiments) == 3
+    assert {"[1]", "[5]"} <= knn_grids and len(experiments) == 5
+    shown = repo.dvc("exp", "show", "--no-pager", "--csv")
+    assert "logreg.accuracy" in shown.splitlines()[0] and "computed" in shown.splitlines()[0]

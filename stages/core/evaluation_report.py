@@ -45,7 +45,7 @@ def write_confusion_png(name: str, labels: np.ndarray, predicted: np.ndarray, cl
 
     CONFUSION_IMAGES.mkdir(parents=True, exist_ok=True)
     path = CONFUSION_IMAGES / f"{name}.png"
-    size = max(5.0, 0.5 * len(classes) + 2)
+    size = min(max(5.0, 0.5 * len(classes) + 2), 30.0)
     figure, axes = plt.subplots(figsize=(size, size))
     ConfusionMatrixDisplay.from_predictions(labels, predicted, labels=np.arange(len(classes)),
                                             display_labels=classes, xticks_rotation="vertical", colorbar=False,

@@ -87,6 +87,8 @@ class TorchHead(ClassifierMixin, BaseEstimator):
                 since_best += 1
                 if since_best >= self.patience:
                     break
+        if best_state is None:
+            raise ValueError(f"the validation loss was never finite (training diverged): lower lr (now {self.lr})")
         self.module_.load_state_dict(best_state)
         self.module_.eval().cpu()
         self.best_val_loss_ = best_loss
