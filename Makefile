@@ -34,3 +34,5 @@ test-fast: setup
 
 bench: setup
 	$(PY) benchmarks/extract_throughput.py
+	$(PY) benchmarks/heads_vs_extract.py
+	dvc repro && $(PY) benchmarks/reference_linear_probe.py

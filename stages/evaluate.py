@@ -65,7 +65,7 @@ def main() -> None:
         predicted = scores.argmax(axis=1)
         write_confusion_csv(name, test.labels, predicted, classes)
         write_confusion_png(name, test.labels, predicted, classes)
-        chosen = ", ".join(f"{k}={v}" for k, v in head.meta["chosen"].items()) or "–"
+        chosen = ", ".join(f"{k}={v}" for k, v in {**head.meta["chosen"], **head.meta["details"]}.items()) or "–"
         results.append(Evaluated(name, f"{head.meta['type']} head", metrics, head.meta["val_accuracy"], chosen,
                                  heads_metrics.get(name, {}).get("train_seconds")))
         log.info("%s: test accuracy %.4f", name, metrics["accuracy"])

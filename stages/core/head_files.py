@@ -46,6 +46,7 @@ def save(fitted: "FittedHead", classes: list[str], fingerprint: str, directory: 
         "type": fitted.spec.type,
         "spec": fitted.spec.model_dump(),
         "chosen": fitted.chosen,
+        "details": fitted.details,
         "val_accuracy": fitted.val_accuracy,
         "candidates": fitted.candidates,
         "classes": classes,
