@@ -20,7 +20,7 @@ from stages.core.evaluation_report import (
     write_confusion_png,
     write_summary,
 )
-from stages.core.feature_files import read_split
+from stages.core.feature_files import read_labels, read_split
 from stages.core.manifest import SPLITS
 from stages.core.metrics import write_metrics
 from stages.core.scoring import score
@@ -40,8 +40,7 @@ def chosen_models(requested: list[str] | str, trained: list[str]) -> list[str]:
 
 def main() -> None:
     params = load_params(resolve_estimators=False, resolve_backbone=False)
-    splits = {split: read_split(split) for split in SPLITS}
-    test = splits["test"].plain()
+    test = read_split("test").plain()
     if len(test) == 0:
         raise UserError("the test split is empty: set data.test_fraction above 0 to evaluate")
     classes = test.classes
@@ -70,8 +69,10 @@ def main() -> None:
                                  heads_metrics.get(name, {}).get("train_seconds")))
         log.info("%s: test accuracy %.4f", name, metrics["accuracy"])
 
-    counts = {split: np.bincount(s.plain().labels, minlength=len(classes)) for split, s in splits.items()}
-    write_summary(results, classes, counts, int(splits["train"].views.max(initial=0)))
+    labels_views = {split: read_labels(split) for split in SPLITS}
+    counts = {split: np.bincount(labels[views == 0], minlength=len(classes))
+              for split, (labels, views) in labels_views.items()}
+    write_summary(results, classes, counts, int(labels_views["train"][1].max(initial=0)))
     write_metrics("evaluate", {r.name: r.metrics for r in results})
     best = max(results, key=lambda r: r.metrics["accuracy"])
     log.info("best test accuracy: %s %.4f; side by side in reports/summary.md", best.name, best.metrics["accuracy"])

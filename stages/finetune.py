@@ -1,5 +1,6 @@
-"""finetune: partial unfreeze + LP-FT (issue #5). With finetune.enabled false (the default) the stage only
-records that it was skipped, so that `dvc repro` runs through and evaluate leaves the model out."""
+"""finetune: with finetune.enabled false (the default) the stage only records that it was skipped, so that
+`dvc repro` runs through and evaluate leaves the model out. Fine-tuning itself (partial unfreeze, LP-FT) is
+issue #5; enabling it is an error until then."""
 import json
 import shutil
 from pathlib import Path

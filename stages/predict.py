@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from stages.core import backbone_files, deploy_onnx, head_files
+from stages.core.config import load_params
 from stages.core.errors import UserError, run_main
+from stages.core.hashing import sha256_file
 from stages.core.images import IMAGE_EXTENSIONS, BadImage, Preprocessing, decode
 from stages.core.inference import FeatureRunner
-from stages.core.onnx_export import cpu_session
 
 log = logging.getLogger("predict")
 EVALUATE_METRICS = Path("metrics/evaluate.json")
@@ -53,17 +54,31 @@ def image_files(inputs: list[str]) -> tuple[list[Path], list[Prediction]]:
     return files, missing
 
 
-def default_model() -> str:
+def default_model(deployable: bool = False) -> str:
+    """The best model in metrics/evaluate.json (the best deployable one for --deploy); without that file, the
+    first trained head."""
+    trained = [name for name in head_files.trained_names()
+               if not deployable or head_files.load(name).meta["format"] == head_files.LAYERS]
+    if not trained:
+        raise UserError("no trained head in models/heads" + (" that can be deployed (logistic, linear, mlp)"
+                                                             if deployable else "") + ": run `dvc repro` first")
     if EVALUATE_METRICS.is_file():
         scores = json.loads(EVALUATE_METRICS.read_text())
-        trained = set(head_files.trained_names())
         ranked = sorted((m for m in scores if m in trained), key=lambda m: -scores[m]["accuracy"])
         if ranked:
             return ranked[0]
-    trained = head_files.trained_names()
-    if not trained:
-        raise UserError("no trained head in models/heads: run `dvc repro` first")
     return trained[0]
+
+
+def check_features_match(head: head_files.Head, backbone: backbone_files.Backbone) -> None:
+    """A head only makes sense on the features it was trained on: same ONNX backbone, preprocessing, dtype."""
+    from stages.extract import fingerprint
+
+    dtype = load_params(resolve_estimators=False, resolve_backbone=False).extract.dtype
+    current = fingerprint(sha256_file(backbone_files.ONNX), backbone.preprocessing.to_json(), dtype)
+    if head.meta["features_fingerprint"] != current:
+        raise UserError(f"head {head.name!r} was trained on other features than {backbone_files.ONNX} gives now "
+                        "(the backbone, cut, pooling, preprocessing or dtype changed): run `dvc repro`")
 
 
 def load_pixels(path: Path, preprocessing: Preprocessing) -> torch.Tensor:
@@ -90,6 +105,7 @@ def predict(files: list[Path], model: str, top_k: int, batch_size: int = 32) -> 
     backbone = backbone_files.load()
     preprocessing = backbone.preprocessing
     head = head_files.load(model)
+    check_features_match(head, backbone)
     predictor = TwoStepPredictor(head, batch_size)
     results = [Prediction(str(path)) for path in files]
     for start in range(0, len(files), batch_size):
@@ -104,7 +120,8 @@ def predict(files: list[Path], model: str, top_k: int, batch_size: int = 32) -> 
             continue
         scores = predictor(torch.stack(batch), preprocessing)
         for row, i in zip(scores, positions):
-            best = np.argsort(-row, kind="stable")[:top_k]
+            # a class absent from training has no score (-inf) for heads without probabilities
+            best = [c for c in np.argsort(-row, kind="stable") if np.isfinite(row[c])][:top_k]
             results[i].top = [(head.classes[c], float(row[c])) for c in best]
     return results
 
@@ -115,10 +132,9 @@ def deploy(model: str) -> Path:
         layered = [n for n in head_files.trained_names() if head_files.load(n).arrays is not None]
         raise UserError(f"head {model!r} is a pickled scikit-learn estimator, which has no ONNX form here; "
                         f"deployable heads: {', '.join(layered) or 'none'} (logistic, linear, mlp)")
-    built = deploy_onnx.build(backbone_files.ONNX, head, backbone_files.load().preprocessing)
-    path = deploy_onnx.write(built, model)
-    cpu_session(path)  # fails here, not at the user's, if ONNX Runtime cannot load it
-    return path
+    backbone = backbone_files.load()
+    check_features_match(head, backbone)
+    return deploy_onnx.write(deploy_onnx.build(backbone_files.ONNX, head, backbone.preprocessing), model)
 
 
 def print_text(results: list[Prediction], probabilistic: bool) -> None:
@@ -140,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deploy", action="store_true", help="write models/deploy/<model>.onnx: pixels in, "
                                                               "probabilities out, no dependency on this repo")
     args = parser.parse_args(argv)
-    model = args.model or default_model()
+    model = args.model or default_model(deployable=args.deploy)
     if args.deploy:
         print(deploy(model))
         return 0

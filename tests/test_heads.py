@@ -262,3 +262,24 @@ def test_same_params_twice_give_identical_metrics_and_heads(features):
     assert first[2] == second[2]  # byte for byte, pickles included
     assert [line.rsplit("|", 2)[0] for line in first[3].splitlines()] == \
            [line.rsplit("|", 2)[0] for line in second[3].splitlines()]  # all but the seconds column
+
+
+def test_a_class_absent_from_training_gets_no_probability_and_no_score(project):
+    write_features(train_keep=lambda labels: labels != 9)
+    _, scores = run_stages(heads={"logreg": FAST_HEADS["logreg"], "svc": FAST_HEADS["svc"]})
+    test = read_split("test")
+    logreg, svc = head_files.load("logreg").scores(test.features), head_files.load("svc").scores(test.features)
+    assert (logreg[:, 9] == 0).all() and np.allclose(logreg.sum(axis=1), 1, atol=1e-5)
+    assert np.isneginf(svc[:, 9]).all() and np.isfinite(svc[:, :9]).all()
+    assert all(np.isfinite(v) for metrics in scores.values() for v in metrics.values())
+    nines = (test.labels == 9).mean()
+    assert scores["logreg"]["accuracy"] <= 1 - nines + 1e-9  # the nines cannot be right
+
+
+def test_a_torch_head_without_usable_val_rows_watches_the_training_loss(features):
+    train, val = splits()
+    scaler = StandardScaler().fit(train.features)
+    unseen = np.full(len(val), 99)  # no val label was seen in training
+    head = TorchHead(epochs=20, lr=1e-2, patience=3).fit(scaler.transform(train.features), train.labels,
+                                                         validation=(scaler.transform(val.features), unseen))
+    assert head.best_epoch_ > 10  # the training loss keeps falling; a constant val loss would stop at epoch 1

@@ -132,3 +132,18 @@ def test_an_unknown_model_lists_the_trained_ones(here):
     assert result.returncode == 2
     assert "no trained head 'nope' in models/heads; trained: knn, logreg, mlp" in result.stderr
 
+
+
+def test_a_head_trained_on_other_features_is_refused(here):
+    head = head_files.load("logreg")
+    head.meta["features_fingerprint"] = "0" * 64
+    with pytest.raises(UserError, match="head 'logreg' was trained on other features.*run `dvc repro`"):
+        predict.check_features_match(head, backbone_files.load())
+
+
+def test_deploy_defaults_to_the_best_deployable_head(here, tmp_path, monkeypatch):
+    board = tmp_path / "evaluate.json"
+    board.write_text(json.dumps({"knn": {"accuracy": 0.99}, "mlp": {"accuracy": 0.5}, "logreg": {"accuracy": 0.6}}))
+    monkeypatch.setattr(predict, "EVALUATE_METRICS", board)
+    assert predict.default_model() == "knn"
+    assert predict.default_model(deployable=True) == "logreg"

@@ -15,7 +15,7 @@ from onnx import TensorProto, compose, helper, numpy_helper
 
 from stages.core.head_files import Head
 from stages.core.images import Preprocessing
-from stages.core.onnx_export import INPUT, OUTPUT
+from stages.core.onnx_export import INPUT, OUTPUT, cpu_session
 
 DEPLOY_DIR = Path("models/deploy")
 PIXELS, PROBABILITIES = "pixels", "probabilities"
@@ -98,5 +98,10 @@ def write(model: onnx.ModelProto, name: str, directory: Path = DEPLOY_DIR) -> Pa
     path = directory / f"{name}.onnx"
     tmp = path.with_suffix(".onnx.part")
     onnx.save(model, str(tmp))
+    try:
+        cpu_session(tmp)  # fails here, not at the user's, if ONNX Runtime cannot load it
+    except Exception:
+        tmp.unlink()
+        raise
     tmp.replace(path)
     return path

@@ -75,3 +75,12 @@ def read_split(split: str, directory: Path = FEATURES_DIR) -> SplitFeatures:
             classes=[str(c) for c in handle.attrs["classes"]],
             fingerprint=str(handle.attrs["fingerprint"]),
         )
+
+
+def read_labels(split: str, directory: Path = FEATURES_DIR) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, views) of a split, without reading its features."""
+    path = directory / f"{split}.h5"
+    if not path.is_file():
+        raise UserError(f"{path} not found: run `dvc repro extract` first")
+    with h5py.File(path, "r") as handle:
+        return handle["labels"][:], handle["views"][:]

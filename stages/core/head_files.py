@@ -25,6 +25,15 @@ HEADS_DIR = Path("models/heads")
 LAYERS, PICKLE = "layers", "pickle"
 
 
+def estimator_scores(estimator: Any, x: np.ndarray) -> np.ndarray:
+    """predict_proba, or decision_function for estimators without it; N × len(estimator.classes_). Model
+    selection, evaluate and predict all take the argmax of these, so val and test measure the same rule."""
+    if hasattr(estimator, "predict_proba"):
+        return estimator.predict_proba(x)
+    scores = estimator.decision_function(x)
+    return np.stack([-scores, scores], axis=1) if scores.ndim == 1 else scores
+
+
 def layers_of(fitted: "FittedHead") -> list[tuple[np.ndarray, np.ndarray]] | None:
     """(weight out×in, bias) per layer, or None for an estimator that is not a stack of Linear layers."""
     estimator = fitted.estimator
@@ -102,14 +111,7 @@ class Head:
             x = np.exp(x - x.max(axis=1, keepdims=True))
             own = x / x.sum(axis=1, keepdims=True)
         else:
-            x = self.model["scaler"].transform(features)
-            estimator = self.model["estimator"]
-            if hasattr(estimator, "predict_proba"):
-                own = estimator.predict_proba(x)
-            else:
-                own = estimator.decision_function(x)
-                if own.ndim == 1:
-                    own = np.stack([-own, own], axis=1)
+            own = estimator_scores(self.model["estimator"], self.model["scaler"].transform(features))
         full = np.full((len(features), len(self.classes)), 0.0 if self.probabilistic else -np.inf, np.float64)
         full[:, self.meta["class_indices"]] = own
         return full

@@ -22,6 +22,7 @@ from sklearn.utils.validation import has_fit_parameter
 from stages.core.config import LinearHead, LogisticHead, MLPHead, SklearnHead
 from stages.core.errors import UserError
 from stages.core.feature_files import SplitFeatures
+from stages.core.head_files import estimator_scores
 from stages.core.torch_heads import TorchHead
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,8 @@ def fit_head(name: str, spec: Spec, train: SplitFeatures, val: SplitFeatures) ->
         except (ValueError, TypeError) as error:
             raise UserError(f"heads.{name}: fitting {type(candidate).__name__} with {point or spec} failed: "
                             f"{error}") from None
-        accuracy = float(np.mean(candidate.predict(val_x) == val.labels))
+        predicted = candidate.classes_[estimator_scores(candidate, val_x).argmax(axis=1)]
+        accuracy = float(np.mean(predicted == val.labels))
         candidates.append({"params": point, "val_accuracy": accuracy})
         log.info("head %s: %s val accuracy %.4f", name, point or "(no grid)", accuracy)
         if best is None or accuracy > best[0]:

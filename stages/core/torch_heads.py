@@ -42,10 +42,10 @@ class TorchHead(ClassifierMixin, BaseEstimator):
 
     def fit(self, X: np.ndarray, y: np.ndarray, validation: tuple[np.ndarray, np.ndarray] | None = None):
         self.classes_, targets = np.unique(y, return_inverse=True)
-        if validation is None:
-            validation = (X, y)  # no held-out data: early stopping then watches the training loss
-        val_x, val_y = validation
+        val_x, val_y = validation if validation is not None else (X, y)
         known = np.isin(val_y, self.classes_)  # a class absent from training cannot be predicted anyway
+        if not known.any():  # no usable held-out row: early stopping then watches the training loss
+            val_x, val_y, known = X, y, np.ones(len(y), bool)
         val_targets = np.searchsorted(self.classes_, val_y[known])
 
         run_on = device()
