@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.core import head_files
+from stages.core import finetune_files, head_files
 from stages.core.config import load_params
 from stages.core.errors import UserError, run_main
 from stages.core.evaluation_report import (
@@ -20,7 +20,7 @@ from stages.core.evaluation_report import (
     write_confusion_png,
     write_summary,
 )
-from stages.core.feature_files import read_labels, read_split
+from stages.core.feature_files import read_labels, read_plain_keys, read_split
 from stages.core.manifest import SPLITS
 from stages.core.metrics import write_metrics
 from stages.core.scoring import score
@@ -38,13 +38,32 @@ def chosen_models(requested: list[str] | str, trained: list[str]) -> list[str]:
     return list(requested)
 
 
+def evaluate_finetuned(test, keys: list[str]) -> Evaluated:
+    meta = finetune_files.read_meta()
+    if meta["classes"] != test.classes:
+        raise UserError("models/finetune was trained on other classes than data/features/test.h5: run `dvc repro`")
+    scores = finetune_files.read_test_scores(keys)
+    metrics = score(test.labels, scores, probabilistic=True)
+    predicted = scores.argmax(axis=1)
+    name = finetune_files.MODEL_NAME
+    write_confusion_csv(name, test.labels, predicted, test.classes)
+    write_confusion_png(name, test.labels, predicted, test.classes)
+    metrics_file = Path("metrics/finetune.json")
+    seconds = json.loads(metrics_file.read_text()).get("seconds") if metrics_file.is_file() else None
+    start = f"LP-FT from {meta['init_head']}" if meta["init_head"] else "fresh head"
+    kind = f"fine-tuned (unfreeze {meta['unfreeze']}, {start}{', random init' if not meta['weights'] else ''})"
+    log.info("%s: test accuracy %.4f", name, metrics["accuracy"])
+    return Evaluated(name, kind, metrics, meta["val_accuracy"], f"best_epoch={meta['best_epoch']}", seconds)
+
+
 def main() -> None:
     params = load_params(resolve_estimators=False, resolve_backbone=False)
     test = read_split("test").plain()
     if len(test) == 0:
         raise UserError("the test split is empty: set data.test_fraction above 0 to evaluate")
     classes = test.classes
-    names = chosen_models(params.evaluate.models, head_files.trained_names())
+    fine_tuned = [finetune_files.MODEL_NAME] if finetune_files.trained() else []
+    names = chosen_models(params.evaluate.models, head_files.trained_names() + fine_tuned)
     if not names:
         raise UserError("no trained model to evaluate: add a head under `heads` in params.yaml")
 
@@ -55,6 +74,9 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
     results = []
     for name in names:
+        if name == finetune_files.MODEL_NAME:
+            results.append(evaluate_finetuned(test, read_plain_keys("test")))
+            continue
         head = head_files.load(name)
         if head.meta["features_fingerprint"] != test.fingerprint:
             raise UserError(f"head {name!r} was trained on other features than data/features/test.h5: "

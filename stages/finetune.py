@@ -1,30 +1,253 @@
-"""finetune: with finetune.enabled false (the default) the stage only records that it was skipped, so that
-`dvc repro` runs through and evaluate leaves the model out. Fine-tuning itself (partial unfreeze, LP-FT) is
-issue #5; enabling it is an error until then."""
+"""finetune: models/backbone + an init head from train_heads -> models/finetune/ (model.onnx, model.pt, meta.json,
+test_scores.npz) + metrics/finetune.json + plots/finetune/history.csv.
+
+LP-FT: the head starts as the linear probe trained on cached features (finetune.init_head), then the last
+`finetune.unfreeze` blocks and the head train together at low learning rates. When the frozen prefix sees no
+augmentation, its outputs are computed once and kept in the feature store: every epoch runs only the tail.
+With finetune.enabled false (the default) the stage only records that it was skipped.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
 import json
+import logging
 import shutil
+import time
 from pathlib import Path
 
-from stages.core.config import load_params
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from stages.core import backbone_files, finetune_files, head_files, manifest
+from stages.core.config import Params, load_params
 from stages.core.errors import UserError, run_main
+from stages.core.feature_store import resolve_store
+from stages.core.finetune_data import (
+    AugmentedImages,
+    LabelledImages,
+    augmentation,
+    cached_prefix,
+    image_batches,
+    prefix_fingerprint,
+    split_images,
+)
+from stages.core.finetune_files import FINETUNE_DIR, LOGITS, PROBABILITIES
+from stages.core.finetune_loop import Inputs, fit
+from stages.core.finetune_model import FineTuneNet, Probabilities
+from stages.core.hashing import sha256_file
+from stages.core.image_views import ViewDataset, collate
+from stages.core.inference import FeatureRunner
 from stages.core.metrics import write_metrics
+from stages.core import onnx_export
 
-FINETUNE_DIR = Path("models/finetune")
+log = logging.getLogger("finetune")
+for noisy in ("onnx_ir", "onnxscript"):
+    logging.getLogger(noisy).setLevel(logging.WARNING)
 PLOTS_DIR = Path("plots/finetune")
+WORKERS = 2
+PREFIX_BATCH = 64
+FINETUNE_VERSION = 1  # bump when a change to the loop makes old checkpoints wrong
 
 
-def main() -> None:
-    # train_heads and evaluate are its neighbours in the DAG, so this runs after every heads edit: when disabled
-    # it must cost next to nothing, hence no torchvision check of backbone.* (every earlier stage made it)
-    params = load_params(resolve_estimators=False, resolve_backbone=False).finetune
-    if params.enabled:
-        raise UserError("finetune.enabled: fine-tuning is not implemented yet (issue #5); set it to false")
+def skip() -> None:
     shutil.rmtree(FINETUNE_DIR, ignore_errors=True)
     FINETUNE_DIR.mkdir(parents=True)
     (FINETUNE_DIR / "skipped.json").write_text(json.dumps({"enabled": False}) + "\n")
-    PLOTS_DIR.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(PLOTS_DIR, ignore_errors=True)
+    PLOTS_DIR.mkdir(parents=True)
     write_metrics("finetune", {"skipped": True})
     print("finetune.enabled is false: skipped")
+
+
+def resolve_unfreeze(unfreeze: int | str) -> int | str:
+    if unfreeze != "auto":
+        return unfreeze
+    from stages.core.advisor import recommended_unfreeze
+
+    chosen = recommended_unfreeze()
+    log.info("finetune.unfreeze: auto -> %r (metrics/advice.json, reports/advice.md)", chosen)
+    return chosen
+
+
+def init_head(name: str | None) -> head_files.Head | None:
+    if name is None:
+        return None
+    head = head_files.load(name)
+    if head.arrays is None:
+        layered = [n for n in head_files.trained_names() if head_files.load(n).arrays is not None]
+        raise UserError(f"finetune.init_head: {name!r} is a pickled scikit-learn estimator, not layers a network can "
+                        f"start from; valid: {', '.join(layered) or 'none'} (heads of type logistic, linear, mlp) "
+                        "or null for a fresh head")
+    return head
+
+
+def run_fingerprint(params: Params, unfreeze: int | str, head: head_files.Head | None,
+                    train: LabelledImages, val: LabelledImages) -> str:
+    """Everything the training depends on: a checkpoint is resumed only under the same fingerprint."""
+    spec = {
+        "version": FINETUNE_VERSION,
+        "finetune": {**params.finetune.model_dump(exclude={"enabled"}), "unfreeze": unfreeze},
+        "weights": sha256_file(backbone_files.WEIGHTS),
+        "cut": params.backbone.cut, "pool": params.backbone.pool,
+        "head": None if head is None else hashlib.sha256(
+            json.dumps(head.meta, sort_keys=True).encode()
+            + b"".join(head.arrays[k].tobytes() for k in sorted(head.arrays))).hexdigest(),
+        "train": [[r.sha256, int(y)] for r, y in zip(train.requests, train.labels)],
+        "val": [[r.sha256, int(y)] for r, y in zip(val.requests, val.labels)],
+        "classes": manifest.read_classes(),
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def inputs_for(net: FineTuneNet, images: LabelledImages, augment, use_prefix_cache: bool, store: Path,
+               prefix_fp: str, preprocessing, batch_size: int) -> Inputs:
+    if use_prefix_cache:
+        shape = tuple(net.prefix_output(torch.zeros(1, 3, preprocessing.crop, preprocessing.crop)).shape[1:])
+        cached = cached_prefix(net.prefix_output, images, shape, store, prefix_fp, preprocessing, PREFIX_BATCH,
+                               WORKERS)
+        return Inputs(lambda order, _epoch: (cached[order[i:i + batch_size]]
+                                             for i in range(0, len(order), batch_size)),
+                      images.labels, from_prefix=True)
+    if augment is None:
+        dataset = ViewDataset(images.requests, preprocessing)
+        return Inputs(lambda order, _epoch: image_batches(dataset, order, batch_size, WORKERS, preprocessing),
+                      images.labels, from_prefix=False)
+    dataset = AugmentedImages(images.requests, augment, seed=0)
+
+    def batches(order, epoch):
+        dataset.epoch = epoch
+        return image_batches(dataset, order, batch_size, WORKERS, preprocessing)
+
+    return Inputs(batches, images.labels, from_prefix=False)
+
+
+def test_probabilities(onnx_file: Path, images: LabelledImages, preprocessing) -> np.ndarray:
+    runner = FeatureRunner(onnx_file, ["CUDAExecutionProvider", "CPUExecutionProvider"], PREFIX_BATCH)
+    out = []
+    for batch, _, errors in DataLoader(ViewDataset(images.requests, preprocessing), batch_size=PREFIX_BATCH,
+                                       num_workers=WORKERS, collate_fn=collate):
+        if errors:
+            raise UserError(f"cannot read {len(errors)} test image(s): " + "; ".join(errors[:5]))
+        out.append(runner(preprocessing.normalize(batch).numpy()))
+    return np.concatenate(out) if out else np.zeros((0, len(manifest.read_classes())), np.float32)
+
+
+def export_onnx(net: FineTuneNet, onnx_file: Path, run_dir: Path, preprocessing, opset: int) -> float:
+    """Exports and parity-checks the model; a finished run already exported with this opset is copied instead.
+    Returns the largest ONNX-vs-torch difference (relative, for the logits)."""
+    from stages.export import parity_batches
+
+    kept, record = run_dir / "model.onnx", run_dir / "export.json"
+    if kept.is_file() and record.is_file() and json.loads(record.read_text())["opset"] == opset:
+        shutil.copyfile(kept, onnx_file)
+        log.info("reused the ONNX export of this finished run from %s", kept)
+        return json.loads(record.read_text())["max_abs_diff"]
+    batches = parity_batches(preprocessing.transform())
+    onnx_export.export(Probabilities(net), batches[0], onnx_file, opset, (PROBABILITIES, LOGITS))
+    max_abs_diff = onnx_export.parity(Probabilities(net), onnx_file, batches, relative=True)
+    shutil.copyfile(onnx_file, kept)
+    record.write_text(json.dumps({"opset": opset, "max_abs_diff": max_abs_diff}) + "\n")
+    return max_abs_diff
+
+
+def write_history(history: list[dict]) -> None:
+    shutil.rmtree(PLOTS_DIR, ignore_errors=True)
+    PLOTS_DIR.mkdir(parents=True)
+    columns = ["epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy"]
+    with open(PLOTS_DIR / "history.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for record in history:
+            writer.writerow(["" if record[c] is None else round(record[c], 6) if c != "epoch" else record[c]
+                             for c in columns])
+
+
+def main() -> None:
+    params = load_params(resolve_estimators=False, resolve_backbone=False)
+    if not params.finetune.enabled:
+        # train_heads and evaluate are its neighbours in the DAG, so this runs after every heads edit: when
+        # disabled it must cost next to nothing, hence no torchvision check of backbone.* (earlier stages made it)
+        skip()
+        return
+    started = time.perf_counter()
+    settings = params.finetune
+    backbone = backbone_files.load()
+    preprocessing = backbone.preprocessing
+    classes = manifest.read_classes()
+    cut_node = backbone.anatomy.cut_node(params.backbone.cut)
+    unfreeze = resolve_unfreeze(settings.unfreeze)
+    head = init_head(settings.init_head)
+    net = FineTuneNet(backbone.model(), backbone.anatomy, cut_node, params.backbone.pool, unfreeze, settings.bn,
+                      head, len(classes), preprocessing.crop)
+    trainable = [b.name for b in net.split.trainable]
+    log.info("unfreeze %r: training %s + the head (%s); %d backbone blocks frozen; bn %s",
+             unfreeze, ", ".join(trainable) or "no backbone block", settings.init_head or "fresh head",
+             len(net.split.kept) - len(trainable), settings.bn)
+
+    train, val, test = (split_images(split) for split in ("train", "val", "test"))
+    if len(train) == 0 or len(val) == 0:
+        raise UserError("finetune needs train and val images: check data.val_fraction and the data source")
+    augment = augmentation(settings.augment, preprocessing)
+    has_prefix = net.split.prefix_node is not None
+    cache_train = has_prefix and (augment is None or settings.cache_prefix)
+    if cache_train and augment is not None:
+        log.info("finetune.cache_prefix: true: the frozen prefix sees un-augmented images, finetune.augment is not used")
+        augment = None
+    store = resolve_store(params.extract.store)
+    prefix_fp = prefix_fingerprint(sha256_file(backbone_files.WEIGHTS), net.split.prefix_node or "", preprocessing)
+    train_inputs = inputs_for(net, train, augment, cache_train, store, prefix_fp, preprocessing, settings.batch_size)
+    val_inputs = inputs_for(net, val, None, has_prefix, store, prefix_fp, preprocessing, settings.batch_size)
+
+    run_fp = run_fingerprint(params, unfreeze, head, train, val)
+    checkpoint = store / "finetune" / run_fp / "checkpoint.pt"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    log.info("training on %s; checkpoint %s", device, checkpoint)
+    outcome = fit(net, train_inputs, val_inputs, settings, seed=0, checkpoint=checkpoint, device=device)
+    net.cpu().eval()
+
+    shutil.rmtree(FINETUNE_DIR, ignore_errors=True)
+    FINETUNE_DIR.mkdir(parents=True)
+    onnx_file = finetune_files.onnx_path()
+    max_abs_diff = export_onnx(net, onnx_file, checkpoint.parent, preprocessing, params.export.opset)
+    if max_abs_diff > params.export.atol:
+        raise UserError(f"export.atol: the fine-tuned model's ONNX differs from torch by {max_abs_diff:.3g} > "
+                        f"{params.export.atol:g}; the checkpoint {checkpoint} is kept, so a re-run only re-exports")
+    torch.save(net.state_dict(), FINETUNE_DIR / "model.pt")
+    best = outcome.history[outcome.best_epoch]
+    meta = {
+        "arch": backbone.arch, "weights": backbone.weights, "cut": params.backbone.cut, "cut_node": cut_node,
+        "pool": params.backbone.pool, "unfreeze": unfreeze, "trainable_blocks": trainable, "bn": settings.bn,
+        "init_head": settings.init_head, "classes": classes, "preprocessing": preprocessing.to_json(),
+        "best_epoch": outcome.best_epoch, "val_accuracy": best["val_accuracy"],
+        "head_hidden": [m.out_features for m in net.head.modules() if isinstance(m, torch.nn.Linear)][:-1],
+    }
+    (FINETUNE_DIR / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    probabilities = test_probabilities(onnx_file, test, preprocessing)
+    finetune_files.write_test_scores(test.keys(), probabilities)
+    write_history(outcome.history)
+    trained_epochs = [r for r in outcome.history if r["epoch"] > 0]
+    write_metrics("finetune", {
+        "skipped": False,
+        "unfreeze": unfreeze,
+        "trainable_blocks": len(trainable),
+        "trainable_params": sum(p.numel() for p in net.parameters() if p.requires_grad),
+        "init_head": settings.init_head,
+        "cached_prefix": cache_train,
+        "device": device.type,
+        "epochs_run": len(outcome.history) - 1,
+        "best_epoch": outcome.best_epoch,
+        "val_accuracy_at_init": outcome.history[0]["val_accuracy"],
+        "val_accuracy": best["val_accuracy"],
+        "val_loss": best["val_loss"],
+        "epoch_seconds": round(float(np.mean([r["seconds"] for r in trained_epochs])), 2) if trained_epochs else None,
+        "resumed_from_epoch": outcome.resumed_from,
+        "onnx_max_abs_diff": max_abs_diff,
+        "seconds": round(time.perf_counter() - started, 2),
+    })
+    log.info("fine-tuned (unfreeze %r): best epoch %d, val accuracy %.4f (%.4f before any update) -> %s",
+             unfreeze, outcome.best_epoch, best["val_accuracy"], outcome.history[0]["val_accuracy"], FINETUNE_DIR)
 
 
 if __name__ == "__main__":

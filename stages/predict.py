@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.core import backbone_files, deploy_onnx, head_files
+from stages.core import backbone_files, deploy_onnx, finetune_files, head_files
 from stages.core.config import load_params
 from stages.core.errors import UserError, run_main
 from stages.core.hashing import sha256_file
@@ -59,6 +59,8 @@ def default_model(deployable: bool = False) -> str:
     first trained head."""
     trained = [name for name in head_files.trained_names()
                if not deployable or head_files.load(name).meta["format"] == head_files.LAYERS]
+    if not deployable and finetune_files.trained():
+        trained.append(finetune_files.MODEL_NAME)
     if not trained:
         raise UserError("no trained head in models/heads" + (" that can be deployed (logistic, linear, mlp)"
                                                              if deployable else "") + ": run `dvc repro` first")
@@ -101,12 +103,31 @@ class TwoStepPredictor:
         return self.head.scores(self.runner(preprocessing.normalize(pixels).numpy()))
 
 
+class FineTunedPredictor:
+    """models/finetune/model.onnx: images in, probabilities out."""
+
+    def __init__(self, batch_size: int):
+        self.classes = finetune_files.read_meta()["classes"]
+        self.runner = FeatureRunner(finetune_files.onnx_path(), PROVIDERS, batch_size)
+
+    def __call__(self, pixels: torch.Tensor, preprocessing: Preprocessing) -> np.ndarray:
+        return self.runner(preprocessing.normalize(pixels).numpy())
+
+
+def predictor_for(model: str, backbone: backbone_files.Backbone, batch_size: int):
+    """(predictor, class names)"""
+    if model == finetune_files.MODEL_NAME:
+        predictor = FineTunedPredictor(batch_size)
+        return predictor, predictor.classes
+    head = head_files.load(model)
+    check_features_match(head, backbone)
+    return TwoStepPredictor(head, batch_size), head.classes
+
+
 def predict(files: list[Path], model: str, top_k: int, batch_size: int = 32) -> list[Prediction]:
     backbone = backbone_files.load()
     preprocessing = backbone.preprocessing
-    head = head_files.load(model)
-    check_features_match(head, backbone)
-    predictor = TwoStepPredictor(head, batch_size)
+    predictor, classes = predictor_for(model, backbone, batch_size)
     results = [Prediction(str(path)) for path in files]
     for start in range(0, len(files), batch_size):
         batch, positions = [], []
@@ -122,11 +143,14 @@ def predict(files: list[Path], model: str, top_k: int, batch_size: int = 32) -> 
         for row, i in zip(scores, positions):
             # a class absent from training has no score (-inf) for heads without probabilities
             best = [c for c in np.argsort(-row, kind="stable") if np.isfinite(row[c])][:top_k]
-            results[i].top = [(head.classes[c], float(row[c])) for c in best]
+            results[i].top = [(classes[c], float(row[c])) for c in best]
     return results
 
 
 def deploy(model: str) -> Path:
+    if model == finetune_files.MODEL_NAME:
+        raise UserError(f"{finetune_files.onnx_path()} is already one standalone ONNX file (normalized float images "
+                        "in, probabilities out); --deploy builds one for the heads")
     head = head_files.load(model)
     if head.arrays is None:
         layered = [n for n in head_files.trained_names() if head_files.load(n).arrays is not None]
@@ -166,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--top-k must be at least 1")
     files, missing = image_files(args.inputs)
     results = predict(files, model, args.top_k) + missing if files else missing
-    probabilistic = head_files.load(model).probabilistic
+    probabilistic = model == finetune_files.MODEL_NAME or head_files.load(model).probabilistic
     if args.json:
         print(json.dumps({"model": model, "probabilities": probabilistic, "predictions": [
             {"path": r.path, "error": r.error} if r.error else

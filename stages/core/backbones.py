@@ -121,8 +121,12 @@ class PooledFeatures(nn.Module):
         self.pool = pool
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.body(x)["features"]
-        if self.pool != "none" and features.dim() in (3, 4):
-            dims = (2, 3) if features.dim() == 4 else (1,)  # feature maps: H, W; token sequences: tokens
-            features = features.mean(dims) if self.pool == "avg" else features.amax(dims)
-        return features.flatten(1)
+        return pool_features(self.body(x)["features"], self.pool)
+
+
+def pool_features(features: torch.Tensor, pool: str) -> torch.Tensor:
+    """One vector per image from a graph node's output: feature maps and token sequences pooled, or flattened."""
+    if pool != "none" and features.dim() in (3, 4):
+        dims = (2, 3) if features.dim() == 4 else (1,)  # feature maps: H, W; token sequences: tokens
+        features = features.mean(dims) if pool == "avg" else features.amax(dims)
+    return features.flatten(1)

@@ -84,3 +84,11 @@ def read_labels(split: str, directory: Path = FEATURES_DIR) -> tuple[np.ndarray,
         raise UserError(f"{path} not found: run `dvc repro extract` first")
     with h5py.File(path, "r") as handle:
         return handle["labels"][:], handle["views"][:]
+
+
+def read_plain_keys(split: str, directory: Path = FEATURES_DIR) -> list[str]:
+    """The store keys of a split's view-0 rows, in the order of `read_split(split).plain()`."""
+    path = directory / f"{split}.h5"
+    with h5py.File(path, "r") as handle:
+        keep = handle["views"][:] == 0
+        return [k.decode() for k in handle["keys"][:][keep]]

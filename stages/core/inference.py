@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions for the exported backbone: the providers asked for, the one really used, and IOBinding
+"""ONNX Runtime sessions for the exported backbone (or fine-tuned model): the providers asked for, the one really used, and IOBinding
 with a fixed batch shape on CUDA."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from stages.core.onnx_export import INPUT, OUTPUT
+from stages.core.onnx_export import INPUT
 
 log = logging.getLogger(__name__)
 CUDA = "CUDAExecutionProvider"
@@ -53,19 +53,21 @@ class FeatureRunner:
         self.provider = self.session.get_providers()[0]
         self.on_cuda = self.provider == CUDA
         self.batch_size = batch_size
+        self.outputs = [o.name for o in self.session.get_outputs()]  # the first is the one returned
         dim = self.session.get_outputs()[0].shape[1]
         self.feature_dim = dim if isinstance(dim, int) else None
         log.info("ONNX Runtime on %s (session providers %s)", self.provider, self.session.get_providers())
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         if not self.on_cuda:
-            return self.session.run([OUTPUT], {INPUT: batch})[0]
+            return self.session.run(self.outputs[:1], {INPUT: batch})[0]
         n = len(batch)
         if n < self.batch_size:  # one static shape for cuDNN
             batch = np.concatenate([batch, np.zeros((self.batch_size - n, *batch.shape[1:]), batch.dtype)])
         binding = self.session.io_binding()
         on_device = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(batch), "cuda", 0)  # kept alive until run
         binding.bind_ortvalue_input(INPUT, on_device)
-        binding.bind_output(OUTPUT, "cuda", 0)
+        for name in self.outputs:
+            binding.bind_output(name, "cuda", 0)
         self.session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()[0][:n]

@@ -15,13 +15,14 @@ log = logging.getLogger(__name__)
 INPUT, OUTPUT = "images", "features"
 
 
-def export(module: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+def export(module: nn.Module, example: torch.Tensor, path: Path, opset: int, outputs: tuple[str, ...] = (OUTPUT,)
+           ) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module.eval(), (example,), dynamo=True, opset_version=opset, input_names=[INPUT],
-            output_names=[OUTPUT], dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
+            output_names=list(outputs), dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
         )
     tmp = path.with_suffix(".onnx.part")
     program.save(str(tmp), external_data=False)  # one self-contained file, weights inside
@@ -58,18 +59,21 @@ def cpu_session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def parity(module: nn.Module, path: Path, batches: list[torch.Tensor]) -> float:
-    """Max abs difference between torch and ONNX Runtime outputs over batches of different sizes.
+def parity(module: nn.Module, path: Path, batches: list[torch.Tensor], relative: bool = False) -> float:
+    """Max abs difference between torch and ONNX Runtime outputs (all of them) over batches of different sizes.
 
     The dynamo exporter can silently fix the batch dimension to the example's; running several batch sizes
-    through the session catches that (ORT raises on a shape mismatch)."""
+    through the session catches that (ORT raises on a shape mismatch). `relative`: differences divided by the
+    output's largest magnitude (when above 1), for outputs such as logits whose scale is not bounded."""
     session = cpu_session(path)
     worst = 0.0
     for batch in batches:
         with torch.inference_mode():
-            expected = module.eval()(batch).numpy()
-        got = session.run([OUTPUT], {INPUT: batch.numpy()})[0]
-        if got.shape != expected.shape:
-            raise RuntimeError(f"ONNX output shape {got.shape} != torch {expected.shape} at batch {len(batch)}")
-        worst = max(worst, float(np.abs(got - expected).max()))
+            expected = module.eval()(batch)
+        expected = expected if isinstance(expected, tuple) else (expected,)
+        for want, got in zip(expected, session.run(None, {INPUT: batch.numpy()}), strict=True):
+            if got.shape != tuple(want.shape):
+                raise RuntimeError(f"ONNX output shape {got.shape} != torch {tuple(want.shape)} at batch {len(batch)}")
+            difference = float(np.abs(got - want.numpy()).max())
+            worst = max(worst, difference / max(1.0, float(want.abs().max())) if relative else difference)
     return worst
