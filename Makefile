@@ -36,3 +36,4 @@ bench: setup
 	$(PY) benchmarks/extract_throughput.py
 	$(PY) benchmarks/heads_vs_extract.py
 	dvc repro && $(PY) benchmarks/reference_linear_probe.py
+	$(PY) benchmarks/finetune_prefix_cache.py

@@ -59,7 +59,7 @@ def test_experiments_reuse_features_and_rerun_only_what_changed(tmp_path):
     params["heads"] = QUICK_HEADS
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = repo.dvc("repro")
-    for stage in ("prepare", "download", "export", "extract", "train_heads", "finetune", "evaluate"):
+    for stage in ("prepare", "download", "export", "extract", "train_heads", "advise", "finetune", "evaluate"):
         assert f"Running stage '{stage}'" in out
     extract_metrics = tmp_path / "metrics" / "extract.json"
     assert json.loads(extract_metrics.read_text())["computed"] == 60
@@ -109,3 +109,17 @@ def test_experiments_reuse_features_and_rerun_only_what_changed(tmp_path):
     assert {"[1]", "[5]"} <= knn_grids and len(experiments) == 5
     shown = repo.dvc("exp", "show", "--no-pager", "--csv")
     assert "logreg.accuracy" in shown.splitlines()[0] and "computed" in shown.splitlines()[0]
+
+    # fine-tuning as the advisor says (digits: small and unlike ImageNet -> the last 2 blocks), side by side
+    out = repo.dvc("exp", "run", "-S", "finetune.enabled=true", "-S", "finetune.unfreeze=auto", "-S",
+                   "finetune.epochs=1", "-S", "finetune.batch_size=8", "-S", "finetune.augment.hflip=false",
+                   "-S", "finetune.augment.random_resized_crop=false")
+    assert "Running stage 'finetune'" in out and "Running stage 'evaluate'" in out
+    assert "Stage 'extract' didn't change, skipping" in out
+    advice = json.loads((tmp_path / "metrics/advice.json").read_text())
+    finetuned = json.loads((tmp_path / "metrics/finetune.json").read_text())
+    assert advice["strategy"] == "partial_finetune" and finetuned["unfreeze"] == advice["unfreeze"] == 2
+    assert "finetune" in json.loads((tmp_path / "metrics/evaluate.json").read_text())
+    assert "| finetune" in (tmp_path / "reports/summary.md").read_text()
+    plots = repo.dvc("plots", "show")  # plots/finetune/history.csv and the confusion files
+    assert "failed" not in plots.lower()

@@ -211,6 +211,25 @@ class FinetuneParams(Section):
     augment: AugmentParams = AugmentParams()
 
 
+class AdviseParams(Section):
+    """The strategy advisor's thresholds (stages/core/advisor.py); rules of thumb, documented in README.md."""
+
+    # train images per class (the median class) at or above which the data counts as large: about ImageNet's
+    # 1,000-1,300 per class, the scale at which these architectures are trained from scratch
+    large_per_class: Annotated[int, Field(ge=1)] = 1000
+    # BatchNorm shift (median over BN layers of the per-channel Gaussian KL from the running statistics) at or
+    # below which the data counts as similar; measured on MobileNetV2: photo crops 0.02-0.03, Fashion-MNIST
+    # 0.26-0.33, digits 0.37-0.38
+    similar_shift: Annotated[float, Field(gt=0)] = 0.1
+    # top-1 softmax confidence at or above which the data counts as similar, only for a backbone without
+    # BatchNorm statistics (ViT, Swin, ConvNeXt); measured on MobileNetV2: photo crops 0.45-0.52, Fashion-MNIST
+    # 0.29-0.34, digits 0.08-0.11
+    similar_confidence: Annotated[float, Field(gt=0, lt=1)] = 0.4
+    partial_unfreeze: Annotated[int, Field(ge=1)] = 2  # last blocks the partial_finetune strategy unfreezes
+    sample: Annotated[int, Field(ge=1)] = 128  # train images the similarity is measured on (seeded choice)
+    seed: int = 0
+
+
 class EvaluateParams(Section):
     models: Union[Literal["all"], list[str]] = "all"
 
@@ -233,6 +252,7 @@ class Params(Section):
     extract: ExtractParams = ExtractParams()
     heads: dict[str, HeadSpec] = Field(default_factory=_default_heads)
     finetune: FinetuneParams = FinetuneParams()
+    advise: AdviseParams = AdviseParams()
     evaluate: EvaluateParams = EvaluateParams()
 
     @model_validator(mode="after")

@@ -57,14 +57,16 @@ def schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def evaluate(net: FineTuneNet, inputs: Inputs, batch_size: int, device: torch.device) -> tuple[float, float]:
+def evaluate(net: FineTuneNet, inputs: Inputs, device: torch.device) -> tuple[float, float]:
     """(mean loss, accuracy) in eval mode."""
     net.eval()
     loss_sum, correct = 0.0, 0
     order = list(range(len(inputs.labels)))
+    start = 0
     with torch.inference_mode():
-        for start, x in zip(range(0, len(order), batch_size), inputs.batches(order, 0)):
+        for x in inputs.batches(order, 0):
             y = torch.as_tensor(inputs.labels[start:start + len(x)], device=device)
+            start += len(x)
             with torch.autocast(device.type, enabled=device.type == "cuda"):
                 logits = net(x.to(device), from_prefix=inputs.from_prefix)
             loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
@@ -104,7 +106,7 @@ def fit(net: FineTuneNet, train: Inputs, val: Inputs, params: FinetuneParams, se
         if saved["stopped"]:
             start = params.epochs + 1
     else:
-        val_loss, val_accuracy = evaluate(net, val, params.batch_size, device)
+        val_loss, val_accuracy = evaluate(net, val, device)
         outcome.history.append({"epoch": 0, "train_loss": None, "train_accuracy": None,
                                 "val_loss": val_loss, "val_accuracy": val_accuracy, "seconds": 0.0})
         best_loss, best_state = val_loss, _copy(net)
@@ -116,8 +118,8 @@ def fit(net: FineTuneNet, train: Inputs, val: Inputs, params: FinetuneParams, se
         order = torch.randperm(len(train.labels), generator=shuffle).tolist()
         loss_sum, correct, seen = 0.0, 0, 0
         with tqdm(total=len(order), desc=f"finetune epoch {epoch}/{params.epochs}", unit="img", leave=False) as bar:
-            for start_at, x in zip(range(0, len(order), params.batch_size), train.batches(order, epoch)):
-                y = torch.as_tensor(train.labels[order[start_at:start_at + len(x)]], device=device)
+            for x in train.batches(order, epoch):
+                y = torch.as_tensor(train.labels[order[seen:seen + len(x)]], device=device)
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, enabled=device.type == "cuda"):
                     logits = net(x.to(device), from_prefix=train.from_prefix)
@@ -133,7 +135,7 @@ def fit(net: FineTuneNet, train: Inputs, val: Inputs, params: FinetuneParams, se
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"the training loss is not finite at epoch {epoch}: lower finetune.lr_head "
                                      f"({params.lr_head}) or finetune.lr_backbone ({params.lr_backbone})")
-        val_loss, val_accuracy = evaluate(net, val, params.batch_size, device)
+        val_loss, val_accuracy = evaluate(net, val, device)
         record = {"epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
                   "val_loss": val_loss, "val_accuracy": val_accuracy,
                   "seconds": round(time.perf_counter() - started, 2)}
