@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.core import backbone_files, head_files  # noqa: E402
+from stages.core import backbone_files, head_files
 from stages.core.config import FinetuneParams
 from stages.core.finetune_data import LabelledImages, split_images
 from stages.core.finetune_loop import fit

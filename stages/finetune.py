@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from stages.core import backbone_files, finetune_files, head_files, manifest
+from stages.core import backbone_files, finetune_files, head_files, manifest, onnx_export
 from stages.core.config import Params, load_params
 from stages.core.errors import UserError, run_main
 from stages.core.feature_store import resolve_store
@@ -40,7 +40,6 @@ from stages.core.hashing import sha256_file
 from stages.core.image_views import ViewDataset, collate
 from stages.core.inference import FeatureRunner
 from stages.core.metrics import write_metrics
-from stages.core import onnx_export
 
 log = logging.getLogger("finetune")
 for noisy in ("onnx_ir", "onnxscript"):
@@ -179,12 +178,18 @@ def main() -> None:
     cut_node = backbone.anatomy.cut_node(params.backbone.cut)
     unfreeze = resolve_unfreeze(settings.unfreeze)
     head = init_head(settings.init_head)
-    net = FineTuneNet(backbone.model(), backbone.anatomy, cut_node, params.backbone.pool, unfreeze, settings.bn,
+    bn = settings.bn
+    if backbone.weights is None and bn == "frozen":
+        # frozen statistics are the pretraining data's; a random init has none (mean 0, var 1): measured, a
+        # from-scratch run with them frozen stays at chance (train loss 2.303 after an epoch)
+        log.info("finetune.bn: frozen, but backbone.weights is none: the unfrozen blocks' BatchNorm trains")
+        bn = "train"
+    net = FineTuneNet(backbone.model(), backbone.anatomy, cut_node, params.backbone.pool, unfreeze, bn,
                       head, len(classes), preprocessing.crop)
     trainable = [b.name for b in net.split.trainable]
     log.info("unfreeze %r: training %s + the head (%s); %d backbone blocks frozen; bn %s",
              unfreeze, ", ".join(trainable) or "no backbone block", settings.init_head or "fresh head",
-             len(net.split.kept) - len(trainable), settings.bn)
+             len(net.split.kept) - len(trainable), bn)
 
     train, val, test = (split_images(split) for split in ("train", "val", "test"))
     if len(train) == 0 or len(val) == 0:
@@ -218,7 +223,7 @@ def main() -> None:
     best = outcome.history[outcome.best_epoch]
     meta = {
         "arch": backbone.arch, "weights": backbone.weights, "cut": params.backbone.cut, "cut_node": cut_node,
-        "pool": params.backbone.pool, "unfreeze": unfreeze, "trainable_blocks": trainable, "bn": settings.bn,
+        "pool": params.backbone.pool, "unfreeze": unfreeze, "trainable_blocks": trainable, "bn": bn,
         "init_head": settings.init_head, "classes": classes, "preprocessing": preprocessing.to_json(),
         "best_epoch": outcome.best_epoch, "val_accuracy": best["val_accuracy"],
         "head_hidden": [m.out_features for m in net.head.modules() if isinstance(m, torch.nn.Linear)][:-1],

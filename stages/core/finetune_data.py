@@ -19,9 +19,8 @@ from stages.core import manifest
 from stages.core.config import AugmentParams
 from stages.core.errors import UserError
 from stages.core.feature_store import FeatureStore, store_key
-from stages.core.hashing import sha256_bytes
-from stages.core.image_views import PLAIN_VIEW, ViewDataset, ViewRequest, collate
-from stages.core.images import BadImage, Preprocessing, decode
+from stages.core.image_views import PLAIN_VIEW, ViewDataset, ViewRequest, collate, read_image
+from stages.core.images import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +76,9 @@ class AugmentedImages(Dataset):
 
     def __getitem__(self, index: int):
         request = self.requests[index]
-        try:
-            data = Path(request.path).read_bytes()
-        except OSError as error:
-            return None, f"{request.path}: cannot read ({error.strerror})"
-        if sha256_bytes(data) != request.sha256:
-            return None, f"{request.path}: changed since prepare (sha256 differs); run `dvc repro` to re-prepare"
-        try:
-            image = decode(data)
-        except BadImage as error:
-            return None, f"{request.path}: {error}"
+        image, error = read_image(request)
+        if error is not None:
+            return None, error
         torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(request.sha256[:12], 16))
         return self.transform(image), None
 

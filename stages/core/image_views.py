@@ -51,6 +51,20 @@ def view_seed(sha256: str, view: int) -> int:
     return int(sha256[:15], 16) + view
 
 
+def read_image(request: ViewRequest):
+    """(RGB image, None), or (None, the reason with the path): unreadable, changed since prepare, not decodable."""
+    try:
+        data = Path(request.path).read_bytes()
+    except OSError as error:
+        return None, f"{request.path}: cannot read ({error.strerror})"
+    if sha256_bytes(data) != request.sha256:
+        return None, f"{request.path}: changed since prepare (sha256 differs); run `dvc repro` to re-prepare"
+    try:
+        return decode(data), None
+    except BadImage as error:
+        return None, f"{request.path}: {error}"
+
+
 class ViewDataset(Dataset):
     """Items are (uint8 CHW tensor | None, error | None): a file that changed since prepare or no longer decodes is
     reported with its path by the caller instead of crashing a worker."""
@@ -65,16 +79,9 @@ class ViewDataset(Dataset):
 
     def __getitem__(self, index: int):
         request = self.requests[index]
-        try:
-            data = Path(request.path).read_bytes()
-        except OSError as error:
-            return None, f"{request.path}: cannot read ({error.strerror})"
-        if sha256_bytes(data) != request.sha256:
-            return None, f"{request.path}: changed since prepare (sha256 differs); run `dvc repro` to re-prepare"
-        try:
-            image = decode(data)
-        except BadImage as error:
-            return None, f"{request.path}: {error}"
+        image, error = read_image(request)
+        if error is not None:
+            return None, error
         if request.view == 0:
             return self.plain(image), None
         torch.manual_seed(view_seed(request.sha256, request.view))
