@@ -82,12 +82,12 @@ def init_head(name: str | None) -> head_files.Head | None:
     return head
 
 
-def run_fingerprint(params: Params, unfreeze: int | str, head: head_files.Head | None,
+def run_fingerprint(params: Params, unfreeze: int | str, bn: str, head: head_files.Head | None,
                     train: LabelledImages, val: LabelledImages) -> str:
     """Everything the training depends on: a checkpoint is resumed only under the same fingerprint."""
     spec = {
         "version": FINETUNE_VERSION,
-        "finetune": {**params.finetune.model_dump(exclude={"enabled"}), "unfreeze": unfreeze},
+        "finetune": {**params.finetune.model_dump(exclude={"enabled"}), "unfreeze": unfreeze, "bn": bn},
         "weights": sha256_file(backbone_files.WEIGHTS),
         "cut": params.backbone.cut, "pool": params.backbone.pool,
         "head": None if head is None else hashlib.sha256(
@@ -205,7 +205,7 @@ def main() -> None:
     train_inputs = inputs_for(net, train, augment, cache_train, store, prefix_fp, preprocessing, settings.batch_size)
     val_inputs = inputs_for(net, val, None, has_prefix, store, prefix_fp, preprocessing, settings.batch_size)
 
-    run_fp = run_fingerprint(params, unfreeze, head, train, val)
+    run_fp = run_fingerprint(params, unfreeze, bn, head, train, val)
     checkpoint = store / "finetune" / run_fp / "checkpoint.pt"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     log.info("training on %s; checkpoint %s", device, checkpoint)
