@@ -12,7 +12,6 @@ import logging
 import time
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -22,7 +21,7 @@ from stages.core.errors import UserError, run_main
 from stages.core.feature_files import FEATURES_DIR, SplitRows, write_split
 from stages.core.feature_store import FeatureStore, resolve_store, store_key
 from stages.core.hashing import sha256_file
-from stages.core.image_views import ViewDataset, ViewRequest, collate, view_id
+from stages.core.image_views import ViewDataset, ViewRequest, collate, one_thread_worker, view_id
 from stages.core.images import Preprocessing
 from stages.core.inference import FeatureRunner
 from stages.core.manifest import SPLITS
@@ -43,10 +42,6 @@ def fingerprint(onnx_sha256: str, preprocessing: dict, dtype: str) -> str:
     return hashlib.sha256(spec.encode()).hexdigest()
 
 
-def _one_thread(_worker: int) -> None:
-    torch.set_num_threads(1)  # the workers share the cores with ONNX Runtime
-
-
 def compute(store: FeatureStore, todo: dict[str, ViewRequest], runner: FeatureRunner,
             preprocessing: Preprocessing, batch_size: int, workers: int) -> float:
     """Runs the backbone over `todo`, committing to the store as it goes; returns the seconds it took."""
@@ -54,7 +49,7 @@ def compute(store: FeatureStore, todo: dict[str, ViewRequest], runner: FeatureRu
     keys = list(todo)
     normalize = preprocessing.normalize
     loader = DataLoader(ViewDataset(list(todo.values()), preprocessing), batch_size=batch_size,
-                        num_workers=workers, collate_fn=collate, worker_init_fn=_one_thread,
+                        num_workers=workers, collate_fn=collate, worker_init_fn=one_thread_worker,
                         prefetch_factor=4 if workers else None)
     done = 0
     with tqdm(total=len(keys), desc="extract", unit="img", smoothing=0.1) as bar:

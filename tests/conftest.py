@@ -1,8 +1,8 @@
 """Shared fixtures: a temp project folder with a params.yaml, and tiny real image files."""
 from __future__ import annotations
 
+import contextlib
 import copy
-import os
 import shutil
 from pathlib import Path
 
@@ -63,17 +63,13 @@ def exported(tmp_path_factory) -> Path:
     from stages import download, export, prepare
 
     root = tmp_path_factory.mktemp("exported")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
+    with contextlib.chdir(root):
         write_digits(root / "images", DIGITS_PER_CLASS)
         Project(root).params(data={"source": "images", "per_class": None, "val_fraction": 0.2, "test_fraction": 0.2},
                              extract={"batch_size": 16, "store": "store"})
         prepare.main()
         download.main()
         export.main()
-    finally:
-        os.chdir(cwd)
     return root
 
 

@@ -1,7 +1,7 @@
 """The strategy advisor: real MobileNetV2 ImageNet weights on tiny real image folders (photo crops vs digits),
 the quadrant -> strategy mapping, thresholds from params, random init, and the file finetune's `auto` reads."""
+import contextlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -38,13 +38,9 @@ def write_photo_crops(folder: Path, per_class: int = 5) -> None:
 def pretrained_backbone(tmp_path_factory) -> Path:
     """models/ with the real MobileNetV2 IMAGENET1K_V1 backbone, downloaded once for the module."""
     root = tmp_path_factory.mktemp("advise-backbone")
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
+    with contextlib.chdir(root):
         Project(root).params()
         download.main()
-    finally:
-        os.chdir(cwd)
     return root / "models"
 
 

@@ -1,4 +1,5 @@
 """predict and the deploy ONNX: the real exported MobileNetV2 with ONNX Runtime, real heads, real image files."""
+import contextlib
 import json
 import os
 import shutil
@@ -33,17 +34,13 @@ def trained(exported, tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("trained") / "project"
     shutil.copytree(exported, root)
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
+    with contextlib.chdir(root):
         params = yaml.safe_load(Path("params.yaml").read_text())
         params["heads"] = HEADS
         Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         extract.main()
         train_heads.main()
         evaluate.main()
-    finally:
-        os.chdir(cwd)
     return root
 
 

@@ -19,7 +19,7 @@ from stages.core import manifest
 from stages.core.config import AugmentParams
 from stages.core.errors import UserError
 from stages.core.feature_store import FeatureStore, store_key
-from stages.core.image_views import PLAIN_VIEW, ViewDataset, ViewRequest, collate, read_image
+from stages.core.image_views import PLAIN_VIEW, ViewDataset, ViewRequest, collate, one_thread_worker, read_image
 from stages.core.images import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -86,11 +86,7 @@ class AugmentedImages(Dataset):
 def loader(dataset: Dataset, order: list[int], batch_size: int, workers: int) -> DataLoader:
     return DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=workers, collate_fn=collate,
                       prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(0),
-                      worker_init_fn=_one_thread)
-
-
-def _one_thread(_worker: int) -> None:
-    torch.set_num_threads(1)
+                      worker_init_fn=one_thread_worker)
 
 
 def checked(batch, errors: list[str]) -> torch.Tensor:

@@ -138,8 +138,7 @@ class FineTuneNet(nn.Module):
 
     def features(self, x: torch.Tensor, from_prefix: bool = False) -> torch.Tensor:
         if not from_prefix:
-            with torch.no_grad():
-                x = _unwrap(self.prefix(x))
+            x = self.prefix_output(x)
         return pool_features(_unwrap(self.tail(x)), self.pool)
 
     def forward(self, x: torch.Tensor, from_prefix: bool = False) -> torch.Tensor:

@@ -88,6 +88,11 @@ class ViewDataset(Dataset):
         return self.augment(image), None
 
 
+def one_thread_worker(_worker: int) -> None:
+    """DataLoader worker_init_fn: decoding workers share the cores with inference, one torch thread each."""
+    torch.set_num_threads(1)
+
+
 def collate(items):
     """Runs in the worker: one stacked tensor of the good items, their positions in the batch, the errors."""
     good = [i for i, (_, error) in enumerate(items) if error is None]
