@@ -28,6 +28,9 @@ class DataParams(Section):
     val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.15
     test_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.15
     seed: int = 0
+    # how a 16-bit image's values are scaled to 8 bits: auto = by the smallest of 8/10/12/14/16 bits that holds
+    # its maximum (a 16-bit file holding 12-bit camera data is not nearly black); a number forces that depth
+    bit_depth: Union[Literal["auto"], Literal[8, 10, 12, 14, 16]] = "auto"
 
     @field_validator("source")
     @classmethod
