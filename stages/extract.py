@@ -72,7 +72,8 @@ def main() -> None:
     classes = manifest.read_classes()
     label_index = {label: i for i, label in enumerate(classes)}
     backbone = backbone_files.load()
-    preprocessing = backbone.preprocessing
+    # the data's rule for high-bit images is part of preprocessing.to_json(), hence of the fingerprint
+    preprocessing = backbone.preprocessing.with_bit_depth(manifest.read_bit_depth())
     runner = FeatureRunner(backbone_files.ONNX, params.providers, params.batch_size)
     feature_dim = runner.feature_dim or int(
         runner(np.zeros((1, 3, preprocessing.crop, preprocessing.crop), np.float32)).shape[1])

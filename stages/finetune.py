@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from stages.core import backbone_files, finetune_files, head_files, manifest, onnx_export
+from stages.core.atomic import atomic_write, atomic_write_text
 from stages.core.config import Params, load_params
 from stages.core.errors import UserError, run_main
 from stages.core.feature_store import resolve_store
@@ -36,7 +37,7 @@ from stages.core.finetune_data import (
 from stages.core.finetune_files import FINETUNE_DIR, LOGITS, PROBABILITIES
 from stages.core.finetune_loop import Inputs, fit
 from stages.core.finetune_model import FineTuneNet, Probabilities
-from stages.core.hashing import sha256_file
+from stages.core.hashing import sha256_bytes, sha256_file
 from stages.core.image_views import ViewDataset, collate
 from stages.core.inference import FeatureRunner
 from stages.core.metrics import write_metrics
@@ -47,7 +48,8 @@ for noisy in ("onnx_ir", "onnxscript"):
 PLOTS_DIR = Path("plots/finetune")
 WORKERS = 2
 PREFIX_BATCH = 64
-FINETUNE_VERSION = 1  # bump when a change to the loop makes old checkpoints wrong
+SEED = 0  # the fresh head's init, the shuffling, the augmentation, dropout
+FINETUNE_VERSION = 2  # bump when a change to the loop makes old checkpoints wrong (2: the fresh head is seeded)
 
 
 def skip() -> None:
@@ -96,16 +98,19 @@ def run_fingerprint(params: Params, unfreeze: int | str, bn: str, head: head_fil
         "train": [[r.sha256, int(y)] for r, y in zip(train.requests, train.labels)],
         "val": [[r.sha256, int(y)] for r, y in zip(val.requests, val.labels)],
         "classes": manifest.read_classes(),
+        "bit_depth": manifest.read_bit_depth(),
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
 def inputs_for(net: FineTuneNet, images: LabelledImages, augment, use_prefix_cache: bool, store: Path,
-               prefix_fp: str, preprocessing, batch_size: int) -> Inputs:
-    if use_prefix_cache:
-        shape = tuple(net.prefix_output(torch.zeros(1, 3, preprocessing.crop, preprocessing.crop)).shape[1:])
+               prefix_fp: str, preprocessing, batch_size: int, device: torch.device = torch.device("cpu")) -> Inputs:
+    if use_prefix_cache:  # computed where the net trains (the fingerprint holds the device type)
+        net.to(device)
+        shape = tuple(net.prefix_output(torch.zeros(1, 3, preprocessing.crop, preprocessing.crop, device=device)
+                                        ).shape[1:])
         cached = cached_prefix(net.prefix_output, images, shape, store, prefix_fp, preprocessing, PREFIX_BATCH,
-                               WORKERS)
+                               WORKERS, device)
         return Inputs(lambda order, _epoch: (cached[order[i:i + batch_size]]
                                              for i in range(0, len(order), batch_size)),
                       images.labels, from_prefix=True)
@@ -113,7 +118,7 @@ def inputs_for(net: FineTuneNet, images: LabelledImages, augment, use_prefix_cac
         dataset = ViewDataset(images.requests, preprocessing)
         return Inputs(lambda order, _epoch: image_batches(dataset, order, batch_size, WORKERS, preprocessing),
                       images.labels, from_prefix=False)
-    dataset = AugmentedImages(images.requests, augment, seed=0)
+    dataset = AugmentedImages(images.requests, augment, preprocessing, seed=SEED)
 
     def batches(order, epoch):
         dataset.epoch = epoch
@@ -122,8 +127,8 @@ def inputs_for(net: FineTuneNet, images: LabelledImages, augment, use_prefix_cac
     return Inputs(batches, images.labels, from_prefix=False)
 
 
-def test_probabilities(onnx_file: Path, images: LabelledImages, preprocessing) -> np.ndarray:
-    runner = FeatureRunner(onnx_file, ["CUDAExecutionProvider", "CPUExecutionProvider"], PREFIX_BATCH)
+def test_probabilities(onnx_file: Path, images: LabelledImages, preprocessing, providers: list[str]) -> np.ndarray:
+    runner = FeatureRunner(onnx_file, providers, PREFIX_BATCH)
     out = []
     for batch, _, errors in DataLoader(ViewDataset(images.requests, preprocessing), batch_size=PREFIX_BATCH,
                                        num_workers=WORKERS, collate_fn=collate):
@@ -133,21 +138,49 @@ def test_probabilities(onnx_file: Path, images: LabelledImages, preprocessing) -
     return np.concatenate(out) if out else np.zeros((0, len(manifest.read_classes())), np.float32)
 
 
-def export_onnx(net: FineTuneNet, onnx_file: Path, run_dir: Path, preprocessing, opset: int) -> float:
-    """Exports and parity-checks the model; a finished run already exported with this opset is copied instead.
-    Returns the largest ONNX-vs-torch difference (relative, for the logits)."""
+def kept_export(run_dir: Path, opset: int, checkpoint_sha256: str | None) -> tuple[bytes, float] | None:
+    """(ONNX bytes, max_abs_diff) of this run's kept export when it was made with this opset from this very
+    checkpoint and still has the sha256 recorded then; None (export again) otherwise, said in the log."""
+    kept, record_file = run_dir / "model.onnx", run_dir / "export.json"
+    if not (kept.is_file() and record_file.is_file()):
+        return None
+    try:
+        record = json.loads(record_file.read_text())
+        data = kept.read_bytes()
+    except (OSError, ValueError) as error:
+        log.warning("the kept ONNX export %s cannot be read (%s): exporting again", kept, error)
+        return None
+    if record.get("opset") != opset or record.get("checkpoint_sha256") != checkpoint_sha256:
+        log.info("the kept ONNX export %s is of another opset or checkpoint: exporting again", kept)
+        return None
+    if sha256_bytes(data) != record.get("sha256"):
+        log.warning("the kept ONNX export %s does not match the sha256 in %s (damaged or replaced): exporting again",
+                    kept, record_file)
+        return None
+    return data, record["max_abs_diff"]
+
+
+def export_onnx(net: FineTuneNet, onnx_file: Path, run_dir: Path, preprocessing, opset: int,
+                checkpoint_sha256: str | None) -> float:
+    """Exports and parity-checks the model; a finished run's verified export is copied instead. Returns the
+    largest ONNX-vs-torch difference (relative, for the logits)."""
     from stages.export import parity_batches
 
-    kept, record = run_dir / "model.onnx", run_dir / "export.json"
-    if kept.is_file() and record.is_file() and json.loads(record.read_text())["opset"] == opset:
-        shutil.copyfile(kept, onnx_file)
-        log.info("reused the ONNX export of this finished run from %s", kept)
-        return json.loads(record.read_text())["max_abs_diff"]
+    kept = kept_export(run_dir, opset, checkpoint_sha256)
+    if kept is not None:
+        data, max_abs_diff = kept
+        onnx_file.write_bytes(data)
+        log.info("reused the verified ONNX export of this finished run from %s", run_dir / "model.onnx")
+        return max_abs_diff
     batches = parity_batches(preprocessing.transform())
     onnx_export.export(Probabilities(net), batches[0], onnx_file, opset, (PROBABILITIES, LOGITS))
     max_abs_diff = onnx_export.parity(Probabilities(net), onnx_file, batches, relative=True)
-    shutil.copyfile(onnx_file, kept)
-    record.write_text(json.dumps({"opset": opset, "max_abs_diff": max_abs_diff}) + "\n")
+    data = onnx_file.read_bytes()
+    with atomic_write(run_dir / "model.onnx", "wb") as handle:
+        handle.write(data)
+    record = {"opset": opset, "max_abs_diff": max_abs_diff, "sha256": sha256_bytes(data),
+              "checkpoint_sha256": checkpoint_sha256}
+    atomic_write_text(run_dir / "export.json", json.dumps(record) + "\n")  # after the file it vouches for
     return max_abs_diff
 
 
@@ -173,7 +206,7 @@ def main() -> None:
     started = time.perf_counter()
     settings = params.finetune
     backbone = backbone_files.load()
-    preprocessing = backbone.preprocessing
+    preprocessing = backbone.preprocessing.with_bit_depth(manifest.read_bit_depth())
     classes = manifest.read_classes()
     cut_node = backbone.anatomy.cut_node(params.backbone.cut)
     unfreeze = resolve_unfreeze(settings.unfreeze)
@@ -185,7 +218,7 @@ def main() -> None:
         log.info("finetune.bn: frozen, but backbone.weights is none: the unfrozen blocks' BatchNorm trains")
         bn = "train"
     net = FineTuneNet(backbone.model(), backbone.anatomy, cut_node, params.backbone.pool, unfreeze, bn,
-                      head, len(classes), preprocessing.crop)
+                      head, len(classes), preprocessing.crop, seed=SEED)
     trainable = [b.name for b in net.split.trainable]
     log.info("unfreeze %r: training %s + the head (%s); %d backbone blocks frozen; bn %s",
              unfreeze, ", ".join(trainable) or "no backbone block", settings.init_head or "fresh head",
@@ -201,25 +234,28 @@ def main() -> None:
         log.info("finetune.cache_prefix: true: the frozen prefix sees un-augmented images, finetune.augment is not used")
         augment = None
     store = resolve_store(params.extract.store)
-    prefix_fp = prefix_fingerprint(sha256_file(backbone_files.WEIGHTS), net.split.prefix_node or "", preprocessing)
-    train_inputs = inputs_for(net, train, augment, cache_train, store, prefix_fp, preprocessing, settings.batch_size)
-    val_inputs = inputs_for(net, val, None, has_prefix, store, prefix_fp, preprocessing, settings.batch_size)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    prefix_fp = prefix_fingerprint(sha256_file(backbone_files.WEIGHTS), net.split.prefix_node or "", preprocessing,
+                                   device.type)
+    train_inputs = inputs_for(net, train, augment, cache_train, store, prefix_fp, preprocessing, settings.batch_size,
+                              device)
+    val_inputs = inputs_for(net, val, None, has_prefix, store, prefix_fp, preprocessing, settings.batch_size, device)
 
     run_fp = run_fingerprint(params, unfreeze, bn, head, train, val)
     checkpoint = store / "finetune" / run_fp / "checkpoint.pt"
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     log.info("training on %s; checkpoint %s", device, checkpoint)
-    outcome = fit(net, train_inputs, val_inputs, settings, seed=0, checkpoint=checkpoint, device=device)
+    outcome = fit(net, train_inputs, val_inputs, settings, seed=SEED, checkpoint=checkpoint, device=device)
     net.cpu().eval()
 
     shutil.rmtree(FINETUNE_DIR, ignore_errors=True)
     FINETUNE_DIR.mkdir(parents=True)
     onnx_file = finetune_files.onnx_path()
-    max_abs_diff = export_onnx(net, onnx_file, checkpoint.parent, preprocessing, params.export.opset)
+    max_abs_diff = export_onnx(net, onnx_file, checkpoint.parent, preprocessing, params.export.opset,
+                               outcome.checkpoint_sha256)
     if max_abs_diff > params.export.atol:
         raise UserError(f"export.atol: the fine-tuned model's ONNX differs from torch by {max_abs_diff:.3g} > "
                         f"{params.export.atol:g}; the checkpoint {checkpoint} is kept, so a re-run only re-exports")
-    torch.save(net.state_dict(), FINETUNE_DIR / "model.pt")
+    torch.save(net.state_dict(), FINETUNE_DIR / finetune_files.STATE_DICT)
     best = outcome.history[outcome.best_epoch]
     meta = {
         "arch": backbone.arch, "weights": backbone.weights, "cut": params.backbone.cut, "cut_node": cut_node,
@@ -228,9 +264,9 @@ def main() -> None:
         "best_epoch": outcome.best_epoch, "val_accuracy": best["val_accuracy"],
         "head_hidden": [m.out_features for m in net.head.modules() if isinstance(m, torch.nn.Linear)][:-1],
     }
-    (FINETUNE_DIR / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    probabilities = test_probabilities(onnx_file, test, preprocessing)
+    probabilities = test_probabilities(onnx_file, test, preprocessing, params.extract.providers)
     finetune_files.write_test_scores(test.keys(), probabilities)
+    finetune_files.write_meta(meta)  # last: with the sha256 of the files above
     write_history(outcome.history)
     trained_epochs = [r for r in outcome.history if r["epoch"] > 0]
     write_metrics("finetune", {

@@ -4,7 +4,8 @@
     python -m stages.predict --deploy [--model NAME]      # writes models/deploy/<name>.onnx
 
 Folders are searched recursively for images. A file that cannot be read is reported, and the others are still
-predicted; the exit status is then 1. The default model is the best one in metrics/evaluate.json.
+predicted; the exit status is then 1. The default model is the one with the best val accuracy (what every
+model was tuned on; the test split only reports). ONNX Runtime runs on extract.providers.
 """
 from __future__ import annotations
 
@@ -18,16 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.core import backbone_files, deploy_onnx, finetune_files, head_files
+from stages.core import backbone_files, deploy_onnx, finetune_files, head_files, manifest
 from stages.core.config import load_params
 from stages.core.errors import UserError, run_main
 from stages.core.hashing import sha256_file
-from stages.core.images import IMAGE_EXTENSIONS, BadImage, Preprocessing, decode
+from stages.core.images import IMAGE_EXTENSIONS, BadImage, Preprocessing
 from stages.core.inference import FeatureRunner
 
 log = logging.getLogger("predict")
 EVALUATE_METRICS = Path("metrics/evaluate.json")
-PROVIDERS = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
 @dataclass
@@ -54,22 +54,32 @@ def image_files(inputs: list[str]) -> tuple[list[Path], list[Prediction]]:
     return files, missing
 
 
+def recorded_meta(model: str) -> dict:
+    """What training recorded about a model (val accuracy, format), read without loading the model."""
+    if model == finetune_files.MODEL_NAME:
+        return finetune_files.read_meta()
+    return json.loads((head_files.HEADS_DIR / model / "head.json").read_text())
+
+
 def default_model(deployable: bool = False) -> str:
-    """The best model in metrics/evaluate.json (the best deployable one for --deploy); without that file, the
-    first trained head."""
+    """The trained model with the best val accuracy (the best deployable one for --deploy), among those
+    metrics/evaluate.json lists when it lists any; ties go to the earlier one in that file (or in name order).
+    The test accuracy never chooses: it is the held-out report of the choice."""
     trained = [name for name in head_files.trained_names()
-               if not deployable or head_files.load(name).meta["format"] == head_files.LAYERS]
+               if not deployable or recorded_meta(name)["format"] == head_files.LAYERS]
     if not deployable and finetune_files.trained():
         trained.append(finetune_files.MODEL_NAME)
     if not trained:
         raise UserError("no trained head in models/heads" + (" that can be deployed (logistic, linear, mlp)"
                                                              if deployable else "") + ": run `dvc repro` first")
-    if EVALUATE_METRICS.is_file():
-        scores = json.loads(EVALUATE_METRICS.read_text())
-        ranked = sorted((m for m in scores if m in trained), key=lambda m: -scores[m]["accuracy"])
-        if ranked:
-            return ranked[0]
-    return trained[0]
+    evaluated = json.loads(EVALUATE_METRICS.read_text()) if EVALUATE_METRICS.is_file() else {}
+    candidates = [m for m in evaluated if m in trained] or trained
+
+    def val_accuracy(model: str) -> float:
+        recorded = evaluated.get(model, {}).get("val_accuracy")
+        return recorded if recorded is not None else recorded_meta(model)["val_accuracy"]
+
+    return max(candidates, key=val_accuracy)  # max keeps the first of equals
 
 
 def check_features_match(head: head_files.Head, backbone: backbone_files.Backbone) -> None:
@@ -77,7 +87,8 @@ def check_features_match(head: head_files.Head, backbone: backbone_files.Backbon
     from stages.extract import fingerprint
 
     dtype = load_params(resolve_estimators=False, resolve_backbone=False).extract.dtype
-    current = fingerprint(sha256_file(backbone_files.ONNX), backbone.preprocessing.to_json(), dtype)
+    preprocessing = backbone.preprocessing.with_bit_depth(manifest.read_bit_depth())
+    current = fingerprint(sha256_file(backbone_files.ONNX), preprocessing.to_json(), dtype)
     if head.meta["features_fingerprint"] != current:
         raise UserError(f"head {head.name!r} was trained on other features than {backbone_files.ONNX} gives now "
                         "(the backbone, cut, pooling, preprocessing or dtype changed): run `dvc repro`")
@@ -89,26 +100,26 @@ def load_pixels(path: Path, preprocessing: Preprocessing) -> torch.Tensor:
         data = path.read_bytes()
     except OSError as error:
         raise BadImage(f"cannot read: {error.strerror or error}") from None
-    return preprocessing.pixels()(decode(data))
+    return preprocessing.pixels()(preprocessing.decode(data))
 
 
 class TwoStepPredictor:
     """models/backbone.onnx with ONNX Runtime, then the head on the features."""
 
-    def __init__(self, head: head_files.Head, batch_size: int):
+    def __init__(self, head: head_files.Head, batch_size: int, providers: list[str]):
         self.head = head
-        self.runner = FeatureRunner(backbone_files.ONNX, PROVIDERS, batch_size)
+        self.runner = FeatureRunner(backbone_files.ONNX, providers, batch_size)
 
     def __call__(self, pixels: torch.Tensor, preprocessing: Preprocessing) -> np.ndarray:
         return self.head.scores(self.runner(preprocessing.normalize(pixels).numpy()))
 
 
 class FineTunedPredictor:
-    """models/finetune/model.onnx: images in, probabilities out."""
+    """models/finetune/model.onnx, once it matches the sha256 in meta.json: images in, probabilities out."""
 
-    def __init__(self, batch_size: int):
+    def __init__(self, batch_size: int, providers: list[str]):
         self.classes = finetune_files.read_meta()["classes"]
-        self.runner = FeatureRunner(finetune_files.onnx_path(), PROVIDERS, batch_size)
+        self.runner = FeatureRunner(finetune_files.verify(finetune_files.ONNX), providers, batch_size)
 
     def __call__(self, pixels: torch.Tensor, preprocessing: Preprocessing) -> np.ndarray:
         return self.runner(preprocessing.normalize(pixels).numpy())
@@ -116,17 +127,18 @@ class FineTunedPredictor:
 
 def predictor_for(model: str, backbone: backbone_files.Backbone, batch_size: int):
     """(predictor, class names)"""
+    providers = load_params(resolve_estimators=False, resolve_backbone=False).extract.providers
     if model == finetune_files.MODEL_NAME:
-        predictor = FineTunedPredictor(batch_size)
+        predictor = FineTunedPredictor(batch_size, providers)
         return predictor, predictor.classes
     head = head_files.load(model)
     check_features_match(head, backbone)
-    return TwoStepPredictor(head, batch_size), head.classes
+    return TwoStepPredictor(head, batch_size, providers), head.classes
 
 
 def predict(files: list[Path], model: str, top_k: int, batch_size: int = 32) -> list[Prediction]:
     backbone = backbone_files.load()
-    preprocessing = backbone.preprocessing
+    preprocessing = backbone.preprocessing.with_bit_depth(manifest.read_bit_depth())
     predictor, classes = predictor_for(model, backbone, batch_size)
     results = [Prediction(str(path)) for path in files]
     for start in range(0, len(files), batch_size):
@@ -158,7 +170,8 @@ def deploy(model: str) -> Path:
                         f"deployable heads: {', '.join(layered) or 'none'} (logistic, linear, mlp)")
     backbone = backbone_files.load()
     check_features_match(head, backbone)
-    return deploy_onnx.write(deploy_onnx.build(backbone_files.ONNX, head, backbone.preprocessing), model)
+    preprocessing = backbone.preprocessing.with_bit_depth(manifest.read_bit_depth())  # recorded in its metadata
+    return deploy_onnx.write(deploy_onnx.build(backbone_files.ONNX, head, preprocessing), model)
 
 
 def print_text(results: list[Prediction], probabilistic: bool) -> None:
@@ -173,13 +186,16 @@ def print_text(results: list[Prediction], probabilistic: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stages.predict", description=__doc__.splitlines()[0])
     parser.add_argument("inputs", nargs="*", metavar="IMAGES_OR_FOLDERS")
-    parser.add_argument("--model", help="a trained head (models/heads/<name>); default: the best in "
-                                        "metrics/evaluate.json")
+    parser.add_argument("--model", help="a trained head (models/heads/<name>) or finetune; default: the one "
+                                        "with the best val accuracy")
     parser.add_argument("--top-k", type=int, default=3, help="classes to show per image (default 3)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument("--deploy", action="store_true", help="write models/deploy/<model>.onnx: pixels in, "
                                                               "probabilities out, no dependency on this repo")
     args = parser.parse_args(argv)
+    if any(not given.strip() for given in args.inputs):  # Path("") is the current folder: never scan it unasked
+        parser.error("an image or folder argument is empty (an unset shell variable?); name the files or folders, "
+                     "`.` for the current folder")
     model = args.model or default_model(deployable=args.deploy)
     if args.deploy:
         print(deploy(model))

@@ -35,6 +35,38 @@ class Project:
         return params
 
 
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests are skipped, with the reason, where torch sees no CUDA device."""
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_tests:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+        for item in gpu_tests:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def onnxruntime_cuda() -> None:
+    """Skips the test unless an ONNX Runtime session really comes up on CUDAExecutionProvider (a GPU alone is not
+    enough: onnxruntime-gpu also needs its CUDA and cuDNN libraries)."""
+    import onnx
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip(f"this onnxruntime build has no CUDAExecutionProvider ({ort.get_available_providers()})")
+    tensor = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "probe", [tensor],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)], ir_version=10)
+    ort.preload_dlls()
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CUDAExecutionProvider"])
+    if session.get_providers()[0] != "CUDAExecutionProvider":
+        pytest.skip(f"ONNX Runtime does not come up on CUDA here (session providers {session.get_providers()})")
+
+
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Project:
     monkeypatch.chdir(tmp_path)

@@ -20,7 +20,13 @@ from stages import export, extract, prepare
 from stages.core import backbone_files
 from stages.core.backbones import PooledFeatures
 from stages.core.errors import UserError
+from stages.core.inference import CPU, CUDA, FeatureRunner, provider_options, providers_to_try
 from tests.conftest import DIGITS_PER_CLASS, REPO, write_digits
+
+# CUDA (TF32 off) vs CPU, both fp32: only kernels and summation order differ (typically ~1e-5 of the scale).
+# The bound is relative to the largest feature (MobileNetV2's pooled ReLU6 features lie in [0, 6]). That TF32 is
+# off is checked on the session's provider options, not inferred from this tolerance.
+CUDA_VS_CPU_RTOL_OF_SCALE = 1e-3
 
 
 def metrics() -> dict:
@@ -40,13 +46,17 @@ def set_params(**sections) -> None:
     path.write_text(yaml.safe_dump(merged(yaml.safe_load(path.read_text()), sections), sort_keys=False))
 
 
-def test_features_are_the_torch_backbone_on_the_weights_preprocessing(workdir, caplog):
-    caplog.set_level(logging.INFO)
+def feature_atol(provider: str, reference: np.ndarray) -> float:
+    return 1e-4 if provider == CPU else CUDA_VS_CPU_RTOL_OF_SCALE * float(np.abs(reference).max())
+
+
+def test_features_are_the_torch_backbone_on_the_weights_preprocessing(workdir):
     extract.main()
     m = metrics()
     assert (m["images"], m["computed"], m["reused"]) == (60, 60, 0)
-    assert m["provider"] == "CPUExecutionProvider" and m["feature_dim"] == 1280
-    assert "CUDAExecutionProvider'] requested but not usable" in caplog.text  # the one fallback line
+    assert m["feature_dim"] == 1280
+    # the default providers [CUDA, CPU]: CUDA wherever torch sees a GPU (or extract fails, see below), else CPU
+    assert m["provider"] == (CUDA if torch.cuda.is_available() else CPU)
 
     test = read_split("test")
     assert test["features"].shape == (len(test["keys"]), 1280)
@@ -61,7 +71,8 @@ def test_features_are_the_torch_backbone_on_the_weights_preprocessing(workdir, c
     images = torch.stack([transforms(Image.open(p.decode() if isinstance(p, bytes) else p).convert("RGB"))
                           for p in test["paths"][:4]])
     with torch.inference_mode():
-        np.testing.assert_allclose(test["features"][:4], module(images).numpy(), atol=1e-4)
+        expected = module(images).numpy()
+    np.testing.assert_allclose(test["features"][:4], expected, rtol=0, atol=feature_atol(m["provider"], expected))
 
     extract.main()
     assert (metrics()["computed"], metrics()["reused"]) == (0, 60)
@@ -119,12 +130,70 @@ def test_an_image_changed_since_prepare_fails_with_its_path_and_keeps_the_rest(w
     assert metrics()["computed"] == 0 and metrics()["reused"] == 59  # nothing computed before was lost
 
 
-def test_only_cpu_requested(workdir, caplog):
+def test_only_cpu_requested_runs_on_cpu_even_with_a_gpu(workdir, caplog):
     caplog.set_level(logging.INFO)
-    set_params(extract={"providers": ["CPUExecutionProvider"]})
+    set_params(extract={"providers": [CPU]})
     extract.main()
-    assert metrics()["provider"] == "CPUExecutionProvider"
-    assert "requested but not usable" not in caplog.text
+    assert metrics()["provider"] == CPU  # extract.providers is honoured as written
+    assert "skipping" not in caplog.text
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="about machines without a CUDA device")
+def test_without_a_gpu_cuda_falls_back_to_cpu_with_one_info_line(exported, caplog, capfd):
+    caplog.set_level(logging.INFO)
+    batch = np.random.default_rng(0).standard_normal((3, 3, 224, 224), dtype=np.float32)
+    runner = FeatureRunner(exported / backbone_files.ONNX, [CUDA, CPU], batch_size=16)
+    assert runner.provider == runner.session.get_providers()[0] == CPU
+    assert [r.levelname for r in caplog.records if "skipping" in r.getMessage()] == ["INFO"]
+    assert "CUDAExecutionProvider: no CUDA device" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "CUDAExecutionProvider" not in capfd.readouterr().err  # ORT never tried to load it: no error lines
+    np.testing.assert_array_equal(runner(batch), FeatureRunner(exported / backbone_files.ONNX, [CPU], 16)(batch))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where the CUDA provider cannot come up")
+def test_cuda_asked_for_with_a_gpu_but_a_session_on_cpu_is_an_error_that_says_the_fix(exported):
+    # A real session: this machine's onnxruntime-gpu cannot load its CUDA provider (no driver), which is what a
+    # CUDA/cuDNN mismatch looks like on a GPU box; only torch's answer to "is there a GPU" is overridden.
+    with pytest.raises(UserError) as error:
+        FeatureRunner(exported / backbone_files.ONNX, [CUDA, CPU], batch_size=16, gpu_present=True)
+    message = str(error.value)
+    assert "extract.providers asks for CUDAExecutionProvider first and torch sees a GPU" in message
+    assert "came up on ['CPUExecutionProvider']" in message and "preload_dlls()" in message
+    assert "set extract.providers to [CPUExecutionProvider]" in message
+
+
+def test_providers_are_tried_in_the_order_written_and_cuda_runs_without_tf32(caplog):
+    caplog.set_level(logging.INFO)
+    assert providers_to_try([CPU, CUDA], gpu_present=True) == [CPU, CUDA]  # CPU first stays first
+    assert providers_to_try([CUDA], gpu_present=False) == [CPU]
+    assert providers_to_try(["OpenVINOExecutionProvider", CUDA, CPU], gpu_present=True) == [CUDA, CPU]
+    assert "OpenVINOExecutionProvider: not in this onnxruntime build" in caplog.text
+    assert provider_options(CPU) == (CPU, {})
+    name, options = provider_options(CUDA)
+    assert name == CUDA and options["use_tf32"] == "0"  # CUDA rows stay fp32: one store key with CPU rows
+
+
+@pytest.mark.gpu
+def test_cuda_extraction_equals_cpu_and_shares_its_rows(workdir, onnxruntime_cuda):
+    runner = FeatureRunner(backbone_files.ONNX, [CUDA, CPU], batch_size=16)
+    assert runner.session.get_provider_options()[CUDA]["use_tf32"] == "0"
+    extract.main()  # the default providers
+    assert metrics()["provider"] == CUDA
+    on_cuda = {split: read_split(split) for split in ("train", "val", "test")}
+
+    set_params(extract={"providers": [CPU], "store": "store-cpu"})
+    extract.main()
+    assert metrics()["provider"] == CPU and metrics()["computed"] == 60
+    for split, cuda_rows in on_cuda.items():
+        cpu_rows = read_split(split)
+        np.testing.assert_array_equal(cpu_rows["keys"], cuda_rows["keys"])
+        np.testing.assert_allclose(cuda_rows["features"], cpu_rows["features"], rtol=0,
+                                   atol=CUDA_VS_CPU_RTOL_OF_SCALE * np.abs(cpu_rows["features"]).max())
+
+    set_params(extract={"store": "store"})  # CPU on the store CUDA filled: the same key, nothing to compute
+    extract.main()
+    assert (metrics()["computed"], metrics()["reused"]) == (0, 60)
 
 
 def run_extract(cwd: Path) -> subprocess.Popen:

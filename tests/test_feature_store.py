@@ -1,13 +1,20 @@
-"""The feature store on real HDF5 files: reuse, crash leftovers, corruption, fingerprints, locking."""
+"""The feature store on real HDF5 files: reuse, crash leftovers, corruption (real flipped bytes), fingerprints,
+locking, a full disk."""
+import json
 import multiprocessing
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
 from stages.core.errors import UserError
+from stages.core.feature_files import read_split
 from stages.core.feature_store import FeatureStore, store_key
+from tests.conftest import REPO
 
 DIM = 8
 
@@ -125,3 +132,216 @@ def test_a_killed_holder_releases_the_lock(tmp_path):
     holder.join()
     with FeatureStore(tmp_path, "fp", DIM, lock_timeout=5):
         pass
+
+
+# integrity: real bytes flipped in real files ---------------------------------------------------------------
+
+def feature_of(key: str) -> np.ndarray:
+    """What "the model" computes for a key: recomputing gives the same row, as extract does."""
+    return np.random.default_rng(int(key[:64], 16)).normal(size=DIM).astype(np.float32)
+
+
+def computed(keys):
+    return np.stack([feature_of(k) for k in keys])
+
+
+def data_offset(path, dataset: str, row: int, byte: int) -> int:
+    """Where byte `byte` of row `row` of a contiguous dataset lies in the file."""
+    with h5py.File(path, "r") as handle:
+        ds = handle[dataset]
+        return ds.id.get_offset() + row * ds.dtype.itemsize * int(np.prod(ds.shape[1:])) + byte
+
+
+def flip(path, offset: int, mask: int = 0x40) -> None:
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        value = handle.read(1)[0]
+        handle.seek(offset)
+        handle.write(bytes([value ^ mask]))
+
+
+def write_legacy(path, keys, features) -> None:
+    """A store file as the store wrote it before files carried digests."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as handle:
+        handle.create_dataset("keys", data=np.array(keys, dtype="S96"))
+        handle.create_dataset("features", data=features)
+        handle.attrs.update(fingerprint="fp", rows=len(keys), feature_dim=DIM)
+
+
+def recompute_missing(store, keys) -> list[str]:
+    todo = [k for k in keys if k not in store]
+    if todo:
+        store.add(todo, computed(todo))
+    store.commit()
+    return todo
+
+
+@pytest.mark.parametrize("dataset, byte, mask", [
+    ("features", 3, 0x40),  # the exponent byte of a float32: 0.70 -> 2.4e38, still finite
+    ("keys", 5, 0x01),      # one hex digit of a key becomes another: still a well-formed key
+    ("keys", 0, 0x80),      # not ASCII any more
+])
+def test_a_flipped_byte_is_caught_and_its_rows_recomputed_as_in_a_clean_run(tmp_path, caplog, dataset, byte, mask):
+    keys = rows(10)[0]
+    with FeatureStore(tmp_path / "clean", "fp", DIM) as store:
+        recompute_missing(store, keys)
+        clean = np.concatenate(list(store.gather(keys)))
+    with FeatureStore(tmp_path, "fp", DIM) as store:
+        recompute_missing(store, keys[:5])
+        recompute_missing(store, keys)  # two files of five rows
+    victim = sorted((tmp_path / "fp").glob("*.h5"))[1]
+    flip(victim, data_offset(victim, dataset, 2, byte), mask)
+
+    with FeatureStore(tmp_path, "fp", DIM) as store:
+        assert store.rejected_files == [victim.name]
+        assert recompute_missing(store, keys) == keys[5:]
+        np.testing.assert_array_equal(np.concatenate(list(store.gather(keys))), clean)
+    assert f"its {dataset} bytes differ from the sha256 recorded" in caplog.text
+    assert list((tmp_path / "fp").glob(f"{victim.stem}.rejected-*"))
+    with FeatureStore(tmp_path, "fp", DIM) as store:  # the recomputed rows are trusted from now on
+        assert len(store) == 10 and not store.rejected_files
+
+
+def test_files_written_before_digests_are_checked_and_stamped_once(tmp_path, caplog):
+    keys = rows(6)[0]
+    legacy = tmp_path / "fp" / "base-1.h5"
+    write_legacy(legacy, keys, computed(keys))
+    with FeatureStore(tmp_path, "fp", DIM) as store:
+        assert store.stamped_files == ["base-1.h5"] and not store.rejected_files
+        np.testing.assert_array_equal(np.concatenate(list(store.gather(keys))), computed(keys))
+    assert "written before store files carried checksums" in caplog.text
+    with h5py.File(legacy, "r") as handle:
+        assert all(len(handle.attrs[name]) == 64 for name in ("features_sha256", "keys_sha256"))
+    with FeatureStore(tmp_path, "fp", DIM) as store:
+        assert not store.stamped_files and len(store) == 6
+    flip(legacy, data_offset(legacy, "features", 4, 3))  # now its digests catch a flipped byte
+    with FeatureStore(tmp_path, "fp", DIM) as store:
+        assert store.rejected_files == ["base-1.h5"] and len(store) == 0
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("key not text", "holds a key that is not text at row 2"),
+    ("key malformed", "holds a malformed key at row 2"),
+    ("inf", "holds non-finite features"),
+])
+def test_files_written_before_digests_with_damage_they_can_show_are_rejected(tmp_path, caplog, damage, reason):
+    keys = rows(6)[0]
+    legacy = tmp_path / "fp" / "base-1.h5"
+    write_legacy(legacy, keys, computed(keys))
+    if damage == "inf":
+        with open(legacy, "r+b") as handle:
+            handle.seek(data_offset(legacy, "features", 2, 0))
+            handle.write(np.float32(np.inf).tobytes())
+    else:
+        flip(legacy, data_offset(legacy, "keys", 2, 0), 0x80 if damage == "key not text" else 0x10)
+    with FeatureStore(tmp_path, "fp", DIM) as store:
+        assert store.rejected_files == ["base-1.h5"] and len(store) == 0
+        recompute_missing(store, keys)
+        np.testing.assert_array_equal(np.concatenate(list(store.gather(keys))), computed(keys))
+    assert reason in caplog.text
+
+
+def test_rows_damaged_on_disk_after_the_store_was_opened_are_not_served(tmp_path):
+    keys = rows(6)[0]
+    with FeatureStore(tmp_path, "fp", DIM) as store:
+        recompute_missing(store, keys)
+    victim = next((tmp_path / "fp").glob("*.h5"))
+    with FeatureStore(tmp_path, "fp", DIM) as store:
+        with open(victim, "r+b") as handle:  # after the check on open, before the read
+            handle.seek(data_offset(victim, "features", 1, 0))
+            handle.write(np.float32(np.nan).tobytes())
+        with pytest.raises(UserError, match="damaged during this run and is moved aside"):
+            list(store.gather(keys))
+        assert store.rejected_files == [victim.name] and len(store) == 0
+    with FeatureStore(tmp_path, "fp", DIM) as store:
+        assert recompute_missing(store, keys) == keys
+
+
+def test_non_finite_rows_are_refused_not_stored(tmp_path):
+    keys, features = rows(4)
+    features[2, 1] = np.nan
+    with FeatureStore(tmp_path, "fp", DIM) as store:
+        store.add(keys[:1], features[:1])
+        with pytest.raises(UserError, match="non-finite features .* for 1 of 3 rows"):
+            store.add(keys[1:], features[1:])
+    with FeatureStore(tmp_path, "fp", DIM) as store:
+        assert len(store) == 1  # the rows added before are kept
+    with FeatureStore(tmp_path, "fp16", DIM, dtype="float16") as store:
+        with pytest.raises(UserError, match="try extract.dtype: float32"):
+            store.add(keys[:1], np.full((1, DIM), 1e6, np.float32))  # overflows float16
+
+
+# a full disk -------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MB file system (tmpfs; needs root, as CI and this machine run tests)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mount)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+FILL_THE_DISK = """
+import numpy as np
+from stages.core.errors import run_main
+from stages.core.feature_store import FeatureStore, store_key
+from tests.conftest import REPO
+
+def main():
+    keys = [store_key(f"{i:064x}", "0") for i in range(400)]
+    with FeatureStore(ROOT, "fp", 1280) as store:
+        store.add(keys[:20], np.ones((20, 1280), np.float32))
+        store.commit()
+        store.add(keys[20:], np.ones((380, 1280), np.float32))  # 1.9 MB on a 1 MB disk
+        store.commit()
+
+run_main(main)
+"""
+
+
+def test_a_full_disk_stops_with_one_clear_error_and_keeps_the_committed_rows(small_disk):
+    result = subprocess.run([sys.executable, "-c", FILL_THE_DISK.replace("ROOT", repr(str(small_disk)))], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1, result.stderr
+    assert f"no space left on the disk of the feature store {small_disk / 'fp'}" in error[0]
+    assert "writing 380 rows needs 1.9 MB (380 rows x 1280 x 4 bytes)" in error[0]
+    assert "The 20 rows committed before are kept" in error[0]
+    assert not list(small_disk.rglob("*.part"))
+    keys = [store_key(f"{i:064x}", "0") for i in range(400)]
+    with FeatureStore(small_disk, "fp", 1280) as store:
+        assert len(store) == 20 and not store.rejected_files
+        store.add(keys[20:], np.ones((380, 1280), np.float32))
+        with pytest.raises(UserError, match="no space left"):
+            store.commit()
+        assert not store.pending_keys  # nothing left for __exit__ to write again: leaving the block raises nothing
+    assert not list(small_disk.rglob("*.part"))
+
+
+# through the extract stage -----------------------------------------------------------------------------
+
+def test_extract_recomputes_the_rows_of_a_store_file_with_a_flipped_byte(workdir, caplog):
+    from stages import extract
+
+    extract.main()
+    clean = {split: read_split(split, Path("data/features")) for split in ("train", "val", "test")}
+    victim = next(Path("store").glob("*/*.h5"))
+    flip(victim, data_offset(victim, "features", 7, 3))
+    extract.main()
+    metrics = json.loads(Path("metrics/extract.json").read_text())
+    assert (metrics["computed"], metrics["reused"], metrics["store_files_rejected"]) == (60, 0, [victim.name])
+    assert "features bytes differ from the sha256 recorded" in caplog.text
+    for split, before in clean.items():
+        after = read_split(split, Path("data/features"))
+        assert after.paths == before.paths
+        np.testing.assert_allclose(after.features, before.features, atol=1e-5)

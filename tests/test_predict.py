@@ -81,14 +81,12 @@ def test_a_folder_with_a_bad_file_still_predicts_the_others(here, tmp_path):
     assert "2 of 8 input(s) could not be predicted" in result.stderr
 
 
-def test_json_output_and_the_default_model_is_the_best_evaluated(here):
-    scores = json.loads(Path("metrics/evaluate.json").read_text())
-    best = max(scores, key=lambda name: scores[name]["accuracy"])
+def test_json_output_and_the_default_model(here):
     image = sorted((here / "images" / "7").iterdir())[0]
     result = run_cli(str(image), "--json", "--top-k", "4")
     assert result.returncode == 0, result.stderr
     output = json.loads(result.stdout)
-    assert output["model"] == best
+    assert output["model"] == predict.default_model()
     [prediction] = output["predictions"]
     assert prediction["path"] == str(image) and len(prediction["top"]) == 4
     assert {"class", "score"} == set(prediction["top"][0])
@@ -109,7 +107,7 @@ def test_deploy_onnx_gives_the_two_step_probabilities(here, model):
 
     session = cpu_session(path)
     test = read_split("test")
-    two_step = predict.TwoStepPredictor(head_files.load(model), batch_size=8)
+    two_step = predict.TwoStepPredictor(head_files.load(model), batch_size=8, providers=["CPUExecutionProvider"])
     preprocessing = backbone_files.load().preprocessing
     for batch in (test.paths[:1], test.paths[1:4]):  # two batch sizes: the batch dimension stays dynamic
         pixels = pixels_of(batch)
@@ -138,9 +136,36 @@ def test_a_head_trained_on_other_features_is_refused(here):
         predict.check_features_match(head, backbone_files.load())
 
 
-def test_deploy_defaults_to_the_best_deployable_head(here, tmp_path, monkeypatch):
+def test_the_default_model_is_the_best_on_val_not_on_test(here, tmp_path, monkeypatch):
     board = tmp_path / "evaluate.json"
-    board.write_text(json.dumps({"knn": {"accuracy": 0.99}, "mlp": {"accuracy": 0.5}, "logreg": {"accuracy": 0.6}}))
     monkeypatch.setattr(predict, "EVALUATE_METRICS", board)
+    board.write_text(json.dumps({  # test accuracy ranks knn, mlp, logreg; val ranks mlp, knn, logreg
+        "knn": {"accuracy": 0.99, "val_accuracy": 0.8}, "logreg": {"accuracy": 0.5, "val_accuracy": 0.7},
+        "mlp": {"accuracy": 0.6, "val_accuracy": 0.9}, "best": "mlp"}))
+    assert predict.default_model() == "mlp"
+    board.write_text(json.dumps({
+        "knn": {"accuracy": 0.99, "val_accuracy": 0.95}, "mlp": {"accuracy": 0.9, "val_accuracy": 0.6},
+        "logreg": {"accuracy": 0.5, "val_accuracy": 0.7}}))
     assert predict.default_model() == "knn"
-    assert predict.default_model(deployable=True) == "logreg"
+    assert predict.default_model(deployable=True) == "logreg"  # knn is a pickle: not deployable
+
+
+def test_without_val_accuracy_in_evaluate_json_the_heads_own_record_decides(trained, tmp_path, monkeypatch):
+    work = tmp_path / "project"
+    shutil.copytree(trained / "models", work / "models")
+    monkeypatch.chdir(work)
+    for name, val_accuracy in {"knn": 0.5, "logreg": 0.6, "mlp": 0.9}.items():
+        meta_file = Path("models/heads") / name / "head.json"
+        meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "val_accuracy": val_accuracy}))
+    board = Path("evaluate.json")  # as evaluate wrote it before it recorded val accuracy
+    board.write_text(json.dumps({"knn": {"accuracy": 0.99}, "logreg": {"accuracy": 0.8}, "mlp": {"accuracy": 0.5}}))
+    monkeypatch.setattr(predict, "EVALUATE_METRICS", board)
+    assert predict.default_model() == "mlp"
+
+
+def test_an_empty_argument_is_an_error_not_the_current_folder(here, capsys):
+    with pytest.raises(SystemExit) as exited:
+        predict.main(["images/7", ""])
+    output = capsys.readouterr()
+    assert exited.value.code == 2
+    assert "an image or folder argument is empty" in output.err and output.out == ""

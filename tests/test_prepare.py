@@ -5,6 +5,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import struct
 import warnings
 import zlib
@@ -16,12 +17,13 @@ import pytest
 from PIL import Image
 
 from stages import prepare
-from stages.core import images
+from stages.core import images, manifest
 from stages.core.errors import UserError
 
 MANIFEST = Path("data/prepared/manifest.csv")
 CLASSES = Path("data/prepared/classes.json")
 REJECTED = Path("data/prepared/rejected.csv")
+DECODING = Path("data/prepared/decoding.json")
 METRICS = Path("metrics/prepare.json")
 
 
@@ -93,6 +95,11 @@ def rel(path: Path) -> str:
     return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
 
 
+def rel_link(link: Path) -> str:
+    """A symbolic link's own path, as rejected.csv names it (not its target's)."""
+    return (link.parent.resolve() / link.name).relative_to(Path.cwd().resolve()).as_posix()
+
+
 def run_prepare(project, **data) -> list[dict]:
     project.params(data={"per_class": None, **data})
     prepare.main()
@@ -148,7 +155,7 @@ def test_crafted_png_is_a_decompression_bomb_for_pil(tmp_path):
     with pytest.raises(Image.DecompressionBombError):
         Image.open(path)
     with pytest.raises(images.BadImage, match="decompression bomb"):
-        images.decode(path.read_bytes())
+        images.decode(path.read_bytes(), "auto")
 
 
 def test_crafted_warning_sized_bomb_is_refused_too(tmp_path):
@@ -160,7 +167,7 @@ def test_crafted_warning_sized_bomb_is_refused_too(tmp_path):
         with pytest.raises(Image.DecompressionBombWarning):
             Image.open(io.BytesIO(data))
     with pytest.raises(images.BadImage, match="decompression bomb"):
-        images.decode(data)
+        images.decode(data, "auto")
 
 
 def test_folder_source_accepts_every_mode_and_rejects_broken_files(project):
@@ -183,7 +190,7 @@ def test_folder_source_accepts_every_mode_and_rejects_broken_files(project):
     for row in rows:
         assert row["sha256"] == hashlib.sha256(Path(row["path"]).read_bytes()).hexdigest()
         assert row["split"] in ("train", "val", "test")
-        assert images.decode(Path(row["path"]).read_bytes()).mode == "RGB"
+        assert images.decode(Path(row["path"]).read_bytes(), "auto").mode == "RGB"
 
     rejected = read_rejected()
     assert set(rejected) == {rel(p) for p in bad}
@@ -201,7 +208,7 @@ def test_to_rgb_scales_16_bit_instead_of_clipping(mode):
     order = ">u2" if mode == "I;16B" else "<u2"
     image = Image.frombytes(mode, (4, 1), pixels.astype(order).tobytes())
     assert image.mode == mode
-    out = images.to_rgb(image)
+    out = images.to_rgb(image, "auto")
     assert out.mode == "RGB"
     channel = np.asarray(out)[0, :, 0]
     assert channel[0] == 255 and abs(int(channel[1]) - 128) <= 1 and channel[2] == 0
@@ -210,11 +217,12 @@ def test_to_rgb_scales_16_bit_instead_of_clipping(mode):
 
 
 def test_16_bit_png_file_decodes_scaled():
-    """Scaling is by the 16-bit range, not by the image's own maximum: a flat mid-grey stays mid-grey."""
+    """Scaling is by the bit depth that holds the maximum, not by the maximum itself: a flat mid-grey stays
+    mid-grey."""
     flat = np.full((4, 4), 32768, dtype=np.uint16)
     data = encoded(Image.fromarray(flat), "PNG")
     assert Image.open(io.BytesIO(data)).mode == "I;16"
-    out = np.asarray(images.decode(data))
+    out = np.asarray(images.decode(data, "auto"))
     assert out.shape == (4, 4, 3) and abs(int(out.max()) - 128) <= 1 and abs(int(out.min()) - 128) <= 1
 
 
@@ -440,7 +448,7 @@ def test_builtin_fashion_mnist(project):
         assert Path("data/prepared/images") in path.parents
         with Image.open(path) as image:
             assert image.size == (28, 28)
-        assert images.decode(path.read_bytes()).size == (28, 28)
+        assert images.decode(path.read_bytes(), "auto").size == (28, 28)
     assert metrics()["rejected"] == 0
 
 
@@ -452,3 +460,158 @@ def test_raising_per_class_only_adds_images():
     large = {c.path for c in cap_per_class(pool, 11, seed=3)}
     assert len(small) == 30 and len(large) == 33 and small < large
     assert small != {c.path for c in cap_per_class(pool, 10, seed=4)}
+
+
+# ---------------------------------------------------------------- the bit-depth rule, recorded for every stage
+
+
+@pytest.mark.parametrize("bit_depth", ["auto", 12])
+def test_prepare_records_the_bit_depth_rule(project, three_classes, bit_depth):
+    run_prepare(project, source="photos", bit_depth=bit_depth)
+    assert json.loads(DECODING.read_text()) == {"bit_depth": bit_depth}
+    assert manifest.read_bit_depth() == bit_depth
+    assert metrics()["bit_depth"] == bit_depth
+
+
+@pytest.mark.parametrize("content, word", [(None, "not found"), ("{\"bit_depth\": 9}\n", "valid: auto"),
+                                           ("[12]\n", "expected"), ("{\"bit_depth\": \n", "expected")])
+def test_a_missing_or_edited_decoding_json_is_a_clear_error(project, content, word):
+    if content is not None:
+        write_bytes(DECODING, content.encode())
+    with pytest.raises(UserError, match=word) as caught:
+        manifest.read_bit_depth()
+    assert "decoding.json" in str(caught.value)
+
+
+# ---------------------------------------------------------------- file names, links, atomic writes
+
+
+def bytes_named_png(path: bytes, seed: int) -> bytes:
+    """A good PNG at a non-UTF-8 path, created the only way such a name can be: through the bytes API."""
+    handle = os.open(path, os.O_CREAT | os.O_WRONLY, 0o644)
+    try:
+        os.write(handle, encoded(Image.fromarray(noise(seed, size=8)), "PNG"))
+    finally:
+        os.close(handle)
+    return path
+
+
+def test_non_utf8_file_name_is_a_rejected_row_not_a_crash(project):
+    root = project.root / "photos"
+    plain_class(root / "a", 10, seed=1)
+    plain_class(root / "b", 10, seed=2)
+    bytes_named_png(os.fsencode(root / "a") + b"/caf\xe9.png", seed=3)
+
+    rows = run_prepare(project, source="photos")
+
+    assert len(rows) == 20
+    rejected = read_rejected()
+    assert list(rejected) == ["photos/a/caf\\xe9.png"] and "UTF-8" in rejected["photos/a/caf\\xe9.png"]
+    MANIFEST.read_bytes().decode("utf-8")
+    REJECTED.read_bytes().decode("utf-8")
+    assert metrics()["rejected"] == 1
+
+
+def test_class_folder_with_a_non_utf8_name_fails_naming_it_printably(project):
+    root = project.root / "photos"
+    plain_class(root / "a", 10, seed=1)
+    os.mkdir(os.fsencode(root) + b"/\xfe")
+    bytes_named_png(os.fsencode(root) + b"/\xfe/x.png", seed=3)
+    project.params(data={"source": "photos", "per_class": None})
+
+    with pytest.raises(UserError, match=r"class\(es\) \\xfe was rejected"):
+        prepare.main()
+
+    assert "UTF-8" in read_rejected()["photos/\\xfe/x.png"]
+
+
+def test_manifest_write_that_fails_midway_leaves_the_previous_files(project, three_classes):
+    """A row that cannot be written (here: a non-UTF-8 label, what crashed prepare before) raises while the
+    manifest is half written: the previous manifest stays whole, and no temp file is left."""
+    run_prepare(project, source="photos")
+    before = {path: path.read_bytes() for path in (MANIFEST, CLASSES, REJECTED, DECODING)}
+    good = manifest.read()
+    bad = manifest.Row("photos/x.png", "caf\udce9", "train", "0" * 64)
+
+    with pytest.raises(UnicodeEncodeError):
+        manifest.write([*good, bad, *good], ["ant", "bee", "cow"], [], "auto")
+
+    assert MANIFEST.read_bytes() == before[MANIFEST]
+    assert sorted(p.name for p in MANIFEST.parent.iterdir()) == sorted(
+        ["classes.json", "decoding.json", "manifest.csv", "rejected.csv"])
+
+
+def test_broken_and_looping_links_are_rejected_rows(project):
+    root = project.root / "photos"
+    plain_class(root / "a", 10, seed=1)
+    plain_class(root / "b", 10, seed=2)
+    links = {
+        root / "a" / "broken.png": ("missing.png", "broken symbolic link"),
+        root / "a" / "self.png": ("self.png", "loop"),
+        root / "b" / "ping.jpg": ("pong.jpg", "loop"),
+        root / "b" / "pong.jpg": ("ping.jpg", "loop"),
+        root / "b" / "deeper": (str(project.root / "elsewhere"), "folder"),
+        root / "gone": ("no-such-class", "broken symbolic link"),
+    }
+    (project.root / "elsewhere").mkdir()
+    rgb(project.root / "elsewhere" / "x.png", seed=5, size=8)
+    for link, (target, _) in links.items():
+        link.symlink_to(target)
+    linked = root / "a" / "linked.png"
+    linked.symlink_to(root / "b" / "img000.png")  # a good link: the same file as its target, a duplicate
+
+    rows = run_prepare(project, source="photos")
+
+    assert len(rows) == 20
+    rejected = read_rejected()
+    for link, (_, word) in links.items():
+        assert word in rejected[rel_link(link)], rejected[rel_link(link)]
+    assert len(rejected) == len(links) + 1  # and the good link, a duplicate of its target (named by the target)
+    assert metrics()["rejected"] == len(links) and metrics()["duplicates"] == 1
+
+
+def test_class_folder_with_only_broken_links_fails_naming_them(project):
+    root = project.root / "photos"
+    plain_class(root / "a", 10, seed=1)
+    (root / "b").mkdir()
+    (root / "b" / "x.png").symlink_to("nowhere.png")
+    project.params(data={"source": "photos", "per_class": None})
+    with pytest.raises(UserError, match="symbolic links") as caught:
+        prepare.main()
+    assert "x.png" in str(caught.value)
+
+
+def test_csv_that_is_not_utf8_names_the_file(project):
+    rgb(project.root / "ds" / "a.png", seed=1, size=8)
+    (project.root / "ds" / "list.csv").write_bytes(b"path,label\na.png,caf\xe9\n")
+    project.params(data={"source": "ds/list.csv", "per_class": None})
+    with pytest.raises(UserError, match="list.csv: not UTF-8"):
+        prepare.main()
+
+
+# ---------------------------------------------------------------- fewer than 2 classes fail here, not later
+
+
+def test_single_class_dataset_fails_before_any_output(project):
+    plain_class(project.root / "photos" / "only", 12, seed=1)
+    project.params(data={"source": "photos", "per_class": None})
+    with pytest.raises(UserError) as caught:
+        prepare.main()
+    message = str(caught.value)
+    assert "data.source: photos" in message and "(only)" in message and "at least 2" in message
+    assert not Path("data/prepared").exists() and not METRICS.exists()
+
+
+def test_train_split_with_one_class_fails_naming_the_classes(project):
+    rows = []
+    for i in range(6):
+        rgb(project.root / "ds" / f"cat{i}.png", seed=i, size=8)
+        rows.append((f"cat{i}.png", "cat", ("train", "val", "test")[i % 3]))
+        rgb(project.root / "ds" / f"dog{i}.png", seed=100 + i, size=8)
+        rows.append((f"dog{i}.png", "dog", ("val", "test")[i % 2]))
+    project.params(data={"source": csv_dataset(project, rows), "per_class": None})
+    with pytest.raises(UserError) as caught:
+        prepare.main()
+    message = str(caught.value)
+    assert "data.source: ds/list.csv" in message and "train split (cat)" in message
+    assert manifest.read() == []

@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 from stages.core.config import AdviseParams
 from stages.core.errors import UserError
-from stages.core.images import BadImage, Preprocessing, decode
-from stages.core.manifest import Row
+from stages.core.images import BadImage, Preprocessing
+from stages.core.manifest import Row, read_bit_depth
 
 ADVICE = Path("metrics/advice.json")
 BATCH_SIZE = 32
@@ -118,7 +118,7 @@ def _batches(paths: Sequence[Path], preprocessing: Preprocessing) -> Iterator[to
         tensors = []
         for path in paths[start:start + BATCH_SIZE]:
             try:
-                tensors.append(transform(decode(path.read_bytes())))
+                tensors.append(transform(preprocessing.decode(path.read_bytes())))
             except (OSError, BadImage) as error:
                 raise UserError(f"{path}: cannot be read since `prepare` ({error}); "
                                 "run `dvc repro -f -s prepare` and then `dvc repro`") from None
@@ -126,7 +126,9 @@ def _batches(paths: Sequence[Path], preprocessing: Preprocessing) -> Iterator[to
 
 
 def measure(model: nn.Module, preprocessing: Preprocessing, paths: Sequence[Path]) -> Measurement:
-    """Run the full pretrained classifier (eval mode, CUDA when there is one) over the images at `paths`."""
+    """Run the full pretrained classifier (eval mode, CUDA when there is one) over the images at `paths`, decoded
+    by the prepared data's rule for high-bit images (data/prepared/decoding.json), as every stage decodes them."""
+    preprocessing = preprocessing.with_bit_depth(read_bit_depth())
     started = time.perf_counter()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.eval().to(device)

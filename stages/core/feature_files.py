@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 
 from stages.core.errors import UserError
-from stages.core.feature_store import KEY_DTYPE
+from stages.core.feature_store import KEY_DTYPE, out_of_space, whole_h5_file
 
 FEATURES_DIR = Path("data/features")
 
@@ -24,23 +24,28 @@ class SplitRows:
 
 def write_split(path: Path, rows: SplitRows, chunks: Iterator[np.ndarray], *, fingerprint: str,
                 classes: list[str], feature_dim: int, dtype: str) -> None:
-    """Streams `chunks` (features in the order of rows) into one file; written as .part, then renamed."""
+    """Streams `chunks` (features in the order of rows) into one file that appears only once complete."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".part")
     n = len(rows.keys)
-    with h5py.File(tmp, "w") as handle:
-        features = handle.create_dataset("features", shape=(n, feature_dim), dtype=dtype)
-        start = 0
-        for chunk in chunks:
-            features[start:start + len(chunk)] = chunk
-            start += len(chunk)
-        assert start == n, f"{start} feature rows for {n} keys"
-        handle.create_dataset("labels", data=np.array(rows.labels, dtype=np.int64))
-        handle.create_dataset("views", data=np.array(rows.views, dtype=np.int32))
-        handle.create_dataset("keys", data=np.array(rows.keys, dtype=KEY_DTYPE))
-        handle.create_dataset("paths", data=rows.paths, dtype=h5py.string_dtype())
-        handle.attrs.update(fingerprint=fingerprint, classes=classes, feature_dim=feature_dim)
-    tmp.replace(path)
+    try:
+        with whole_h5_file(path) as handle:
+            features = handle.create_dataset("features", shape=(n, feature_dim), dtype=dtype)
+            start = 0
+            for chunk in chunks:
+                features[start:start + len(chunk)] = chunk
+                start += len(chunk)
+            assert start == n, f"{start} feature rows for {n} keys"
+            handle.create_dataset("labels", data=np.array(rows.labels, dtype=np.int64))
+            handle.create_dataset("views", data=np.array(rows.views, dtype=np.int32))
+            handle.create_dataset("keys", data=np.array(rows.keys, dtype=KEY_DTYPE))
+            handle.create_dataset("paths", data=rows.paths, dtype=h5py.string_dtype())
+            handle.attrs.update(fingerprint=fingerprint, classes=classes, feature_dim=feature_dim)
+    except BaseException as error:
+        if out_of_space(error):
+            raise UserError(f"no space left on the disk for {path}: its {n} rows need "
+                            f"{n * feature_dim * np.dtype(dtype).itemsize / 1e6:.1f} MB; free some space, then run "
+                            "again (every row stays in the feature store)") from None
+        raise
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 prefix, computed once per image and kept in the feature store under the prefix's own fingerprint."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -67,8 +68,8 @@ class AugmentedImages(Dataset):
     """(uint8 CHW | None, error | None) per index, like ViewDataset; the randomness is seeded per (seed, epoch,
     image), so the same run gives the same pixels whatever worker draws them."""
 
-    def __init__(self, requests: list[ViewRequest], transform: v2.Compose, seed: int):
-        self.requests, self.transform, self.seed = requests, transform, seed
+    def __init__(self, requests: list[ViewRequest], transform: v2.Compose, preprocessing: Preprocessing, seed: int):
+        self.requests, self.transform, self.preprocessing, self.seed = requests, transform, preprocessing, seed
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -76,7 +77,7 @@ class AugmentedImages(Dataset):
 
     def __getitem__(self, index: int):
         request = self.requests[index]
-        image, error = read_image(request)
+        image, error = read_image(request, self.preprocessing)
         if error is not None:
             return None, error
         torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(request.sha256[:12], 16))
@@ -102,18 +103,33 @@ def image_batches(dataset: Dataset, order: list[int], batch_size: int, workers: 
         yield preprocessing.normalize(checked(batch, errors))
 
 
-def prefix_fingerprint(weights_sha256: str, prefix_node: str, preprocessing: Preprocessing) -> str:
+def prefix_fingerprint(weights_sha256: str, prefix_node: str, preprocessing: Preprocessing, device_type: str) -> str:
+    """The key of the prefix's cached outputs. The device type is in it: CUDA kernels give other (still fp32)
+    roundings than the CPU's, and rows of one key must come from one computation."""
     from stages.extract import PIPELINE_VERSION
 
     spec = json.dumps({"weights": weights_sha256, "prefix_node": prefix_node, "preprocessing": preprocessing.to_json(),
-                       "pipeline": PIPELINE_VERSION, "kind": "finetune-prefix"}, sort_keys=True)
+                       "pipeline": PIPELINE_VERSION, "kind": "finetune-prefix", "device": device_type},
+                      sort_keys=True)
     return hashlib.sha256(spec.encode()).hexdigest()
 
 
+@contextlib.contextmanager
+def full_fp32():
+    """No TF32 (10-bit mantissa) in cuDNN convolutions or CUDA matmuls, whatever the GPU: cached rows are fp32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def cached_prefix(prefix, images: LabelledImages, shape: tuple[int, ...], store_root: Path, fingerprint: str,
-                  preprocessing: Preprocessing, batch_size: int, workers: int) -> torch.Tensor:
-    """The frozen prefix's output for every image (plain view), N × shape: computed for the images the store
-    lacks, the rest reused."""
+                  preprocessing: Preprocessing, batch_size: int, workers: int,
+                  device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """The frozen prefix's output for every image (plain view), N × shape, computed on `device` (where the
+    prefix's weights are) for the images the store lacks, the rest reused."""
     keys = images.keys()
     dim = int(np.prod(shape))
     with FeatureStore(store_root, fingerprint, dim) as store:
@@ -125,7 +141,8 @@ def cached_prefix(prefix, images: LabelledImages, shape: tuple[int, ...], store_
             done = 0
             with tqdm(total=len(todo), desc="frozen prefix", unit="img") as bar:
                 for batch, _, errors in loader(dataset, list(range(len(todo))), batch_size, workers):
-                    out = prefix(preprocessing.normalize(checked(batch, errors)))
+                    with full_fp32():
+                        out = prefix(preprocessing.normalize(checked(batch, errors)).to(device)).cpu()
                     store.add([keys[i] for i in todo[done:done + len(out)]], out.reshape(len(out), -1).numpy())
                     done += len(out)
                     bar.update(len(out))

@@ -5,10 +5,16 @@ Epoch 0 is the model before any update (with an init head: the linear probe), an
 epoch: fine-tuning never ends worse on val than the head it started from.
 
 After every epoch the whole state (weights, optimizer, schedule, RNG, history, best so far) is written to
-`checkpoint` (atomically); a run that finds it continues from the last completed epoch.
+`checkpoint` (atomically), then its sha256 beside it (`checkpoint.pt.sha256`); a run that finds both continues
+from the last completed epoch. The checkpoint may sit in a store shared with others, so it is trusted only as
+far as it is checked: the digest must match, and it is read with `torch.load(weights_only=True)` (tensors and
+plain containers, no code). A file that fails either is reported, moved aside (`.rejected-<ns>`) and the run
+starts afresh.
 """
 from __future__ import annotations
 
+import io
+import json
 import logging
 import math
 import pickle
@@ -22,12 +28,16 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from stages.core.atomic import atomic_write, atomic_write_text
 from stages.core.config import FinetuneParams
 from stages.core.finetune_model import FineTuneNet
+from stages.core.hashing import sha256_bytes
 
 log = logging.getLogger(__name__)
 WEIGHT_DECAY = 1.0e-4
 WARMUP_FRACTION = 0.1
+CHECKPOINT_KEYS = {"net", "optimizer", "schedule", "scaler", "shuffle_rng", "torch_rng", "cuda_rng", "history",
+                   "best_epoch", "best_loss", "best_state", "since_best", "epoch", "stopped"}
 
 
 @dataclass
@@ -44,6 +54,7 @@ class Outcome:
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
     resumed_from: int | None = None
+    checkpoint_sha256: str | None = None  # of the checkpoint that holds the returned weights
 
 
 def schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -91,13 +102,18 @@ def fit(net: FineTuneNet, train: Inputs, val: Inputs, params: FinetuneParams, se
 
     outcome = Outcome()
     best_loss, best_state, since_best, start = math.inf, None, 0, 1
-    saved = _load(checkpoint, net, device)
+    saved = _load(checkpoint, net)
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
         lr_schedule.load_state_dict(saved["schedule"])
-        scaler.load_state_dict(saved["scaler"])
+        if saved["scaler"] and scaler.is_enabled():  # a disabled scaler (a CPU run) saves {}
+            scaler.load_state_dict(saved["scaler"])
         shuffle.set_state(saved["shuffle_rng"])
         torch.set_rng_state(saved["torch_rng"])
+        if device.type == "cuda" and saved["cuda_rng"] is not None:
+            for index, state in enumerate(saved["cuda_rng"][:torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(state, index)
+        outcome.checkpoint_sha256 = saved["sha256"]
         outcome.history, outcome.best_epoch = saved["history"], saved["best_epoch"]
         best_loss, best_state, since_best = saved["best_loss"], saved["best_state"], saved["since_best"]
         start = saved["epoch"] + 1
@@ -148,9 +164,10 @@ def fit(net: FineTuneNet, train: Inputs, val: Inputs, params: FinetuneParams, se
         log.info("epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f s%s", epoch,
                  record["train_loss"], record["train_accuracy"], val_loss, val_accuracy, record["seconds"],
                  " (best)" if since_best == 0 else "")
-        _save(checkpoint, {
+        outcome.checkpoint_sha256 = save_checkpoint(checkpoint, {
             "net": net.state_dict(), "optimizer": optimizer.state_dict(), "schedule": lr_schedule.state_dict(),
             "scaler": scaler.state_dict(), "shuffle_rng": shuffle.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
             "history": outcome.history, "best_epoch": outcome.best_epoch, "best_loss": best_loss,
             "best_state": best_state, "since_best": since_best, "epoch": epoch, "stopped": stopped,
         })
@@ -164,29 +181,77 @@ def fit(net: FineTuneNet, train: Inputs, val: Inputs, params: FinetuneParams, se
     return outcome
 
 
-def _load(path: Path, net: nn.Module, device: torch.device) -> dict | None:
-    """The checkpoint, loaded into `net`; None (start afresh) when there is none or it does not fit this code."""
+def digest_path(checkpoint: Path) -> Path:
+    return checkpoint.with_name(checkpoint.name + ".sha256")
+
+
+def _load(path: Path, net: nn.Module) -> dict | None:
+    """The checkpoint, verified and loaded into `net` (on its device), plus its "sha256"; None (start afresh)
+    when there is none, it fails its check, or it does not fit this network."""
     if not path.is_file():
         return None
     try:
-        saved = torch.load(path, map_location=device, weights_only=False)
+        saved, digest = _read_verified(path)
         shapes = {k: v.shape for k, v in saved["net"].items()}
-    except (RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as error:
-        log.warning("checkpoint %s cannot be read (%s): starting afresh", path, str(error).splitlines()[0])
+    except Exception as error:  # whatever is wrong with the file, it is not used
+        aside = path.with_name(f"{path.name}.rejected-{time.time_ns()}")
+        path.replace(aside)
+        digest_path(path).unlink(missing_ok=True)
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        log.warning("checkpoint %s rejected: %s; moved aside to %s, training starts afresh", path, reason, aside.name)
         return None
     if shapes != {k: v.shape for k, v in net.state_dict().items()}:  # checked first: a failed load_state_dict
         log.warning("checkpoint %s was written for another network: starting afresh", path)  # copies halfway
         return None
     net.load_state_dict(saved["net"])
-    return saved
+    log.info("checkpoint %s verified (sha256 %s…)", path, digest[:12])
+    return {**saved, "sha256": digest}
+
+
+def _read_verified(path: Path) -> tuple[dict, str]:
+    data = path.read_bytes()
+    digest = sha256_bytes(data)
+    recorded = _recorded(path)
+    if not recorded:
+        raise ValueError(f"no readable digest beside it ({digest_path(path).name})")
+    if digest not in (recorded.get("sha256"), recorded.get("previous")):
+        raise ValueError(f"its sha256 {digest[:12]}… differs from the one in {digest_path(path).name} "
+                         f"({str(recorded.get('sha256'))[:12]}…): damaged or replaced since it was written")
+    try:  # RNG states must stay CPU ByteTensors; load_state_dict copies the weights onto the net's device
+        saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        lines = str(error).splitlines()
+        refused = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "")
+        raise ValueError(f"it holds more than tensors and plain containers, not unpickled ({refused})") from None
+    missing = CHECKPOINT_KEYS - set(saved) if isinstance(saved, dict) else CHECKPOINT_KEYS
+    if missing:
+        raise ValueError(f"it lacks {sorted(missing)} (written by other code)")
+    return saved, digest
+
+
+def _recorded(path: Path) -> dict:
+    """The digest file's content: {"sha256": ..., "previous": ...}; {} when absent or unreadable."""
+    try:
+        recorded = json.loads(digest_path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
 
 
 def _copy(net: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
-def _save(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".part")
-    torch.save(state, tmp)
-    tmp.replace(path)
+def save_checkpoint(path: Path, state: dict) -> str:
+    """Writes the checkpoint, then its digest (temp files named by this process); returns the digest. While the
+    checkpoint is being replaced the digest file accepts the previous one too, so a kill then loses nothing."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    digest = sha256_bytes(data)
+    previous = _recorded(path).get("sha256")
+    atomic_write_text(digest_path(path), json.dumps({"sha256": digest, "previous": previous}) + "\n")
+    with atomic_write(path, "wb") as handle:
+        handle.write(data)
+    atomic_write_text(digest_path(path), json.dumps({"sha256": digest}) + "\n")
+    return digest

@@ -92,10 +92,13 @@ class Standardize(nn.Module):
         return (x - self.mean) / self.scale
 
 
-def head_module(head: Head | None, feature_dim: int, n_classes: int) -> nn.Sequential:
-    """The init head as torch layers after its standardization; a fresh Linear when None."""
+def head_module(head: Head | None, feature_dim: int, n_classes: int, seed: int = 0) -> nn.Sequential:
+    """The init head as torch layers after its standardization; a fresh Linear, initialized from `seed`
+    (not from the global RNG, so two runs, or a run and its resumption, start from the same head), when None."""
     if head is None:
-        return nn.Sequential(nn.Identity(), layers_module(feature_dim, [], n_classes, 0.0))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return nn.Sequential(nn.Identity(), layers_module(feature_dim, [], n_classes, 0.0))
     layers = head.layers
     hidden = [w.shape[0] for w, _ in layers[:-1]]
     module = layers_module(feature_dim, hidden, n_classes, float(head.meta["spec"].get("dropout") or 0.0))
@@ -116,7 +119,7 @@ class FineTuneNet(nn.Module):
     """images -> logits; `forward(x, from_prefix=True)` takes the frozen prefix's output instead of images."""
 
     def __init__(self, model: nn.Module, anatomy: Anatomy, cut_node: str, pool: str, unfreeze: int | str,
-                 bn: str, init_head: Head | None, n_classes: int, input_size: int):
+                 bn: str, init_head: Head | None, n_classes: int, input_size: int, seed: int = 0):
         super().__init__()
         self.split = plan_split(anatomy, cut_node, unfreeze)
         self.backbone = model.eval()
@@ -128,7 +131,7 @@ class FineTuneNet(nn.Module):
         if init_head is not None and init_head.layers[0][0].shape[1] != self.feature_dim:
             raise UserError(f"finetune.init_head: {init_head.name!r} takes {init_head.layers[0][0].shape[1]} features, "
                             f"the backbone cut gives {self.feature_dim}: run `dvc repro train_heads`")
-        self.head = head_module(init_head, self.feature_dim, n_classes)
+        self.head = head_module(init_head, self.feature_dim, n_classes, seed)
         for parameter in self.backbone.parameters():
             parameter.requires_grad_(False)
         for block in self.split.trainable:

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode, v2
 
 from stages.core.hashing import sha256_bytes
-from stages.core.images import BadImage, Preprocessing, decode
+from stages.core.images import BadImage, Preprocessing
 
 PLAIN_VIEW = "0"
 
@@ -51,8 +51,9 @@ def view_seed(sha256: str, view: int) -> int:
     return int(sha256[:15], 16) + view
 
 
-def read_image(request: ViewRequest):
-    """(RGB image, None), or (None, the reason with the path): unreadable, changed since prepare, not decodable."""
+def read_image(request: ViewRequest, preprocessing: Preprocessing):
+    """(RGB image, None), or (None, the reason with the path): unreadable, changed since prepare, not decodable.
+    High-bit images are scaled by `preprocessing.bit_depth`, the data's rule."""
     try:
         data = Path(request.path).read_bytes()
     except OSError as error:
@@ -60,7 +61,7 @@ def read_image(request: ViewRequest):
     if sha256_bytes(data) != request.sha256:
         return None, f"{request.path}: changed since prepare (sha256 differs); run `dvc repro` to re-prepare"
     try:
-        return decode(data), None
+        return preprocessing.decode(data), None
     except BadImage as error:
         return None, f"{request.path}: {error}"
 
@@ -71,6 +72,7 @@ class ViewDataset(Dataset):
 
     def __init__(self, requests: list[ViewRequest], preprocessing: Preprocessing):
         self.requests = requests
+        self.preprocessing = preprocessing
         self.plain = preprocessing.pixels()
         self.augment = augment_transform(preprocessing)
 
@@ -79,7 +81,7 @@ class ViewDataset(Dataset):
 
     def __getitem__(self, index: int):
         request = self.requests[index]
-        image, error = read_image(request)
+        image, error = read_image(request, self.preprocessing)
         if error is not None:
             return None, error
         if request.view == 0:

@@ -1,8 +1,21 @@
-"""Decoding any image file a user may have into RGB, and the backbone's preprocessing as a v2 transform."""
+"""Decoding any image file a user may have into RGB, and the backbone's preprocessing as a v2 transform.
+
+High-bit images (16-bit, 32-bit integer, float) are scaled to 8 bits by one rule, `data.bit_depth`, that every
+stage applies alike (prepare, extract, fine-tune, advise, predict) through `Preprocessing.decode`:
+- integer samples: white is 2**bits - 1, where bits is the forced `data.bit_depth` (8/10/12/14/16; values
+  above it clip to white) or, under `auto`, the smallest of 8/10/12/14/16 bits that holds the image's maximum,
+  so a 16-bit file holding 8- or 12-bit camera values is not nearly black. A 32-bit image whose maximum exceeds
+  16 bits (no camera depth) is scaled by that maximum.
+- float samples ('F'): all within [0, 1] means fractions of white (the float convention); otherwise they are
+  read as integer samples, by the rule above.
+Negative and non-finite samples are black. 8-bit images (L, RGB, P, ...) are not affected by the rule, nor
+are 16-bit colour files: PIL decodes those to their top 8 bits.
+"""
 from __future__ import annotations
 
 import io
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Union
 
 import numpy as np
 import torch
@@ -11,13 +24,19 @@ from torchvision.transforms import InterpolationMode, v2
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+BIT_DEPTHS = (8, 10, 12, 14, 16)
+BitDepth = Union[str, int]  # "auto" or one of BIT_DEPTHS: data.bit_depth
+
+
+def is_bit_depth(value) -> bool:
+    return value == "auto" or (type(value) is int and value in BIT_DEPTHS)
 
 
 class BadImage(Exception):
     """The bytes are not a decodable image; the message says why."""
 
 
-def decode(data: bytes) -> Image.Image:
+def decode(data: bytes, bit_depth: BitDepth) -> Image.Image:
     """A fully decoded RGB image, or BadImage (empty, truncated, not an image, decompression bomb)."""
     if not data:
         raise BadImage("empty file")
@@ -36,15 +55,28 @@ def decode(data: bytes) -> Image.Image:
         raise BadImage("not a decodable image: not a format PIL can identify") from None
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for broken files
         raise BadImage(f"not a decodable image: {type(error).__name__}: {error}") from None
-    return to_rgb(image)
+    return to_rgb(image, bit_depth)
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB from any PIL mode; 16-bit and float images are scaled to 8 bits instead of clipped."""
+def white_level(samples: np.ndarray, bit_depth: BitDepth) -> float:
+    """The integer sample value that becomes 255 (see the module's docstring)."""
+    if bit_depth != "auto":
+        return float(2 ** bit_depth - 1)
+    top = float(samples.max(initial=0.0))
+    for bits in BIT_DEPTHS:
+        if top <= 2 ** bits - 1:
+            return float(2 ** bits - 1)
+    return top
+
+
+def to_rgb(image: Image.Image, bit_depth: BitDepth) -> Image.Image:
+    """RGB from any PIL mode; high-bit images are scaled to 8 bits by `bit_depth`'s rule instead of clipped."""
     if image.mode in HIGH_BIT_MODES:
-        pixels = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") else max(float(pixels.max()), 1.0)
-        image = Image.fromarray(np.clip(pixels / top * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        samples = np.asarray(image, dtype=np.float64)
+        samples = np.where(np.isfinite(samples), np.maximum(samples, 0.0), 0.0)
+        fractions = image.mode == "F" and samples.max(initial=0.0) <= 1.0
+        white = 1.0 if fractions else white_level(samples, bit_depth)
+        image = Image.fromarray(np.clip(samples / white * 255.0 + 0.5, 0, 255).astype(np.uint8))
     elif image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     return image if image.mode == "RGB" else image.convert("RGB")
@@ -60,6 +92,14 @@ class Preprocessing:
     std: tuple[float, ...]
     interpolation: str
     antialias: bool = True
+    # the data's rule for high-bit images (data.bit_depth, recorded by prepare in data/prepared/decoding.json):
+    # part of to_json, hence of every feature fingerprint. A backbone's meta.json holds the default; each stage
+    # sets the data's rule with `with_bit_depth(manifest.read_bit_depth())`.
+    bit_depth: BitDepth = "auto"
+
+    def __post_init__(self):
+        if not is_bit_depth(self.bit_depth):
+            raise ValueError(f"bit_depth {self.bit_depth!r}; valid: auto, {', '.join(map(str, BIT_DEPTHS))}")
 
     @classmethod
     def from_weights_transforms(cls, transforms) -> Preprocessing:
@@ -77,7 +117,15 @@ class Preprocessing:
 
     @classmethod
     def from_json(cls, data: dict) -> Preprocessing:
+        """Also reads a meta.json written before bit_depth existed (it then holds the default)."""
         return cls(**{**data, "mean": tuple(data["mean"]), "std": tuple(data["std"])})
+
+    def with_bit_depth(self, bit_depth: BitDepth) -> Preprocessing:
+        return replace(self, bit_depth=bit_depth)
+
+    def decode(self, data: bytes) -> Image.Image:
+        """The image file's bytes as RGB, high-bit samples scaled by this preprocessing's bit_depth rule."""
+        return decode(data, self.bit_depth)
 
     def transform(self) -> v2.Compose:
         """PIL RGB image -> normalized float tensor, in the same order as ImageClassification."""

@@ -1,14 +1,18 @@
 """Where images come from: built-in datasets written out as PNG files, a folder of <class>/<image>, or a CSV.
 
-Each source yields `Candidate`s (path, label, optional fixed split); nothing is decoded here.
+Each source yields `Candidate`s (path, label, optional fixed split); nothing is decoded here. A folder source
+also reports the entries it cannot offer (symbolic links that do not lead to a file) for rejected.csv.
 """
 from __future__ import annotations
 
 import csv
+import errno
 import gzip
 import logging
+import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,30 +49,61 @@ def cap_per_class(candidates: list[Candidate], per_class: int | None, seed: int)
     return kept
 
 
-def folder_candidates(root: Path) -> list[Candidate]:
+def link_problem(path: Path) -> str | None:
+    """Why a symbolic link is not an image file to read (broken, looping, a folder), or None when it is fine."""
+    if not path.is_symlink():
+        return None
+    try:
+        target = path.stat()  # follows the link
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return f"symbolic link loop (-> {os.readlink(path)})"
+        if error.errno == errno.ENOENT:
+            return f"broken symbolic link: its target {os.readlink(path)} does not exist"
+        return f"symbolic link cannot be followed: {error.strerror}"
+    if stat.S_ISDIR(target.st_mode):
+        return f"symbolic link to a folder (-> {os.readlink(path)}): not followed; link or copy the images instead"
+    return None
+
+
+def folder_candidates(root: Path) -> tuple[list[Candidate], list[tuple[Path, str]]]:
+    """(images of root/<class>/..., links that do not lead to a file, with the reason)."""
+    unusable = [(p, problem) for p in sorted(root.iterdir())  # a linked class folder is fine: p.is_dir()
+                if not p.is_dir() and not p.name.startswith(".") and (problem := link_problem(p)) is not None]
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise UserError(f"data.source: folder {root} has no class folders; expected {root}/<class>/<image>")
     out: list[Candidate] = []
     for folder in classes:
-        images = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        images = []
+        for path in sorted(folder.rglob("*")):
+            if (problem := link_problem(path)) is not None:
+                unusable.append((path, problem))
+            elif path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
+                images.append(path)
         if not images:
+            links = [str(p) for p, _ in unusable if folder in p.parents]
             raise UserError(
-                f"data.source: class folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
-                "remove it or add images"
+                f"data.source: class folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)})"
+                + (f", only symbolic links that do not lead to a file ({', '.join(links[:3])})" if links else "")
+                + "; remove it or add images"
             )
         out += [Candidate(p, folder.name) for p in images]
-    return out
+    return out, unusable
 
 
 def csv_candidates(csv_path: Path) -> list[Candidate]:
     """Rows of path,label[,split]; relative paths are relative to the CSV's folder."""
-    with open(csv_path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
-        if not {"path", "label"} <= set(columns):
-            raise UserError(f"{csv_path}: needs columns path,label[,split]; found {', '.join(columns) or 'none'}")
-        rows = list(reader)
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = reader.fieldnames or []
+            if not {"path", "label"} <= set(columns):
+                raise UserError(f"{csv_path}: needs columns path,label[,split]; "
+                                f"found {', '.join(columns) or 'none'}")
+            rows = list(reader)
+    except UnicodeDecodeError as error:
+        raise UserError(f"{csv_path}: not UTF-8 text ({error}); save it as UTF-8") from None
     out, missing = [], []
     for line, row in enumerate(rows, start=2):
         path = Path(row["path"])
@@ -98,9 +133,11 @@ def write_pngs(images: np.ndarray, labels: list[str], names: list[str], out_dir:
     out = []
     for pixels, label, name in zip(images, labels, names):
         path = out_dir / _slug(label) / f"{name}.png"
-        if not path.exists():
+        if not path.exists():  # written aside and renamed: a killed run leaves no cut-off PNG to skip next time
             path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels, mode="L").save(path)
+            part = path.with_name(f".{path.name}.part")
+            Image.fromarray(pixels).save(part, format="PNG")
+            part.replace(path)
         out.append(Candidate(path, label))
     return out
 

@@ -1,0 +1,212 @@
+"""Decoding high-bit images by data.bit_depth: real 16-bit PNG/TIFF, 32-bit integer and float TIFF files."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from stages.core import images
+from stages.core.hashing import sha256_bytes
+from stages.core.image_views import ViewDataset, ViewRequest, read_image
+from stages.core.images import Preprocessing
+
+ORIGINAL = np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)
+ORIGINAL[0, 0], ORIGINAL[0, 1] = 0, 255  # the full 8-bit range, as in a real photo
+
+
+def encoded(image: Image.Image, format: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def file_of(samples: np.ndarray, format: str, mode: str) -> bytes:
+    """Real file bytes; asserts PIL reads them back in the mode under test."""
+    if mode == "I;16B":
+        image = Image.frombytes(mode, samples.shape[::-1], samples.astype(">u2").tobytes())
+    else:
+        image = Image.fromarray(samples)
+    data = encoded(image, format)
+    assert Image.open(io.BytesIO(data)).mode == mode
+    return data
+
+
+def twelve_bit(pixels: np.ndarray) -> np.ndarray:
+    return np.round(pixels.astype(np.float64) * 4095 / 255).astype(np.uint16)
+
+
+def gray(data: bytes, bit_depth) -> np.ndarray:
+    out = np.asarray(images.decode(data, bit_depth))
+    assert out.shape[2] == 3 and (out[..., 0] == out[..., 2]).all()
+    return out[..., 0].astype(int)
+
+
+def original() -> np.ndarray:
+    return gray(encoded(Image.fromarray(ORIGINAL), "PNG"), "auto")
+
+
+# (format, PIL mode, samples holding the 8-bit original at some depth)
+SIXTEEN_BIT_FILES = {
+    "png 8-bit values": ("PNG", "I;16", ORIGINAL.astype(np.uint16)),
+    "png 12-bit values": ("PNG", "I;16", twelve_bit(ORIGINAL)),
+    "tiff 8-bit values": ("TIFF", "I;16", ORIGINAL.astype(np.uint16)),
+    "tiff 12-bit values": ("TIFF", "I;16", twelve_bit(ORIGINAL)),
+    "tiff big-endian 12-bit values": ("TIFF", "I;16B", twelve_bit(ORIGINAL)),
+    "tiff 12-bit values shifted to the top": ("TIFF", "I;16", twelve_bit(ORIGINAL) << 4),
+    "tiff full 16-bit range": ("TIFF", "I;16", ORIGINAL.astype(np.uint16) * 257),
+    "tiff 32-bit integer, 12-bit values": ("TIFF", "I", twelve_bit(ORIGINAL).astype(np.int32)),
+}
+
+
+@pytest.mark.parametrize("case", SIXTEEN_BIT_FILES)
+def test_high_bit_files_decode_like_the_8_bit_original(case):
+    format, mode, samples = SIXTEEN_BIT_FILES[case]
+    decoded = gray(file_of(samples, format, mode), "auto")
+    assert np.abs(decoded - original()).max() <= 1
+
+
+def test_the_old_16_bit_rule_would_have_made_a_12_bit_file_nearly_black():
+    """What auto fixes, and what forcing data.bit_depth: 16 still gives."""
+    data = file_of(twelve_bit(ORIGINAL), "TIFF", "I;16")
+    assert gray(data, 16).max() <= 16 and original().max() == 255
+
+
+def test_forced_bit_depth_is_obeyed_even_where_auto_would_choose_otherwise():
+    eight = file_of(ORIGINAL.astype(np.uint16), "PNG", "I;16")
+    twelve = file_of(twelve_bit(ORIGINAL), "PNG", "I;16")
+    assert np.abs(gray(twelve, 12) - original()).max() <= 1
+    # 8-bit values read as 12-bit: 255 of 4095 is 16 of 255
+    assert np.abs(gray(eight, 12) - np.round(ORIGINAL.astype(float) * 255 / 4095)).max() <= 1
+    # 12-bit values read as 8-bit: what exceeds 255 clips to white
+    assert np.array_equal(gray(twelve, 8), np.minimum(twelve_bit(ORIGINAL), 255))
+
+
+@pytest.mark.parametrize("maximum, bits", [(0, 8), (255, 8), (256, 10), (1023, 10), (1024, 12), (4095, 12),
+                                           (4096, 14), (16384, 16), (65535, 16)])
+def test_auto_picks_the_smallest_depth_holding_the_maximum(maximum, bits):
+    samples = np.zeros((2, 2), np.uint16)
+    samples[1, 1] = maximum
+    decoded = gray(file_of(samples, "PNG", "I;16"), "auto")
+    assert decoded[1, 1] == round(maximum / (2 ** bits - 1) * 255)
+
+
+def test_32_bit_values_beyond_16_bits_are_scaled_by_their_maximum():
+    samples = ORIGINAL.astype(np.int32) * 4096 - 5000  # up to about 2**20, and some negative
+    decoded = gray(file_of(samples, "TIFF", "I"), "auto")
+    expected = np.round(np.maximum(samples, 0) / samples.max() * 255)
+    assert np.abs(decoded - expected).max() <= 1 and decoded.max() == 255
+
+
+def test_float_images_in_0_1_are_fractions_otherwise_values_by_the_bit_depth_rule():
+    fractions = (ORIGINAL / 255).astype(np.float32)
+    assert np.abs(gray(file_of(fractions, "TIFF", "F"), "auto") - original()).max() <= 1
+    assert np.abs(gray(file_of(fractions, "TIFF", "F"), 16) - original()).max() <= 1  # the float convention wins
+    counts = twelve_bit(ORIGINAL).astype(np.float32)
+    assert np.abs(gray(file_of(counts, "TIFF", "F"), "auto") - original()).max() <= 1
+    broken = fractions.copy()
+    broken[0, :3] = [np.nan, np.inf, -0.5]
+    assert list(gray(file_of(broken, "TIFF", "F"), "auto")[0, :3]) == [0, 0, 0]
+
+
+def test_8_bit_images_ignore_the_rule():
+    data = encoded(Image.fromarray(ORIGINAL), "PNG")
+    assert all(np.array_equal(gray(data, rule), ORIGINAL) for rule in ("auto", 8, 12, 16))
+
+
+# ---------------------------------------------------------------- the rule travels in Preprocessing
+
+
+def preprocessing(bit_depth="auto") -> Preprocessing:
+    return Preprocessing(resize=16, crop=16, mean=(0.5,) * 3, std=(0.25,) * 3, interpolation="bilinear",
+                         bit_depth=bit_depth)
+
+
+def test_old_preprocessing_json_without_bit_depth_loads_with_auto():
+    old = {k: v for k, v in preprocessing().to_json().items() if k != "bit_depth"}
+    assert Preprocessing.from_json(old).bit_depth == "auto"
+    twelve = preprocessing().with_bit_depth(12)
+    assert Preprocessing.from_json(twelve.to_json()) == twelve and twelve.to_json()["bit_depth"] == 12
+    with pytest.raises(ValueError, match="bit_depth"):
+        preprocessing().with_bit_depth(9)
+
+
+def test_features_of_another_rule_or_of_the_old_code_are_never_served_again():
+    """The rule is in to_json, hence in extract's fingerprint: rows computed before it existed (65535 rule) or under
+    another data.bit_depth get another store key."""
+    from stages.extract import fingerprint
+
+    old = {k: v for k, v in preprocessing().to_json().items() if k != "bit_depth"}
+    prints = {fingerprint("onnx", spec, "float32")
+              for spec in (old, preprocessing().to_json(), preprocessing(12).to_json(), preprocessing(16).to_json())}
+    assert len(prints) == 4
+
+
+def test_extract_and_finetune_read_high_bit_files_by_the_preprocessing_rule(tmp_path):
+    reference = tmp_path / "original.png"
+    reference.write_bytes(encoded(Image.fromarray(ORIGINAL), "PNG"))
+    deep = tmp_path / "twelve.tif"
+    deep.write_bytes(file_of(twelve_bit(ORIGINAL), "TIFF", "I;16"))
+    requests = [ViewRequest(str(p), sha256_bytes(p.read_bytes()), 0) for p in (reference, deep)]
+
+    auto = ViewDataset(requests, preprocessing())
+    (plain, error), (scaled, deep_error) = auto[0], auto[1]
+    assert error is None and deep_error is None
+    assert (plain.to(torch.int16) - scaled.to(torch.int16)).abs().max() <= 1
+
+    image, error = read_image(requests[1], preprocessing(16))
+    assert error is None and np.asarray(image).max() <= 16
+
+
+# ---------------------------------------------------------------- the same rule in extract, on real files
+
+
+def features_by_path() -> tuple[dict[str, np.ndarray], str]:
+    """data/features/*.h5 as the contract describes them: features, paths, and the fingerprint in attrs."""
+    out, fingerprints = {}, set()
+    for split in ("train", "val", "test"):
+        with h5py.File(f"data/features/{split}.h5", "r") as handle:
+            paths = [p.decode() if isinstance(p, bytes) else p for p in handle["paths"][:]]
+            out.update(zip(paths, handle["features"][:]))
+            fingerprints.add(str(handle.attrs["fingerprint"]))
+    assert len(fingerprints) == 1
+    return out, fingerprints.pop()
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def test_extract_gives_a_12_bit_tiff_copy_the_features_of_its_original(workdir):
+    """A folder where some images are 16-bit TIFFs holding 12-bit values, next to 8-bit PNGs: under auto, their
+    features are those of the 8-bit originals; forcing data.bit_depth: 16 (the old rule) makes them differ, under
+    another fingerprint."""
+    from stages import extract, prepare
+
+    originals = sorted((workdir / "images").glob("[01]/*.png"))[:4]
+    for path in originals:
+        pixels = np.asarray(Image.open(path))
+        path.with_name(f"{path.stem}-12bit.tif").write_bytes(file_of(twelve_bit(pixels), "TIFF", "I;16"))
+
+    def run(bit_depth) -> tuple[dict[str, np.ndarray], str]:
+        params = yaml.safe_load(Path("params.yaml").read_text())
+        params["data"]["bit_depth"] = bit_depth
+        Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        prepare.main()
+        extract.main()
+        return features_by_path()
+
+    auto, auto_fingerprint = run("auto")
+    forced, forced_fingerprint = run(16)
+
+    assert auto_fingerprint != forced_fingerprint
+    for path in originals:
+        original, copy = f"images/{path.parent.name}/{path.name}", f"images/{path.parent.name}/{path.stem}-12bit.tif"
+        assert cosine(auto[original], auto[copy]) > 0.999, path
+        assert cosine(forced[original], forced[copy]) < 0.9, path
+        np.testing.assert_array_equal(forced[original], auto[original])  # 8-bit files: the rule changes nothing
