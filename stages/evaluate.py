@@ -1,5 +1,10 @@
 """evaluate: every trained model on the test split -> metrics/evaluate.json, plots/confusion/<model>.csv,
-reports/confusion/<model>.png, reports/summary.md."""
+reports/confusion/<model>.png, reports/summary.md.
+
+The best model is the best on val, the split every head chose its hyperparameters on (and fine-tuning its
+epoch); test accuracy is reported beside it and chooses nothing. Everything is loaded and scored before any
+old output is replaced, so a model that fails to load leaves the previous plots and reports in place.
+"""
 from __future__ import annotations
 
 import json
@@ -13,9 +18,11 @@ from stages.core import finetune_files, head_files
 from stages.core.config import load_params
 from stages.core.errors import UserError, run_main
 from stages.core.evaluation_report import (
+    BEST_KEY,
     CONFUSION_IMAGES,
     CONFUSION_PLOTS,
     Evaluated,
+    ranked_by_val,
     write_confusion_csv,
     write_confusion_png,
     write_summary,
@@ -38,22 +45,39 @@ def chosen_models(requested: list[str] | str, trained: list[str]) -> list[str]:
     return list(requested)
 
 
-def evaluate_finetuned(test, keys: list[str]) -> Evaluated:
+def evaluate_finetuned(test, keys: list[str]) -> tuple[Evaluated, np.ndarray]:
+    """The fine-tuned model's row of the report, and its predicted class per test image."""
     meta = finetune_files.read_meta()
     if meta["classes"] != test.classes:
         raise UserError("models/finetune was trained on other classes than data/features/test.h5: run `dvc repro`")
     scores = finetune_files.read_test_scores(keys)
     metrics = score(test.labels, scores, probabilistic=True)
-    predicted = scores.argmax(axis=1)
     name = finetune_files.MODEL_NAME
-    write_confusion_csv(name, test.labels, predicted, test.classes)
-    write_confusion_png(name, test.labels, predicted, test.classes)
     metrics_file = Path("metrics/finetune.json")
     seconds = json.loads(metrics_file.read_text()).get("seconds") if metrics_file.is_file() else None
     start = f"LP-FT from {meta['init_head']}" if meta["init_head"] else "fresh head"
     kind = f"fine-tuned (unfreeze {meta['unfreeze']}, {start}{', random init' if not meta['weights'] else ''})"
     log.info("%s: test accuracy %.4f", name, metrics["accuracy"])
-    return Evaluated(name, kind, metrics, meta["val_accuracy"], f"best_epoch={meta['best_epoch']}", seconds)
+    return (Evaluated(name, kind, metrics, meta["val_accuracy"], f"best_epoch={meta['best_epoch']}", seconds),
+            scores.argmax(axis=1))
+
+
+def evaluate_head(name: str, test, heads_metrics: dict) -> tuple[Evaluated, np.ndarray]:
+    """A head's row of the report, and its predicted class per test image."""
+    head = head_files.load(name)
+    if head.meta["features_fingerprint"] != test.fingerprint:
+        raise UserError(f"head {name!r} was trained on other features than data/features/test.h5: "
+                        "run `dvc repro train_heads`")
+    scores = head.scores(test.features)
+    metrics = score(test.labels, scores, head.probabilistic)
+    chosen = ", ".join(f"{k}={v}" for k, v in {**head.meta["chosen"], **head.meta["details"]}.items()) or "–"
+    log.info("%s: test accuracy %.4f", name, metrics["accuracy"])
+    return (Evaluated(name, f"{head.meta['type']} head", metrics, head.meta["val_accuracy"], chosen,
+                      heads_metrics.get(name, {}).get("train_seconds")), scores.argmax(axis=1))
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 6)
 
 
 def main() -> None:
@@ -70,34 +94,26 @@ def main() -> None:
     # wall-clock seconds stay out of models/heads, so that retraining identical heads leaves their hash as it was
     heads_metrics_file = Path("metrics/heads.json")
     heads_metrics = json.loads(heads_metrics_file.read_text()) if heads_metrics_file.is_file() else {}
-    for folder in (CONFUSION_PLOTS, CONFUSION_IMAGES):  # a model no longer evaluated leaves no stale file
-        shutil.rmtree(folder, ignore_errors=True)
-    results = []
-    for name in names:
-        if name == finetune_files.MODEL_NAME:
-            results.append(evaluate_finetuned(test, read_plain_keys("test")))
-            continue
-        head = head_files.load(name)
-        if head.meta["features_fingerprint"] != test.fingerprint:
-            raise UserError(f"head {name!r} was trained on other features than data/features/test.h5: "
-                            "run `dvc repro train_heads`")
-        scores = head.scores(test.features)
-        metrics = score(test.labels, scores, head.probabilistic)
-        predicted = scores.argmax(axis=1)
-        write_confusion_csv(name, test.labels, predicted, classes)
-        write_confusion_png(name, test.labels, predicted, classes)
-        chosen = ", ".join(f"{k}={v}" for k, v in {**head.meta["chosen"], **head.meta["details"]}.items()) or "–"
-        results.append(Evaluated(name, f"{head.meta['type']} head", metrics, head.meta["val_accuracy"], chosen,
-                                 heads_metrics.get(name, {}).get("train_seconds")))
-        log.info("%s: test accuracy %.4f", name, metrics["accuracy"])
-
+    evaluated = [evaluate_finetuned(test, read_plain_keys("test")) if name == finetune_files.MODEL_NAME
+                 else evaluate_head(name, test, heads_metrics) for name in names]
     labels_views = {split: read_labels(split) for split in SPLITS}
     counts = {split: np.bincount(labels[views == 0], minlength=len(classes))
               for split, (labels, views) in labels_views.items()}
+    results = [result for result, _ in evaluated]
+    best = ranked_by_val(results)[0]
+
+    # everything is computed: only now are the old outputs replaced
+    for folder in (CONFUSION_PLOTS, CONFUSION_IMAGES):  # a model no longer evaluated leaves no stale file
+        shutil.rmtree(folder, ignore_errors=True)
+    for result, predicted in evaluated:
+        write_confusion_csv(result.name, test.labels, predicted, classes)
+        write_confusion_png(result.name, test.labels, predicted, classes)
     write_summary(results, classes, counts, int(labels_views["train"][1].max(initial=0)))
-    write_metrics("evaluate", {r.name: r.metrics for r in results})
-    best = max(results, key=lambda r: r.metrics["accuracy"])
-    log.info("best test accuracy: %s %.4f; side by side in reports/summary.md", best.name, best.metrics["accuracy"])
+    write_metrics("evaluate", {**{r.name: {**r.metrics, "val_accuracy": _rounded(r.val_accuracy)} for r in results},
+                               BEST_KEY: best.name})
+    log.info("best on val: %s (val accuracy %.4f, test accuracy %.4f); side by side in reports/summary.md",
+             best.name, best.val_accuracy if best.val_accuracy is not None else float("nan"),
+             best.metrics["accuracy"])
 
 
 if __name__ == "__main__":

@@ -31,10 +31,12 @@ def main() -> None:
     log.info("training %d head(s) on %d train rows (%d of them augmented views), selecting on %d val rows",
              len(params.heads), len(train), augmented, len(val))
 
-    shutil.rmtree(head_files.HEADS_DIR, ignore_errors=True)  # a head removed from params leaves no stale files
+    fitted_heads = [fit_head(name, spec, train, val) for name, spec in params.heads.items()]
+    # every head is trained: only now are the old ones replaced (a head removed from params leaves no stale files)
+    shutil.rmtree(head_files.HEADS_DIR, ignore_errors=True)
     metrics = {}
-    for name, spec in params.heads.items():
-        fitted = fit_head(name, spec, train, val)
+    for fitted in fitted_heads:
+        name, spec = fitted.name, fitted.spec
         folder = head_files.save(fitted, train.classes, train.fingerprint)
         metrics[name] = {
             "type": spec.type,

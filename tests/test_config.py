@@ -1,12 +1,19 @@
 """params.yaml validation: every problem fails before any work, naming the dotted key and the valid choices."""
 from __future__ import annotations
 
+import multiprocessing
+import sys
+import typing
 from pathlib import Path
 
 import pytest
+import yaml
+from pydantic import BaseModel
 
+from stages.core import config, finetune_files
 from stages.core.config import load_params
 from stages.core.errors import UserError
+from stages.core.evaluation_report import BEST_KEY
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -21,16 +28,28 @@ def invalid(project, **sections) -> str:
     return message
 
 
-def test_repo_params_yaml_validates():
-    params = load_params(REPO / "params.yaml")
-    assert params.data.source == "fashion-mnist"
-    assert params.backbone.arch == "mobilenet_v2" and params.backbone.weights == "IMAGENET1K_V1"
-    assert set(params.heads) == {"logreg", "linear", "mlp", "knn"}
-    assert params.finetune.init_head in params.heads
+def assert_read_as_written(raw, validated, where="") -> None:
+    """Every value params.yaml holds is the value the stages get: nothing dropped, coerced or defaulted over."""
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            assert_read_as_written(value, validated[key], f"{where}.{key}".lstrip("."))
+    elif isinstance(raw, list):
+        assert len(raw) == len(validated), where
+        for i, (value, got) in enumerate(zip(raw, validated)):
+            assert_read_as_written(value, got, f"{where}.{i}")
+    elif where == "backbone.weights" and str(raw).lower() == "none":
+        assert validated is None
+    else:
+        assert validated == raw and type(validated) in (type(raw), float), (where, raw, validated)
 
 
-def test_fixture_params_validate(project):
-    assert load_params().data.per_class == 300
+def test_repo_params_yaml_validates_and_is_read_as_written():
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert_read_as_written(raw, load_params(REPO / "params.yaml").model_dump())
+
+
+def test_fixture_params_validate_and_are_read_as_written(project):
+    assert_read_as_written(yaml.safe_load(Path("params.yaml").read_text()), load_params().model_dump())
 
 
 def test_unknown_top_level_key(project):
@@ -127,21 +146,202 @@ def test_fractions_must_leave_training_data(project, val, test):
     assert "data" in message and "val_fraction" in message and "test_fraction" in message
 
 
-def test_estimator_not_importable_names_the_key(project):
-    message = invalid(project, heads={"knn": {"estimator": "sklearn.nothing.Foo"}})
-    assert "sklearn.nothing.Foo" in message and "not importable" in message
-    assert "heads.knn.estimator" in message
+def estimator_error(project, estimator: str, **head) -> str:
+    """The one line naming heads.knn.estimator, which also says what is valid."""
+    message = invalid(project, heads={"knn": {"estimator": estimator, **head}})
+    lines = [line for line in message.splitlines()[1:]]
+    assert len(lines) == 1 and lines[0].startswith("  heads.knn.estimator: "), message
+    return lines[0]
 
 
-def test_estimator_not_a_classifier_names_the_key(project):
-    message = invalid(project, heads={"knn": {"estimator": "sklearn.preprocessing.StandardScaler"}})
-    assert "StandardScaler" in message and "not a scikit-learn classifier" in message
-    assert "heads.knn.estimator" in message
+def test_estimator_not_in_sklearn_names_the_key_and_the_valid_forms(project):
+    line = estimator_error(project, "sklearn.nothing.Foo")
+    assert "'sklearn.nothing.Foo' is not a scikit-learn classifier" in line
+    listed = line.split("classifiers:")[1]
+    assert "trusted_modules" in line and "KNeighborsClassifier" in listed and "LinearSVC" in listed
 
 
-def test_another_sklearn_classifier_validates(project):
-    project.params(heads={"svm": {"type": "sklearn", "estimator": "sklearn.svm.LinearSVC", "grid": {"C": [1, 10]}}})
-    assert load_params().heads["svm"].estimator == "sklearn.svm.LinearSVC"
+def test_sklearn_estimator_that_is_not_a_classifier_is_refused(project):
+    line = estimator_error(project, "sklearn.preprocessing.StandardScaler")
+    assert "'sklearn.preprocessing.StandardScaler' is not a scikit-learn classifier" in line
+
+
+def test_sklearn_classifier_under_a_wrong_module_gets_its_path(project):
+    line = estimator_error(project, "sklearn.svm.KNeighborsClassifier")
+    assert "write KNeighborsClassifier or sklearn.neighbors.KNeighborsClassifier" in line
+
+
+def test_estimator_that_cannot_be_constructed_is_a_params_error(project):
+    line = estimator_error(project, "sklearn.ensemble.StackingClassifier")  # needs its `estimators`
+    assert "StackingClassifier() failed" in line and "estimators" in line
+
+
+@pytest.mark.parametrize("estimator", ["sklearn.svm.LinearSVC", "LinearSVC", "sklearn.svm._classes.LinearSVC"])
+def test_sklearn_classifiers_by_name_or_path_validate(project, estimator):
+    from sklearn.svm import LinearSVC
+
+    project.params(heads={"svm": {"type": "sklearn", "estimator": estimator, "grid": {"C": [1, 10]}}})
+    assert load_params().heads["svm"].estimator_class() is LinearSVC
+
+
+def test_an_untrusted_module_is_never_imported(project, capfd):
+    sys.modules.pop("this", None)
+    line = estimator_error(project, "this.x")  # `import this` prints the Zen of Python
+    assert "module 'this' is not scikit-learn and not in this head's trusted_modules" in line
+    assert "this" not in sys.modules and "Beautiful is better" not in capfd.readouterr().out
+
+
+@pytest.mark.parametrize("estimator", ["subprocess.Popen", "multiprocessing.pool.Pool", "os.system"])
+def test_a_class_outside_sklearn_needs_trusted_modules(project, estimator):
+    line = estimator_error(project, estimator)
+    assert "trusted_modules, so it is not imported" in line
+
+
+@pytest.mark.parametrize("estimator, trusted", [("subprocess.Popen", "subprocess"),
+                                                ("multiprocessing.pool.Pool", "multiprocessing"),
+                                                ("os.system", "os")])
+def test_a_trusted_class_is_checked_before_it_is_constructed(project, estimator, trusted):
+    line = estimator_error(project, estimator, trusted_modules=[trusted])
+    assert f"'{estimator}' is not a classifier class (a subclass of sklearn.base.ClassifierMixin)" in line
+    assert multiprocessing.active_children() == []  # a Pool() would have started worker processes
+
+
+def test_a_classifier_from_a_trusted_module_validates_and_only_then_is_imported(project, monkeypatch, capfd):
+    (project.root / "my_models.py").write_text(
+        "print('my_models imported')\n"
+        "from sklearn.base import BaseEstimator, ClassifierMixin\n"
+        "class Nearest(ClassifierMixin, BaseEstimator):\n"
+        "    def __init__(self, k=1):\n"
+        "        self.k = k\n")
+    monkeypatch.syspath_prepend(str(project.root))
+    monkeypatch.delitem(sys.modules, "my_models", raising=False)
+    estimator_error(project, "my_models.Nearest")
+    assert "my_models" not in sys.modules and "my_models imported" not in capfd.readouterr().out
+
+    project.params(heads={"knn": {"estimator": "my_models.Nearest", "trusted_modules": ["my_models"]}})
+    assert load_params().heads["knn"].new_estimator().get_params() == {"k": 1}
+
+
+def test_trusted_modules_must_be_module_names(project):
+    message = invalid(project, heads={"knn": {"trusted_modules": ["my models"]}})
+    assert "heads.knn.trusted_modules: ['my models'] are not module names" in message
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "/tmp/abs", "a/b", ".", "..", "with space", "", "tab\tname",
+                                  "finetune", "Finetune", "best", "all"])
+def test_bad_head_names_fail_naming_the_head(project, name):
+    message = invalid(project, heads={name: {"type": "logistic"}})
+    assert f"heads.{name}: " in message
+    assert "letters, digits" in message or "is reserved" in message
+
+
+@pytest.mark.parametrize("name", ["v1.2", "my-head_2", "LOGREG2", "...x"])
+def test_head_names_of_letters_digits_dot_dash_underscore_validate(project, name):
+    project.params(heads={name: {"type": "logistic"}})
+    assert name in load_params().heads
+
+
+def test_reserved_names_are_the_models_that_are_not_heads():
+    assert {finetune_files.MODEL_NAME, BEST_KEY, "all"} <= set(config.RESERVED_MODEL_NAMES)
+
+
+def test_head_names_differing_only_in_case_are_refused(project):
+    message = invalid(project, heads={"LogReg": {"type": "logistic"}})  # next to the default `logreg`
+    assert "heads.LogReg: the name differs from 'logreg' only in letter case" in message
+
+
+def test_no_head_is_a_params_error(project):
+    project.params(finetune={"init_head": None})
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["heads"] = {}
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(UserError, match=r"heads: at least one head is needed"):
+        load_params()
+
+
+@pytest.mark.parametrize("store", ["", "  ", ".", "./", "{cwd}"])
+def test_the_store_needs_a_folder_of_its_own(project, store):
+    message = invalid(project, extract={"store": store.format(cwd=project.root)})
+    assert "extract.store: the feature store needs a folder of its own" in message
+
+
+def _unwrapped(annotation) -> list:
+    """The types and Literal values an annotation allows, through Annotated, Optional, Union and list."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return list(args)
+    if origin is typing.Annotated:
+        return _unwrapped(args[0])
+    if args:
+        return [t for arg in args for t in _unwrapped(arg)]
+    return [annotation]
+
+
+def number_fields(model: type[BaseModel], number: type, where: tuple = ()):
+    """(dotted key, is a list) of every field of `model` and its sections that takes a `number`."""
+    for name, field in model.model_fields.items():
+        allowed = _unwrapped(field.annotation)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            yield from number_fields(field.annotation, number, (*where, name))
+        elif any(t is number or type(t) is number for t in allowed):
+            yield (*where, name), _is_list(field.annotation)
+
+
+def _is_list(annotation) -> bool:
+    while typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return typing.get_origin(annotation) is list
+
+
+def params_with(key: tuple, value) -> dict:
+    if key[0] == "heads":
+        head = {"type": key[1]} | ({"estimator": "KNeighborsClassifier"} if key[1] == "sklearn" else {})
+        return {"heads": {"h": {**head, key[2]: value}}}
+    tree: dict = {key[-1]: value}
+    for part in reversed(key[:-1]):
+        tree = {part: tree}
+    return tree
+
+
+def as_written(key: tuple, is_list: bool) -> str:
+    """The dotted key params_with wrote the value at."""
+    return ".".join(("heads", "h", *key[2:]) if key[0] == "heads" else key) + (".0" if is_list else "")
+
+
+def _key_id(value) -> str:
+    return ".".join(value) if isinstance(value, tuple) else "list" if value else "scalar"
+
+
+def every_number_field(number: type) -> list[tuple[tuple, bool]]:
+    sections = [f for f in number_fields(config.Params, number) if f[0][0] != "heads"]
+    heads = [(("heads", kind, *key), is_list) for kind, model in config.HEAD_TYPES.items()
+             for key, is_list in number_fields(model, number)]
+    return sections + heads
+
+
+@pytest.mark.parametrize("key, is_list", every_number_field(int), ids=_key_id)
+def test_a_bool_is_not_an_int_anywhere(project, key, is_list):
+    message = invalid(project, **params_with(key, [True] if is_list else True))
+    assert f"{as_written(key, is_list)}: " in message and "(got True)" in message
+
+
+def test_every_int_field_is_covered():
+    keys = {".".join(key) for key, _ in every_number_field(int)}
+    assert {"data.per_class", "data.seed", "data.bit_depth", "backbone.cut", "extract.batch_size",
+            "finetune.unfreeze", "finetune.epochs", "heads.mlp.hidden", "heads.logistic.max_iter",
+            "heads.sklearn.seed", "advise.sample", "export.opset"} <= keys
+
+
+@pytest.mark.parametrize("key, is_list", every_number_field(float), ids=_key_id)
+def test_a_bool_is_not_a_float_anywhere(project, key, is_list):
+    message = invalid(project, **params_with(key, [True] if is_list else True))
+    assert f"{as_written(key, is_list)}: Input should be a valid number (got True)" in message
+
+
+@pytest.mark.parametrize("value", ["64", 64.0])
+def test_an_int_given_as_text_or_float_is_refused(project, value):
+    message = invalid(project, extract={"batch_size": value})
+    assert "extract.batch_size: Input should be a valid integer" in message
 
 
 def test_unknown_ort_provider_lists_valid_ones(project):
@@ -180,3 +380,17 @@ def test_extract_can_skip_importing_estimators_but_the_others_check_them(project
     with pytest.raises(UserError, match="heads.knn.estimator"):
         load_params()
     assert load_params(resolve_estimators=False).heads["knn"].estimator == "sklearn.neighbors.Nope"
+
+
+def test_the_validate_stage_writes_the_same_bytes_for_every_valid_params(project):
+    from stages import validate
+
+    validate.main()
+    first = validate.VALIDATED.read_bytes()
+    project.params(heads={"logreg": {"C": [1.0]}}, data={"seed": 1})
+    validate.main()
+    assert validate.VALIDATED.read_bytes() == first  # so DVC re-runs nothing downstream of it
+
+    project.params(backbone={"cutt": 14})
+    with pytest.raises(UserError, match="backbone.cutt: unknown key"):
+        validate.main()

@@ -3,6 +3,7 @@
 The features are scikit-learn's digits pixels (64-d, 1,797 rows): real data where only the shape matters.
 """
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from stages import evaluate, train_heads
 from stages.core import head_files
 from stages.core.config import load_params
 from stages.core.errors import UserError
+from stages.core.evaluation_report import BEST_KEY
 from stages.core.feature_files import FEATURES_DIR, SplitRows, read_split, write_split
 from stages.core.heads import fit_head
 from stages.core.torch_heads import TorchHead
@@ -32,8 +34,9 @@ FAST_HEADS = {
 }
 
 
-def write_features(train_keep=None, views: int = 0) -> dict[str, np.ndarray]:
-    """data/features/{train,val,test}.h5 from the digits; returns the row indices of each split."""
+def write_features(train_keep=None, views: int = 0, test_noise: float = 0.0) -> dict[str, np.ndarray]:
+    """data/features/{train,val,test}.h5 from the digits; returns the row indices of each split. `test_noise`
+    adds Gaussian noise of that std (pixel values are 0-16) to the test rows only."""
     digits = load_digits()
     rest, test = train_test_split(np.arange(len(digits.target)), test_size=0.2, random_state=0,
                                   stratify=digits.target)
@@ -48,6 +51,8 @@ def write_features(train_keep=None, views: int = 0) -> dict[str, np.ndarray]:
         chunks = []
         for view in copies:
             noise = 0 if view == 0 else rng.normal(0, 0.5, (len(indices), 64))
+            if split == "test" and test_noise:
+                noise = rng.normal(0, test_noise, (len(indices), 64))
             chunks.append((digits.data[indices] + noise).astype(np.float32))
             rows.keys.extend(f"{i:064x}:{view}" for i in indices)
             rows.paths.extend(f"images/{i}.png" for i in indices)
@@ -198,6 +203,7 @@ def run_stages(heads: dict = FAST_HEADS, **sections) -> tuple[dict, dict]:
 
 def test_stages_write_metrics_plots_and_a_side_by_side_summary(features):
     heads, scores = run_stages()
+    best = scores.pop(BEST_KEY)
     assert set(heads) == set(scores) == set(FAST_HEADS)
     assert heads["logreg"]["params"]["C"] in (0.01, 1.0) and heads["knn"]["params"]["n_neighbors"] in (1, 15)
     assert heads["mlp"]["best_epoch"] <= heads["mlp"]["epochs_run"] <= 30
@@ -209,6 +215,7 @@ def test_stages_write_metrics_plots_and_a_side_by_side_summary(features):
     test = read_split("test")
     for name, metrics in scores.items():
         assert {"accuracy", "balanced_accuracy", "macro_f1", "top5_accuracy"} <= set(metrics)
+        assert metrics["val_accuracy"] == heads[name]["val_accuracy"]
         assert ("log_loss" in metrics) == (name != "svc")  # LinearSVC has no probabilities
         assert metrics["top5_accuracy"] >= metrics["accuracy"] > 0.85
         rows = Path(f"plots/confusion/{name}.csv").read_text().splitlines()
@@ -218,7 +225,7 @@ def test_stages_write_metrics_plots_and_a_side_by_side_summary(features):
         assert Path(f"reports/confusion/{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     summary = Path("reports/summary.md").read_text()
-    best = max(scores, key=lambda n: scores[n]["accuracy"])
+    assert best == max(scores, key=lambda n: scores[n]["val_accuracy"])  # the first of equals: alphabetical
     assert summary.count("★") == 2  # the best row, and the legend
     assert f"| {best} ★ |" in summary
     for name in FAST_HEADS:
@@ -229,7 +236,7 @@ def test_stages_write_metrics_plots_and_a_side_by_side_summary(features):
 
 def test_evaluate_models_picks_a_subset_and_rejects_unknown_names(features):
     _, scores = run_stages(evaluate={"models": ["knn", "logreg"]})
-    assert set(scores) == {"knn", "logreg"}
+    assert set(scores) == {"knn", "logreg", BEST_KEY}
     assert sorted(p.stem for p in Path("plots/confusion").iterdir()) == ["knn", "logreg"]
     load_params_with(heads=FAST_HEADS, evaluate={"models": ["logreg", "nope"]})
     with pytest.raises(UserError, match=r"evaluate.models: 'nope' not trained; trained: knn, linear, logreg, mlp, svc"):
@@ -239,7 +246,8 @@ def test_evaluate_models_picks_a_subset_and_rejects_unknown_names(features):
 def test_a_head_removed_from_params_leaves_no_files(features):
     run_stages()
     _, scores = run_stages(heads={"logreg": FAST_HEADS["logreg"]})
-    assert head_files.trained_names() == ["logreg"] and set(scores) == {"logreg"}
+    assert head_files.trained_names() == ["logreg"] and scores.pop(BEST_KEY) == "logreg"
+    assert set(scores) == {"logreg"}
 
 
 def test_augmented_views_are_train_rows(project):
@@ -267,6 +275,7 @@ def test_same_params_twice_give_identical_metrics_and_heads(features):
 def test_a_class_absent_from_training_gets_no_probability_and_no_score(project):
     write_features(train_keep=lambda labels: labels != 9)
     _, scores = run_stages(heads={"logreg": FAST_HEADS["logreg"], "svc": FAST_HEADS["svc"]})
+    scores.pop(BEST_KEY)
     test = read_split("test")
     logreg, svc = head_files.load("logreg").scores(test.features), head_files.load("svc").scores(test.features)
     assert (logreg[:, 9] == 0).all() and np.allclose(logreg.sum(axis=1), 1, atol=1e-5)
@@ -283,3 +292,89 @@ def test_a_torch_head_without_usable_val_rows_watches_the_training_loss(features
     head = TorchHead(epochs=20, lr=1e-2, patience=3).fit(scaler.transform(train.features), train.labels,
                                                          validation=(scaler.transform(val.features), unseen))
     assert head.best_epoch_ > 10  # the training loss keeps falling; a constant val loss would stop at epoch 1
+
+
+def test_the_best_model_is_chosen_on_val_and_test_is_only_reported(project):
+    """Noisy test rows make the rankings disagree: logreg is best on val, knn (15 neighbours) on test."""
+    write_features(test_noise=2.0)
+    heads = {"knn": {"type": "sklearn", "estimator": "KNeighborsClassifier", "grid": {"n_neighbors": [15]}},
+             "logreg": {"type": "logistic", "C": [1.0]}}
+    _, scores = run_stages(heads=heads)
+    assert scores["logreg"]["val_accuracy"] > scores["knn"]["val_accuracy"]
+    assert scores["knn"]["accuracy"] > scores["logreg"]["accuracy"]  # the disagreement this test is about
+    assert scores[BEST_KEY] == "logreg"
+    rows = [line for line in Path("reports/summary.md").read_text().splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| model | kind | val accuracy | test accuracy")
+    assert rows[1].startswith("| logreg ★ |") and rows[2].startswith("| knn |")
+
+
+def test_ties_on_val_go_to_the_first_model_in_evaluate_models(features):
+    same = {"type": "logistic", "C": [1.0]}
+    _, scores = run_stages(heads={"b": same, "a": same}, evaluate={"models": ["b", "a"]})
+    assert scores["a"]["val_accuracy"] == scores["b"]["val_accuracy"] and scores[BEST_KEY] == "b"
+    _, scores = run_stages(heads={"b": same, "a": same})  # all: the heads alphabetically
+    assert scores[BEST_KEY] == "a"
+
+
+def data_offset(npz: Path, member: str) -> int:
+    """Where `member`'s bytes start in the (uncompressed) zip file np.savez wrote."""
+    with zipfile.ZipFile(npz) as archive:
+        info = archive.getinfo(member)
+    header = npz.read_bytes()[info.header_offset:info.header_offset + 30]
+    return info.header_offset + 30 + int.from_bytes(header[26:28], "little") + int.from_bytes(header[28:30], "little")
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["weights flipped", "weights truncated", "pickle flipped"])
+def test_a_corrupt_head_file_is_refused_naming_it_and_the_fix(features, damage):
+    run_stages(heads={"logreg": FAST_HEADS["logreg"], "knn": FAST_HEADS["knn"]})
+    name, file = ("knn", "model.pkl") if damage.startswith("pickle") else ("logreg", "weights.npz")
+    path = head_files.HEADS_DIR / name / file
+    if damage == "weights flipped":  # a byte of w0's float data, past the zip and .npy headers
+        flip_byte(path, data_offset(path, "w0.npy") + 128 + 100)
+    elif damage == "weights truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        flip_byte(path, path.stat().st_size // 2)
+    with pytest.raises(UserError) as caught:
+        head_files.load(name)
+    message = str(caught.value)
+    assert str(path) in message and "does not match the sha256" in message
+    assert "dvc checkout models/heads" in message and "dvc repro train_heads" in message
+
+
+def test_evaluate_keeps_its_old_outputs_when_a_model_fails_to_load(features):
+    run_stages(heads={"logreg": FAST_HEADS["logreg"], "mlp": FAST_HEADS["mlp"]})
+    outputs = [*Path("plots/confusion").iterdir(), *Path("reports/confusion").iterdir(), Path("reports/summary.md"),
+               Path("metrics/evaluate.json")]
+    before = {path: path.read_bytes() for path in outputs}
+    assert len(before) == 6
+    weights = head_files.HEADS_DIR / "mlp" / "weights.npz"  # evaluated after logreg
+    flip_byte(weights, data_offset(weights, "w1.npy") + 128 + 4)
+    with pytest.raises(UserError, match="mlp/weights.npz does not match"):
+        evaluate.main()
+    assert {path: path.read_bytes() for path in outputs} == before
+
+
+def test_head_json_records_the_digest_of_its_weights(features):
+    run_stages(heads={"logreg": FAST_HEADS["logreg"], "knn": FAST_HEADS["knn"]})
+    from stages.core.hashing import sha256_file
+
+    for name, file in (("logreg", "weights.npz"), ("knn", "model.pkl")):
+        meta = json.loads((head_files.HEADS_DIR / name / "head.json").read_text())
+        assert meta["sha256"] == sha256_file(head_files.HEADS_DIR / name / file)
+
+
+def test_train_heads_keeps_the_old_heads_when_a_head_fails(features):
+    run_stages(heads={"logreg": FAST_HEADS["logreg"]})
+    before = {p: p.read_bytes() for p in head_files.HEADS_DIR.rglob("*") if p.is_file()}
+    broken = {"type": "sklearn", "estimator": "KNeighborsClassifier", "grid": {"n_neighbors": [0]}}
+    load_params_with(heads={"logreg": FAST_HEADS["linear"], "knn": broken})
+    with pytest.raises(UserError, match=r"heads.knn: fitting KNeighborsClassifier"):
+        train_heads.main()
+    assert {p: p.read_bytes() for p in head_files.HEADS_DIR.rglob("*") if p.is_file()} == before

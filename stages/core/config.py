@@ -2,15 +2,27 @@
 
 Every stage calls `load_params()`: an unknown key, a wrong type, an unknown arch, weights name, estimator or
 data source fails here, before any work, with one message per problem naming the key and the valid choices.
+The `validate` stage (stages/validate.py) runs the full check first on every `dvc repro`.
 """
 from __future__ import annotations
 
 import importlib
+import re
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from stages.core.errors import UserError
 
@@ -19,7 +31,9 @@ BUILTIN_SOURCES = ("fashion-mnist", "digits")
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a number is a number (`batch_size: true` is not 1, `epochs: "5"` and `epochs: 5.0` are not 5), a flag
+    # is true or false; an int is still a valid float
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class DataParams(Section):
@@ -127,6 +141,14 @@ class ExtractParams(Section):
     dtype: Literal["float32", "float16"] = "float32"
     augment_views: Annotated[int, Field(ge=0, le=999)] = 0
 
+    @field_validator("store")
+    @classmethod
+    def _store_has_its_own_folder(cls, store: str) -> str:
+        if not store.strip() or Path(store) == Path(".") or Path(store).resolve() == Path.cwd().resolve():
+            raise ValueError("the feature store needs a folder of its own, e.g. data/feature-store (an empty path "
+                             "or the project root would fill the project root with store files)")
+        return store
+
     @field_validator("providers")
     @classmethod
     def _known_providers(cls, providers: list[str]) -> list[str]:
@@ -164,9 +186,16 @@ class MLPHead(LinearHead):
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
 
 
+DOTTED_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
 class SklearnHead(Section):
     type: Literal["sklearn"]
+    # a scikit-learn classifier by class name or dotted path, or a class from a module in trusted_modules
     estimator: str
+    # modules (or packages) outside scikit-learn this head may import its estimator from: importing a module
+    # runs its code, so nothing outside scikit-learn is imported unless a head lists it here
+    trusted_modules: list[str] = []
     params: dict[str, Any] = {}
     grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = {}
     class_weight: Literal["balanced"] | None = None
@@ -174,21 +203,92 @@ class SklearnHead(Section):
 
     @field_validator("estimator")
     @classmethod
-    def _importable_classifier(cls, estimator: str, info: ValidationInfo) -> str:
-        if not (info.context or {}).get("resolve_estimators", True):
-            return estimator
-        from sklearn.base import is_classifier
-
-        module_name, _, class_name = estimator.rpartition(".")
-        try:
-            found = getattr(importlib.import_module(module_name), class_name, None) if module_name else None
-        except ImportError:
-            found = None
-        if found is None:
-            raise ValueError(f"{estimator!r} is not importable; give a dotted path such as sklearn.svm.LinearSVC")
-        if not (isinstance(found, type) and is_classifier(found())):
-            raise ValueError(f"{estimator!r} is not a scikit-learn classifier")
+    def _dotted_name(cls, estimator: str) -> str:
+        if not DOTTED_NAME.fullmatch(estimator):
+            raise ValueError(f"{estimator!r} is not a Python name or dotted path; {ESTIMATOR_FORMS}")
         return estimator
+
+    @field_validator("trusted_modules")
+    @classmethod
+    def _module_names(cls, modules: list[str]) -> list[str]:
+        bad = [m for m in modules if not DOTTED_NAME.fullmatch(m)]
+        if bad:
+            raise ValueError(f"{bad} are not module names; give importable names such as xgboost or my_pkg.models")
+        return modules
+
+    @model_validator(mode="after")
+    def _estimator_is_a_classifier(self, info: ValidationInfo) -> SklearnHead:
+        try:
+            if (info.context or {}).get("resolve_estimators", True):
+                self.new_estimator()
+            else:
+                self.check_trusted()  # needs no import
+        except ValueError as error:
+            raise ValueError(f"estimator: {error}") from None
+        return self
+
+    def check_trusted(self) -> None:
+        module_name = self.estimator.rpartition(".")[0]
+        if module_name.partition(".")[0] in ("", "sklearn") or _under(module_name, self.trusted_modules):
+            return
+        raise ValueError(f"{self.estimator!r}: module {module_name!r} is not scikit-learn and not in this head's "
+                         f"trusted_modules, so it is not imported; {ESTIMATOR_FORMS}")
+
+    def estimator_class(self) -> type:
+        """The class, checked to be a classifier before anything constructs it. ValueError says what is valid."""
+        from sklearn.base import ClassifierMixin
+
+        self.check_trusted()
+        module_name, _, class_name = self.estimator.rpartition(".")
+        if module_name.partition(".")[0] in ("", "sklearn") and not _under(module_name, self.trusted_modules):
+            found = sklearn_classifiers().get(class_name)  # sklearn's own, no import of the path given
+            if found is not None and (not module_name or getattr(sys.modules.get(module_name), class_name, None)
+                                      is found):
+                return found
+            if found is not None:
+                raise ValueError(f"{self.estimator!r}: scikit-learn's {class_name} is not in {module_name}; "
+                                 f"write {class_name} or {_public_path(found)}")
+            raise ValueError(f"{self.estimator!r} is not a scikit-learn classifier; {ESTIMATOR_FORMS}; "
+                             f"scikit-learn's classifiers: {', '.join(sklearn_classifiers())}")
+        try:
+            found = getattr(importlib.import_module(module_name), class_name, None)
+        except Exception as error:  # a trusted module may fail to import in any way
+            raise ValueError(f"{self.estimator!r}: importing {module_name} failed: {error}") from None
+        if not (isinstance(found, type) and issubclass(found, ClassifierMixin)):
+            raise ValueError(f"{self.estimator!r} is not a classifier class (a subclass of "
+                             f"sklearn.base.ClassifierMixin); {ESTIMATOR_FORMS}")
+        return found
+
+    def new_estimator(self) -> Any:
+        """A new instance with its default arguments (params and grid are set on it later)."""
+        found = self.estimator_class()
+        try:
+            return found()
+        except Exception as error:  # whatever the constructor raises, the user fixes it in params.yaml
+            raise ValueError(f"{self.estimator}() failed: {error}; the estimator must construct without "
+                             "arguments (its settings go under params or grid)") from None
+
+
+ESTIMATOR_FORMS = ("valid: a scikit-learn classifier by class name or dotted path (KNeighborsClassifier, "
+                   "sklearn.neighbors.KNeighborsClassifier), or module.Class with that module (or its package) "
+                   "listed in the head's trusted_modules")
+
+
+def _under(module_name: str, packages: list[str]) -> bool:
+    return any(module_name == p or module_name.startswith(p + ".") for p in packages)
+
+
+def _public_path(found: type) -> str:
+    """sklearn.neighbors.KNeighborsClassifier rather than its private module sklearn.neighbors._classification."""
+    public = found.__module__.split("._")[0]
+    return f"{public}.{found.__name__}"
+
+
+def sklearn_classifiers() -> dict[str, type]:
+    """Class name -> class, every classifier scikit-learn ships (imports scikit-learn's modules only)."""
+    from sklearn.utils.discovery import all_estimators
+
+    return dict(all_estimators(type_filter="classifier"))
 
 
 HeadSpec = Annotated[Union[LogisticHead, LinearHead, MLPHead, SklearnHead], Field(discriminator="type")]
@@ -233,6 +333,26 @@ class AdviseParams(Section):
     seed: int = 0
 
 
+# model names that are not heads: the fine-tuned model (finetune_files.MODEL_NAME) in evaluate and predict, the key
+# naming the best model in metrics/evaluate.json, and evaluate.models' keyword; refused in any letter case, as
+# plots/confusion/<name>.csv would collide on a case-insensitive file system
+RESERVED_MODEL_NAMES = ("finetune", "best", "all")
+HEAD_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _head_name(name: str) -> str:
+    if not HEAD_NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError("a head name is letters, digits, '_', '.' and '-' (it names the folder models/heads/<name>), "
+                         "not '.' or '..'")
+    if name.lower() in RESERVED_MODEL_NAMES:
+        raise ValueError(f"{name!r} is reserved ({', '.join(RESERVED_MODEL_NAMES)} name other things in "
+                         "metrics/evaluate.json, evaluate.models and predict --model): choose another head name")
+    return name
+
+
+HeadName = Annotated[str, AfterValidator(_head_name)]
+
+
 class EvaluateParams(Section):
     models: Union[Literal["all"], list[str]] = "all"
 
@@ -253,13 +373,26 @@ class Params(Section):
     backbone: BackboneParams = Field(default_factory=BackboneParams)
     export: ExportParams = ExportParams()
     extract: ExtractParams = ExtractParams()
-    heads: dict[str, HeadSpec] = Field(default_factory=_default_heads)
+    heads: dict[HeadName, HeadSpec] = Field(default_factory=_default_heads)
     finetune: FinetuneParams = FinetuneParams()
     advise: AdviseParams = AdviseParams()
     evaluate: EvaluateParams = EvaluateParams()
 
+    @field_validator("heads")
+    @classmethod
+    def _at_least_one_head(cls, heads: dict[str, Any]) -> dict[str, Any]:
+        if not heads:
+            raise ValueError("at least one head is needed, e.g. `logreg: {type: logistic}`")
+        return heads
+
     @model_validator(mode="after")
     def _references_exist(self) -> Params:
+        by_case: dict[str, str] = {}
+        for name in self.heads:
+            if name.lower() in by_case:
+                raise ValueError(f"heads.{name}: the name differs from {by_case[name.lower()]!r} only in letter "
+                                 "case, and their files would collide on a case-insensitive file system")
+            by_case[name.lower()] = name
         if self.finetune.init_head is not None and self.finetune.init_head not in self.heads:
             raise ValueError(
                 f"finetune.init_head: {self.finetune.init_head!r} is not a head; valid: {', '.join(self.heads)} or null"
@@ -278,7 +411,8 @@ def load_params(path: Path | str = PARAMS_FILE, resolve_estimators: bool = True,
     """The validated params. Two checks import heavy libraries, and a stage that never reads their section
     may skip them to start fast (every stage pays its imports on each small change); the first stages of a
     fresh pipeline still make every check before any work:
-    - `resolve_estimators=False`: the heads' scikit-learn classes are not imported (about 1.6 s);
+    - `resolve_estimators=False`: the heads' estimators are not looked up among scikit-learn's classifiers,
+      which imports all of scikit-learn (about 2-3 s); a module outside it must still be in trusted_modules;
     - `resolve_backbone=False`: backbone.arch/weights are not checked against torchvision (about 5 s)."""
     path = Path(path)
     try:
@@ -301,13 +435,13 @@ def describe_errors(error: ValidationError, raw: dict[str, Any]) -> str:
     """One line per problem: the dotted key, what is wrong, and for an unknown key the valid ones."""
     lines = []
     for problem in error.errors():
-        loc = _user_keys(problem["loc"])
+        loc = _user_keys(problem["loc"], raw)
         message = problem["msg"].removeprefix("Value error, ")
         given = problem.get("input")
         field, _, rest = message.partition(": ")
-        value = _lookup(given, field.split("."))
+        keys, value = _lookup(given, field)
         if rest and value is not _MISSING:  # a check across keys starts its message with the key it is about
-            loc, message, given = loc + field.split("."), rest, value
+            loc, message, given = loc + keys, rest, value
         key = ".".join(loc) or "(top level)"
         if problem["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key; valid keys here: {', '.join(_valid_keys(loc[:-1], raw))}")
@@ -321,20 +455,39 @@ def describe_errors(error: ValidationError, raw: dict[str, Any]) -> str:
 _MISSING = object()
 
 
-def _lookup(given: Any, path: list[str]) -> Any:
-    for part in path:
-        if not isinstance(given, dict) or part not in given:
-            return _MISSING
-        given = given[part]
-    return given
+def _lookup(given: Any, dotted: str) -> tuple[list[str], Any]:
+    """The keys and value `dotted` names in `given`; a key may itself hold dots (a head named `v1.2`)."""
+    keys: list[str] = []
+    rest = dotted
+    while rest:
+        if not isinstance(given, dict):
+            return keys, _MISSING
+        key = next((k for k in sorted(map(str, given), key=len, reverse=True)
+                    if rest == k or rest.startswith(k + ".")), None)
+        if key is None:
+            return keys, _MISSING
+        keys.append(key)
+        given, rest = given[key], rest[len(key) + 1:]
+    return keys, given
 
 
-def _user_keys(loc: tuple) -> list[str]:
-    """The keys a user wrote: pydantic adds union members (`int`, `literal['all']`) and head types to loc."""
-    keys = [str(p) for p in loc]
-    if len(keys) >= 3 and keys[0] == "heads" and keys[2] in HEAD_TYPES:
-        del keys[2]
-    return [k for k in keys if not k.startswith(("int", "str", "literal[", "list[", "function-", "constrained-"))]
+# what pydantic adds to an error's loc besides the user's keys: union members, head types, dict-key checks
+_PYDANTIC_PARTS = re.compile(r"int|str|float|bool|none|\[key\]|[a-z-]+\[.*\]|(constrained|function)-.*|"
+                             + "|".join(HEAD_TYPES))
+
+
+def _user_keys(loc: tuple, raw: Any) -> list[str]:
+    """The keys a user wrote, found by walking params.yaml along loc; a part that is not there and is pydantic's
+    own (`int`, `literal['all']`, `sklearn`) is left out."""
+    keys, node = [], raw
+    for part in loc:
+        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int):
+            keys.append(str(part))
+            node = node[part] if isinstance(node, dict) or part < len(node) else None
+        elif not (isinstance(part, str) and _PYDANTIC_PARTS.fullmatch(part)):
+            keys.append(str(part))
+            node = None
+    return keys
 
 
 def _valid_keys(parent: list[str], raw: dict[str, Any]) -> list[str]:

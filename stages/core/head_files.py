@@ -3,11 +3,12 @@
 Logistic, linear and MLP heads are the same thing once trained: standardize, then Linear layers with ReLU
 between, then softmax. They are saved as `weights.npz` (mean, scale, w0, b0, w1, b1, ...; loaded with
 allow_pickle=False) plus `head.json`, and run with numpy alone. A generic scikit-learn estimator can only be
-saved as a pickle (`model.pkl`, next to its sha256 in head.json): load heads only from a source you trust.
+saved as a pickle (`model.pkl`): load heads only from a source you trust. Either file's sha256 is in head.json
+and checked before the file is read, so a corrupt or swapped file is refused, never served.
 """
 from __future__ import annotations
 
-import hashlib
+import io
 import json
 import pickle
 from dataclasses import dataclass
@@ -17,12 +18,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stages.core.errors import UserError
+from stages.core.hashing import sha256_bytes
 
 if TYPE_CHECKING:  # training needs torch; loading and scoring a saved head does not
     from stages.core.heads import FittedHead
 
 HEADS_DIR = Path("models/heads")
 LAYERS, PICKLE = "layers", "pickle"
+FILE_OF_FORMAT = {LAYERS: "weights.npz", PICKLE: "model.pkl"}
+RESTORE = "run `dvc checkout models/heads` to restore the committed heads, or `dvc repro train_heads` to retrain"
 
 
 def estimator_scores(estimator: Any, x: np.ndarray) -> np.ndarray:
@@ -67,12 +71,15 @@ def save(fitted: "FittedHead", classes: list[str], fingerprint: str, directory: 
         arrays = {"mean": fitted.scaler.mean_, "scale": fitted.scaler.scale_}
         for i, (weight, bias) in enumerate(layers):
             arrays[f"w{i}"], arrays[f"b{i}"] = weight, bias
-        np.savez(out / "weights.npz", **{k: np.asarray(v, np.float32) for k, v in arrays.items()})
+        buffer = io.BytesIO()
+        np.savez(buffer, **{k: np.asarray(v, np.float32) for k, v in arrays.items()})
+        blob = buffer.getvalue()
         meta |= {"format": LAYERS, "layers": len(layers)}
     else:
         blob = pickle.dumps({"scaler": fitted.scaler, "estimator": fitted.estimator}, protocol=5)
-        (out / "model.pkl").write_bytes(blob)
-        meta |= {"format": PICKLE, "sha256": hashlib.sha256(blob).hexdigest()}
+        meta |= {"format": PICKLE}
+    (out / FILE_OF_FORMAT[meta["format"]]).write_bytes(blob)
+    meta["sha256"] = sha256_bytes(blob)
     (out / "head.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return out
 
@@ -128,11 +135,19 @@ def load(name: str, directory: Path = HEADS_DIR) -> Head:
         trained = trained_names(directory)
         raise UserError(f"no trained head {name!r} in {directory}; trained: {', '.join(trained) or 'none'} "
                         "(run `dvc repro train_heads`)")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+        path, expected = folder / FILE_OF_FORMAT[meta["format"]], meta["sha256"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{meta_path} is damaged or from an older version ({error!r}): {RESTORE}") from None
+    try:
+        blob = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: {RESTORE}") from None
+    if sha256_bytes(blob) != expected:  # checked before numpy or pickle reads a byte of it
+        raise UserError(f"{path} does not match the sha256 in {meta_path} (corrupt or changed since train_heads "
+                        f"wrote it): {RESTORE}")
     if meta["format"] == LAYERS:
-        with np.load(folder / "weights.npz", allow_pickle=False) as npz:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
             return Head(name, meta, arrays={k: npz[k] for k in npz.files})
-    blob = (folder / "model.pkl").read_bytes()
-    if hashlib.sha256(blob).hexdigest() != meta["sha256"]:
-        raise UserError(f"{folder / 'model.pkl'} does not match the sha256 in {meta_path}: re-run train_heads")
     return Head(name, meta, model=pickle.loads(blob))

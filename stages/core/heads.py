@@ -6,7 +6,6 @@ what makes one learning rate or C grid fit features of any scale.
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -41,8 +40,11 @@ def estimator_and_grid(name: str, spec: Spec) -> tuple[BaseEstimator, dict[str, 
         return (TorchHead(hidden=hidden, dropout=dropout, epochs=spec.epochs, lr=spec.lr,
                           weight_decay=spec.weight_decay, batch_size=spec.batch_size, patience=spec.patience,
                           class_weight=spec.class_weight, random_state=spec.seed), {})
-    module_name, _, class_name = spec.estimator.rpartition(".")
-    estimator = getattr(importlib.import_module(module_name), class_name)()
+    try:
+        estimator = spec.new_estimator()
+    except ValueError as error:
+        raise UserError(f"heads.{name}.estimator: {error}") from None
+    class_name = type(estimator).__name__
     valid = estimator.get_params()
     for key in (*spec.params, *spec.grid):
         if key not in valid:
