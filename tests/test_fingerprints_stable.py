@@ -9,15 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stages.core import backbone_files, manifest
-from stages.core.config import load_params
-from stages.core.feature_store import store_key
-from stages.core.finetune_data import LabelledImages, prefix_fingerprint
-from stages.core.head_files import Head
-from stages.core.image_views import ViewRequest, view_id
-from stages.core.images import Preprocessing
-from stages.extract import fingerprint
-from stages.finetune import run_fingerprint
+from transfer_learning.backbone import files as backbone_files
+from transfer_learning.data import manifest
+from transfer_learning.data.images import Preprocessing
+from transfer_learning.features.fingerprint import fingerprint
+from transfer_learning.features.store import store_key
+from transfer_learning.features.views import ViewRequest, view_id
+from transfer_learning.finetune.data import LabelledImages, prefix_fingerprint
+from transfer_learning.finetune.run import run_fingerprint
+from transfer_learning.heads.files import Head
+from transfer_learning.params import load_params
 
 PREPROCESSING = Preprocessing(resize=232, crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
                               interpolation="bilinear", antialias=True, bit_depth=12)
@@ -78,7 +79,7 @@ def test_store_file_digests(tmp_path):
     """A store file's recorded checksums (what a later run checks it against) for fixed rows."""
     import h5py
 
-    from stages.core.feature_store import DIGEST_ATTRS, FeatureStore
+    from transfer_learning.features.store import DIGEST_ATTRS, FeatureStore
 
     keys = [store_key(SHA_A, "0"), store_key(SHA_B, "0")]
     with FeatureStore(tmp_path, EXTRACT, 3, "float32") as store:

@@ -24,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-from stages.core.errors import UserError
+from transfer_learning.common.errors import UserError
 
 PARAMS_FILE = Path("params.yaml")
 BUILTIN_SOURCES = ("fashion-mnist", "digits")
@@ -315,7 +315,8 @@ class FinetuneParams(Section):
 
 
 class AdviseParams(Section):
-    """The strategy advisor's thresholds (stages/core/advisor.py); rules of thumb, documented in README.md."""
+    """The strategy advisor's thresholds (transfer_learning/advise/advisor.py); rules of thumb, documented in
+    README.md."""
 
     # train images per class (the median class) at or above which the data counts as large: about ImageNet's
     # 1,000-1,300 per class, the scale at which these architectures are trained from scratch

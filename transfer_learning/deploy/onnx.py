@@ -13,9 +13,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, compose, helper, numpy_helper
 
-from stages.core.head_files import Head
-from stages.core.images import Preprocessing
-from stages.core.onnx_export import INPUT, OUTPUT, cpu_session
+from transfer_learning.backbone.onnx_export import INPUT, OUTPUT, cpu_session
+from transfer_learning.data.images import Preprocessing
+from transfer_learning.heads.files import Head
 
 DEPLOY_DIR = Path("models/deploy")
 PIXELS, PROBABILITIES = "pixels", "probabilities"

@@ -1,15 +1,12 @@
-"""Predict classes of new images with the ONNX backbone and a trained head (not a DVC stage).
-
-    python -m stages.predict IMAGES_OR_FOLDERS... [--model NAME] [--top-k K] [--json]
-    python -m stages.predict --deploy [--model NAME]      # writes models/deploy/<name>.onnx
+"""Predict classes of new images with the ONNX backbone and a trained head, or write one standalone ONNX file
+(`python -m stages.predict`, not a DVC stage).
 
 Folders are searched recursively for images. A file that cannot be read is reported, and the others are still
-predicted; the exit status is then 1. The default model is the one with the best val accuracy (what every
-model was tuned on; the test split only reports). ONNX Runtime runs on extract.providers.
+predicted. The default model is the one with the best val accuracy (what every model was tuned on; the test split
+only reports). ONNX Runtime runs on extract.providers.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -19,12 +16,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.core import backbone_files, deploy_onnx, finetune_files, head_files, manifest
-from stages.core.config import load_params
-from stages.core.errors import UserError, run_main
-from stages.core.hashing import sha256_file
-from stages.core.images import IMAGE_EXTENSIONS, BadImage, Preprocessing
-from stages.core.inference import FeatureRunner
+from transfer_learning.backbone import files as backbone_files
+from transfer_learning.common.errors import UserError
+from transfer_learning.common.hashing import sha256_file
+from transfer_learning.data import manifest
+from transfer_learning.data.images import IMAGE_EXTENSIONS, BadImage, Preprocessing
+from transfer_learning.deploy import onnx as deploy_onnx
+from transfer_learning.features.fingerprint import fingerprint
+from transfer_learning.features.runtime import FeatureRunner
+from transfer_learning.finetune import files as finetune_files
+from transfer_learning.heads import files as head_files
+from transfer_learning.params import load_params
 
 log = logging.getLogger("predict")
 EVALUATE_METRICS = Path("metrics/evaluate.json")
@@ -84,8 +86,6 @@ def default_model(deployable: bool = False) -> str:
 
 def check_features_match(head: head_files.Head, backbone: backbone_files.Backbone) -> None:
     """A head only makes sense on the features it was trained on: same ONNX backbone, preprocessing, dtype."""
-    from stages.extract import fingerprint
-
     dtype = load_params(resolve_estimators=False, resolve_backbone=False).extract.dtype
     preprocessing = backbone.preprocessing.with_bit_depth(manifest.read_bit_depth())
     current = fingerprint(sha256_file(backbone_files.ONNX), preprocessing.to_json(), dtype)
@@ -183,31 +183,10 @@ def print_text(results: list[Prediction], probabilistic: bool) -> None:
             print(f"{result.path}: " + ", ".join(f"{name} {value:.3f}{what}" for name, value in result.top))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stages.predict", description=__doc__.splitlines()[0])
-    parser.add_argument("inputs", nargs="*", metavar="IMAGES_OR_FOLDERS")
-    parser.add_argument("--model", help="a trained head (models/heads/<name>) or finetune; default: the one "
-                                        "with the best val accuracy")
-    parser.add_argument("--top-k", type=int, default=3, help="classes to show per image (default 3)")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
-    parser.add_argument("--deploy", action="store_true", help="write models/deploy/<model>.onnx: pixels in, "
-                                                              "probabilities out, no dependency on this repo")
-    args = parser.parse_args(argv)
-    if any(not given.strip() for given in args.inputs):  # Path("") is the current folder: never scan it unasked
-        parser.error("an image or folder argument is empty (an unset shell variable?); name the files or folders, "
-                     "`.` for the current folder")
-    model = args.model or default_model(deployable=args.deploy)
-    if args.deploy:
-        print(deploy(model))
-        return 0
-    if not args.inputs:
-        parser.error("give at least one image or folder")
-    if args.top_k < 1:
-        parser.error("--top-k must be at least 1")
-    files, missing = image_files(args.inputs)
-    results = predict(files, model, args.top_k) + missing if files else missing
+def report(results: list[Prediction], model: str, as_json: bool) -> int:
+    """Prints the predictions (text or JSON); returns the exit status: 1 when any input could not be predicted."""
     probabilistic = model == finetune_files.MODEL_NAME or head_files.load(model).probabilistic
-    if args.json:
+    if as_json:
         print(json.dumps({"model": model, "probabilities": probabilistic, "predictions": [
             {"path": r.path, "error": r.error} if r.error else
             {"path": r.path, "top": [{"class": c, "score": s} for c, s in r.top]} for r in results]}, indent=2))
@@ -217,7 +196,3 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"{len(failed)} of {len(results)} input(s) could not be predicted", file=sys.stderr)
     return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    run_main(main)

@@ -1,5 +1,5 @@
-"""evaluate: every trained model on the test split -> metrics/evaluate.json, plots/confusion/<model>.csv,
-reports/confusion/<model>.png, reports/summary.md.
+"""The evaluate stage's work: every trained model on the test split -> plots/confusion/<model>.csv,
+reports/confusion/<model>.png, reports/summary.md and the metrics.
 
 The best model is the best on val, the split every head chose its hyperparameters on (and fine-tuning its
 epoch); test accuracy is reported beside it and chooses nothing. Everything is loaded and scored before any
@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.core import finetune_files, head_files
-from stages.core.config import load_params
-from stages.core.errors import UserError, run_main
-from stages.core.evaluation_report import (
+from transfer_learning.common.errors import UserError
+from transfer_learning.data.manifest import SPLITS
+from transfer_learning.evaluate.report import (
     BEST_KEY,
     CONFUSION_IMAGES,
     CONFUSION_PLOTS,
@@ -27,10 +26,10 @@ from stages.core.evaluation_report import (
     write_confusion_png,
     write_summary,
 )
-from stages.core.feature_files import read_labels, read_plain_keys, read_split
-from stages.core.manifest import SPLITS
-from stages.core.metrics import write_metrics
-from stages.core.scoring import score
+from transfer_learning.evaluate.scoring import score
+from transfer_learning.features.split_files import read_labels, read_plain_keys, read_split
+from transfer_learning.finetune import files as finetune_files
+from transfer_learning.heads import files as head_files
 
 log = logging.getLogger("evaluate")
 
@@ -80,14 +79,15 @@ def _rounded(value: float | None) -> float | None:
     return None if value is None else round(float(value), 6)
 
 
-def main() -> None:
-    params = load_params(resolve_estimators=False, resolve_backbone=False)
+def evaluate(models: list[str] | str) -> dict:
+    """Every model `models` names (evaluate.models) on the test split -> the confusion plots and images and
+    reports/summary.md; returns metrics/evaluate.json's dict."""
     test = read_split("test").plain()
     if len(test) == 0:
         raise UserError("the test split is empty: set data.test_fraction above 0 to evaluate")
     classes = test.classes
     fine_tuned = [finetune_files.MODEL_NAME] if finetune_files.trained() else []
-    names = chosen_models(params.evaluate.models, head_files.trained_names() + fine_tuned)
+    names = chosen_models(models, head_files.trained_names() + fine_tuned)
     if not names:
         raise UserError("no trained model to evaluate: add a head under `heads` in params.yaml")
 
@@ -109,12 +109,7 @@ def main() -> None:
         write_confusion_csv(result.name, test.labels, predicted, classes)
         write_confusion_png(result.name, test.labels, predicted, classes)
     write_summary(results, classes, counts, int(labels_views["train"][1].max(initial=0)))
-    write_metrics("evaluate", {**{r.name: {**r.metrics, "val_accuracy": _rounded(r.val_accuracy)} for r in results},
-                               BEST_KEY: best.name})
     log.info("best on val: %s (val accuracy %.4f, test accuracy %.4f); side by side in reports/summary.md",
              best.name, best.val_accuracy if best.val_accuracy is not None else float("nan"),
              best.metrics["accuracy"])
-
-
-if __name__ == "__main__":
-    run_main(main)
+    return {**{r.name: {**r.metrics, "val_accuracy": _rounded(r.val_accuracy)} for r in results}, BEST_KEY: best.name}

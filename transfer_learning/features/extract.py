@@ -1,4 +1,5 @@
-"""extract: manifest + models/backbone.onnx -> feature store -> data/features/{train,val,test}.h5 + metrics.
+"""The extract stage's work: manifest + models/backbone.onnx -> feature store -> data/features/{train,val,test}.h5
+and the metrics.
 
 Only rows missing from the store (extract.store, not a DVC output) are computed: new images, a backbone or cut
 never seen before. Decoding and preprocessing run in `extract.workers` processes while ONNX Runtime runs the
@@ -6,8 +7,6 @@ previous batch.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
 
@@ -15,31 +14,20 @@ import numpy as np
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from stages.core import backbone_files, manifest
-from stages.core.config import load_params
-from stages.core.errors import UserError, run_main
-from stages.core.feature_files import FEATURES_DIR, SplitRows, write_split
-from stages.core.feature_store import FeatureStore, resolve_store, store_key
-from stages.core.hashing import sha256_file
-from stages.core.image_views import ViewDataset, ViewRequest, collate, one_thread_worker, view_id
-from stages.core.images import Preprocessing
-from stages.core.inference import FeatureRunner
-from stages.core.manifest import SPLITS
-from stages.core.metrics import write_metrics
+from transfer_learning.backbone import files as backbone_files
+from transfer_learning.common.errors import UserError
+from transfer_learning.common.hashing import sha256_file
+from transfer_learning.data import manifest
+from transfer_learning.data.images import Preprocessing
+from transfer_learning.data.manifest import SPLITS
+from transfer_learning.features.fingerprint import fingerprint
+from transfer_learning.features.runtime import FeatureRunner
+from transfer_learning.features.split_files import FEATURES_DIR, SplitRows, write_split
+from transfer_learning.features.store import FeatureStore, resolve_store, store_key
+from transfer_learning.features.views import ViewDataset, ViewRequest, collate, one_thread_worker, view_id
+from transfer_learning.params import ExtractParams
 
 log = logging.getLogger("extract")
-
-
-# Bump when the code that turns image bytes into model inputs changes (images.py, image_views.py): the
-# fingerprint then changes, and no feature computed by the old code is served.
-PIPELINE_VERSION = 1
-
-
-def fingerprint(onnx_sha256: str, preprocessing: dict, dtype: str) -> str:
-    """What changes features: the ONNX bytes (weights, cut, pooling), the preprocessing, the input code."""
-    spec = json.dumps({"onnx": onnx_sha256, "preprocessing": preprocessing, "dtype": dtype,
-                       "pipeline": PIPELINE_VERSION}, sort_keys=True)
-    return hashlib.sha256(spec.encode()).hexdigest()
 
 
 def compute(store: FeatureStore, todo: dict[str, ViewRequest], runner: FeatureRunner,
@@ -65,9 +53,9 @@ def compute(store: FeatureStore, todo: dict[str, ViewRequest], runner: FeatureRu
     return time.perf_counter() - started
 
 
-def main() -> None:
+def extract(params: ExtractParams) -> dict:
+    """Every split's rows from the store, the missing ones computed first; returns metrics/extract.json's dict."""
     started = time.perf_counter()
-    params = load_params(resolve_estimators=False).extract
     rows = manifest.read()
     classes = manifest.read_classes()
     label_index = {label: i for i, label in enumerate(classes)}
@@ -104,7 +92,7 @@ def main() -> None:
                         fingerprint=features_fingerprint, classes=classes, feature_dim=feature_dim, dtype=params.dtype)
         store_rows, rejected_files = len(store), store.rejected_files
 
-    write_metrics("extract", {
+    metrics = {
         "images": len(rows),
         "rows": len(wanted),
         "augment_views": params.augment_views,
@@ -119,11 +107,8 @@ def main() -> None:
         "dtype": params.dtype,
         "store_rows": store_rows,
         "store_files_rejected": rejected_files,
-    })
+    }
     log.info("features for %s -> %s (%d computed, %d reused, provider %s)",
              ", ".join(f"{s} {len(r.keys)}" for s, r in per_split.items()), FEATURES_DIR, len(todo),
              len(wanted) - len(todo), runner.provider)
-
-
-if __name__ == "__main__":
-    run_main(main)
+    return metrics

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from stages.core.errors import UserError
-from stages.core.onnx_export import INPUT
+from transfer_learning.backbone.onnx_export import INPUT
+from transfer_learning.common.errors import UserError
 
 log = logging.getLogger(__name__)
 CPU = "CPUExecutionProvider"

@@ -8,8 +8,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from stages.core.errors import UserError
-from stages.core.feature_store import KEY_DTYPE, out_of_space, whole_h5_file
+from transfer_learning.common.errors import UserError
+from transfer_learning.features.store import KEY_DTYPE, out_of_space, whole_h5_file
 
 FEATURES_DIR = Path("data/features")
 

@@ -43,7 +43,7 @@ import h5py
 import numpy as np
 from filelock import FileLock, Timeout
 
-from stages.core.errors import UserError
+from transfer_learning.common.errors import UserError
 
 log = logging.getLogger(__name__)
 KEY_DTYPE = "S96"  # "<sha256 hex>/<view id>", checked in store_key: numpy would truncate silently

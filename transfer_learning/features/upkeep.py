@@ -1,4 +1,4 @@
-"""python -m stages.store list | verify | gc: upkeep of the feature store (extract.store, or --store).
+"""Upkeep of the feature store (extract.store, or --store), behind `python -m stages.store list | verify | gc`.
 
   list            every fingerprint folder: rows, MB, files, rejected files, last use; every fine-tune run folder
   verify          every file checked as a run checks it (digests, finite features); a bad one is moved aside
@@ -20,7 +20,6 @@ deleted once rejected more than --days days ago. `--days 0` applies all of it no
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -33,9 +32,9 @@ import h5py
 import yaml
 from filelock import FileLock, Timeout
 
-from stages.core.errors import UserError, run_main
-from stages.core.feature_files import FEATURES_DIR
-from stages.core.feature_store import FeatureStore, resolve_store
+from transfer_learning.common.errors import UserError
+from transfer_learning.features.split_files import FEATURES_DIR
+from transfer_learning.features.store import FeatureStore
 
 FINETUNE = "finetune"
 EXTRACT_METRICS = "metrics/extract.json"
@@ -287,39 +286,3 @@ def gc(store: Path, days: float, commits: int, dry_run: bool) -> int:
             print(f"{'keep':<12}  {FINETUNE}/{run.name}: written {days_ago(last_change(run))}")
     print(f"{'would free' if dry_run else 'freed'} {freed / 1e6:.1f} MB in {store}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--store", help="the store folder (default: extract.store in params.yaml)")
-    parser = argparse.ArgumentParser(prog="python -m stages.store", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", parents=[common], help="fingerprints with rows, size, files and last use")
-    commands.add_parser("verify", parents=[common], help="check every file; move bad ones aside; exit 1 if any")
-    collect = commands.add_parser("gc", parents=[common], help="delete what nothing refers to (see the module doc)")
-    collect.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
-    collect.add_argument("--days", type=float, default=14.0,
-                         help="keep anything used (and rejected files moved aside) in the last DAYS days (default 14)")
-    collect.add_argument("--commits", type=int, default=50,
-                         help="how many recent commits of all branches, tags and remotes refer (default 50)")
-    args = parser.parse_args(argv)
-
-    if args.store:
-        store = Path(args.store)
-    else:
-        from stages.core.config import load_params
-
-        store = resolve_store(load_params(resolve_estimators=False, resolve_backbone=False).extract.store)
-    if not store.is_dir():
-        raise UserError(f"no feature store at {store}: give --store, or run from the project's root after extract")
-    if args.command == "list":
-        return list_store(store)
-    if args.command == "verify":
-        return verify(store)
-    if args.days < 0 or args.commits < 0:
-        raise UserError("--days and --commits must be 0 or more")
-    return gc(store, args.days, args.commits, args.dry_run)
-
-
-if __name__ == "__main__":
-    run_main(main)

@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode, v2
 
-from stages.core.hashing import sha256_bytes
-from stages.core.images import BadImage, Preprocessing
+from transfer_learning.common.hashing import sha256_bytes
+from transfer_learning.data.images import BadImage, Preprocessing
 
 PLAIN_VIEW = "0"
 

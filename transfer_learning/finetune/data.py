@@ -16,12 +16,20 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode, v2
 from tqdm import tqdm
 
-from stages.core import manifest
-from stages.core.config import AugmentParams
-from stages.core.errors import UserError
-from stages.core.feature_store import FeatureStore, store_key
-from stages.core.image_views import PLAIN_VIEW, ViewDataset, ViewRequest, collate, one_thread_worker, read_image
-from stages.core.images import Preprocessing
+from transfer_learning.common.errors import UserError
+from transfer_learning.data import manifest
+from transfer_learning.data.images import Preprocessing
+from transfer_learning.features.fingerprint import PIPELINE_VERSION
+from transfer_learning.features.store import FeatureStore, store_key
+from transfer_learning.features.views import (
+    PLAIN_VIEW,
+    ViewDataset,
+    ViewRequest,
+    collate,
+    one_thread_worker,
+    read_image,
+)
+from transfer_learning.params import AugmentParams
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +114,6 @@ def image_batches(dataset: Dataset, order: list[int], batch_size: int, workers: 
 def prefix_fingerprint(weights_sha256: str, prefix_node: str, preprocessing: Preprocessing, device_type: str) -> str:
     """The key of the prefix's cached outputs. The device type is in it: CUDA kernels give other (still fp32)
     roundings than the CPU's, and rows of one key must come from one computation."""
-    from stages.extract import PIPELINE_VERSION
-
     spec = json.dumps({"weights": weights_sha256, "prefix_node": prefix_node, "preprocessing": preprocessing.to_json(),
                        "pipeline": PIPELINE_VERSION, "kind": "finetune-prefix", "device": device_type},
                       sort_keys=True)

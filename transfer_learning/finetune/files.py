@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.core.atomic import atomic_write_text
-from stages.core.errors import UserError
-from stages.core.hashing import sha256_bytes, sha256_file
+from transfer_learning.common.atomic import atomic_write_text
+from transfer_learning.common.errors import UserError
+from transfer_learning.common.hashing import sha256_bytes, sha256_file
 
 FINETUNE_DIR = Path("models/finetune")
 MODEL_NAME = "finetune"

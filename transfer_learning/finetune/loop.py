@@ -28,10 +28,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from stages.core.atomic import atomic_write, atomic_write_text
-from stages.core.config import FinetuneParams
-from stages.core.finetune_model import FineTuneNet
-from stages.core.hashing import sha256_bytes
+from transfer_learning.common.atomic import atomic_write, atomic_write_text
+from transfer_learning.common.hashing import sha256_bytes
+from transfer_learning.finetune.model import FineTuneNet
+from transfer_learning.params import FinetuneParams
 
 log = logging.getLogger(__name__)
 WEIGHT_DECAY = 1.0e-4

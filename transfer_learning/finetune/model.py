@@ -18,10 +18,10 @@ from torch import nn
 from torch.fx.passes.split_module import split_module
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from stages.core.backbones import Anatomy, Block, pool_features
-from stages.core.errors import UserError
-from stages.core.head_files import Head
-from stages.core.torch_heads import layers_module
+from transfer_learning.backbone.anatomy import Anatomy, Block, pool_features
+from transfer_learning.common.errors import UserError
+from transfer_learning.heads.files import Head
+from transfer_learning.heads.torch_heads import layers_module
 
 ABSENT_CLASS_BIAS = -1.0e4  # a class the init head never saw: never predicted until training moves it
 

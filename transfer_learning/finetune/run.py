@@ -1,5 +1,5 @@
-"""finetune: models/backbone + an init head from train_heads -> models/finetune/ (model.onnx, model.pt, meta.json,
-test_scores.npz) + metrics/finetune.json + plots/finetune/history.csv.
+"""The finetune stage's work: models/backbone + an init head from train_heads -> models/finetune/ (model.onnx,
+model.pt, meta.json, test_scores.npz), plots/finetune/history.csv and the metrics.
 
 LP-FT: the head starts as the linear probe trained on cached features (finetune.init_head), then the last
 `finetune.unfreeze` blocks and the head train together at low learning rates. When the frozen prefix sees no
@@ -14,18 +14,24 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from stages.core import backbone_files, finetune_files, head_files, manifest, onnx_export
-from stages.core.atomic import atomic_write, atomic_write_text
-from stages.core.config import Params, load_params
-from stages.core.errors import UserError, run_main
-from stages.core.feature_store import resolve_store
-from stages.core.finetune_data import (
+from transfer_learning.backbone import files as backbone_files
+from transfer_learning.backbone import onnx_export
+from transfer_learning.common.atomic import atomic_write, atomic_write_text
+from transfer_learning.common.errors import UserError
+from transfer_learning.common.hashing import sha256_bytes, sha256_file
+from transfer_learning.data import manifest
+from transfer_learning.features.runtime import FeatureRunner
+from transfer_learning.features.store import resolve_store
+from transfer_learning.features.views import ViewDataset, collate
+from transfer_learning.finetune import files as finetune_files
+from transfer_learning.finetune.data import (
     AugmentedImages,
     LabelledImages,
     augmentation,
@@ -34,13 +40,11 @@ from stages.core.finetune_data import (
     prefix_fingerprint,
     split_images,
 )
-from stages.core.finetune_files import FINETUNE_DIR, LOGITS, PROBABILITIES
-from stages.core.finetune_loop import Inputs, fit
-from stages.core.finetune_model import FineTuneNet, Probabilities
-from stages.core.hashing import sha256_bytes, sha256_file
-from stages.core.image_views import ViewDataset, collate
-from stages.core.inference import FeatureRunner
-from stages.core.metrics import write_metrics
+from transfer_learning.finetune.files import FINETUNE_DIR, LOGITS, PROBABILITIES
+from transfer_learning.finetune.loop import Inputs, fit
+from transfer_learning.finetune.model import FineTuneNet, Probabilities
+from transfer_learning.heads import files as head_files
+from transfer_learning.params import Params
 
 log = logging.getLogger("finetune")
 for noisy in ("onnx_ir", "onnxscript"):
@@ -52,20 +56,20 @@ SEED = 0  # the fresh head's init, the shuffling, the augmentation, dropout
 FINETUNE_VERSION = 2  # bump when a change to the loop makes old checkpoints wrong (2: the fresh head is seeded)
 
 
-def skip() -> None:
+def skip() -> dict:
     shutil.rmtree(FINETUNE_DIR, ignore_errors=True)
     FINETUNE_DIR.mkdir(parents=True)
     (FINETUNE_DIR / "skipped.json").write_text(json.dumps({"enabled": False}) + "\n")
     shutil.rmtree(PLOTS_DIR, ignore_errors=True)
     PLOTS_DIR.mkdir(parents=True)
-    write_metrics("finetune", {"skipped": True})
     print("finetune.enabled is false: skipped")
+    return {"skipped": True}
 
 
 def resolve_unfreeze(unfreeze: int | str) -> int | str:
     if unfreeze != "auto":
         return unfreeze
-    from stages.core.advisor import recommended_unfreeze
+    from transfer_learning.advise.advisor import recommended_unfreeze
 
     chosen = recommended_unfreeze()
     log.info("finetune.unfreeze: auto -> %r (metrics/advice.json, reports/advice.md)", chosen)
@@ -164,7 +168,7 @@ def export_onnx(net: FineTuneNet, onnx_file: Path, run_dir: Path, preprocessing,
                 checkpoint_sha256: str | None) -> float:
     """Exports and parity-checks the model; a finished run's verified export is copied instead. Returns the
     largest ONNX-vs-torch difference (relative, for the logits)."""
-    from stages.export import parity_batches
+    from transfer_learning.backbone.export import parity_batches
 
     kept = kept_export(run_dir, opset, checkpoint_sha256)
     if kept is not None:
@@ -196,18 +200,20 @@ def write_history(history: list[dict]) -> None:
                              for c in columns])
 
 
-def main() -> None:
-    params = load_params(resolve_estimators=False, resolve_backbone=False)
-    if not params.finetune.enabled:
-        # train_heads and evaluate are its neighbours in the DAG, so this runs after every heads edit: when
-        # disabled it must cost next to nothing, hence no torchvision check of backbone.* (earlier stages made it)
-        skip()
-        return
-    started = time.perf_counter()
+@dataclass
+class Setup:
+    """The network to train and what decided its shape (recorded in meta.json and the metrics)."""
+
+    net: FineTuneNet
+    cut_node: str
+    unfreeze: int | str
+    bn: str
+    head: head_files.Head | None
+    trainable: list[str]
+
+
+def build_net(params: Params, backbone: backbone_files.Backbone, preprocessing, num_classes: int) -> Setup:
     settings = params.finetune
-    backbone = backbone_files.load()
-    preprocessing = backbone.preprocessing.with_bit_depth(manifest.read_bit_depth())
-    classes = manifest.read_classes()
     cut_node = backbone.anatomy.cut_node(params.backbone.cut)
     unfreeze = resolve_unfreeze(settings.unfreeze)
     head = init_head(settings.init_head)
@@ -218,11 +224,27 @@ def main() -> None:
         log.info("finetune.bn: frozen, but backbone.weights is none: the unfrozen blocks' BatchNorm trains")
         bn = "train"
     net = FineTuneNet(backbone.model(), backbone.anatomy, cut_node, params.backbone.pool, unfreeze, bn,
-                      head, len(classes), preprocessing.crop, seed=SEED)
+                      head, num_classes, preprocessing.crop, seed=SEED)
     trainable = [b.name for b in net.split.trainable]
     log.info("unfreeze %r: training %s + the head (%s); %d backbone blocks frozen; bn %s",
              unfreeze, ", ".join(trainable) or "no backbone block", settings.init_head or "fresh head",
              len(net.split.kept) - len(trainable), bn)
+    return Setup(net, cut_node, unfreeze, bn, head, trainable)
+
+
+def finetune(params: Params) -> dict:
+    """The finetune stage's work (or only the record that it was skipped); returns metrics/finetune.json's dict."""
+    if not params.finetune.enabled:
+        # train_heads and evaluate are its neighbours in the DAG, so this runs after every heads edit: when
+        # disabled it must cost next to nothing, hence no torchvision check of backbone.* (earlier stages made it)
+        return skip()
+    started = time.perf_counter()
+    settings = params.finetune
+    backbone = backbone_files.load()
+    preprocessing = backbone.preprocessing.with_bit_depth(manifest.read_bit_depth())
+    classes = manifest.read_classes()
+    setup = build_net(params, backbone, preprocessing, len(classes))
+    net = setup.net
 
     train, val, test = (split_images(split) for split in ("train", "val", "test"))
     if len(train) == 0 or len(val) == 0:
@@ -241,38 +263,21 @@ def main() -> None:
                               device)
     val_inputs = inputs_for(net, val, None, has_prefix, store, prefix_fp, preprocessing, settings.batch_size, device)
 
-    run_fp = run_fingerprint(params, unfreeze, bn, head, train, val)
+    run_fp = run_fingerprint(params, setup.unfreeze, setup.bn, setup.head, train, val)
     checkpoint = store / "finetune" / run_fp / "checkpoint.pt"
     log.info("training on %s; checkpoint %s", device, checkpoint)
     outcome = fit(net, train_inputs, val_inputs, settings, seed=SEED, checkpoint=checkpoint, device=device)
     net.cpu().eval()
-
-    shutil.rmtree(FINETUNE_DIR, ignore_errors=True)
-    FINETUNE_DIR.mkdir(parents=True)
-    onnx_file = finetune_files.onnx_path()
-    max_abs_diff = export_onnx(net, onnx_file, checkpoint.parent, preprocessing, params.export.opset,
-                               outcome.checkpoint_sha256)
-    if max_abs_diff > params.export.atol:
-        raise UserError(f"export.atol: the fine-tuned model's ONNX differs from torch by {max_abs_diff:.3g} > "
-                        f"{params.export.atol:g}; the checkpoint {checkpoint} is kept, so a re-run only re-exports")
-    torch.save(net.state_dict(), FINETUNE_DIR / finetune_files.STATE_DICT)
+    max_abs_diff = write_outputs(params, setup, outcome, checkpoint, backbone, preprocessing, classes, test)
     best = outcome.history[outcome.best_epoch]
-    meta = {
-        "arch": backbone.arch, "weights": backbone.weights, "cut": params.backbone.cut, "cut_node": cut_node,
-        "pool": params.backbone.pool, "unfreeze": unfreeze, "trainable_blocks": trainable, "bn": bn,
-        "init_head": settings.init_head, "classes": classes, "preprocessing": preprocessing.to_json(),
-        "best_epoch": outcome.best_epoch, "val_accuracy": best["val_accuracy"],
-        "head_hidden": [m.out_features for m in net.head.modules() if isinstance(m, torch.nn.Linear)][:-1],
-    }
-    probabilities = test_probabilities(onnx_file, test, preprocessing, params.extract.providers)
-    finetune_files.write_test_scores(test.keys(), probabilities)
-    finetune_files.write_meta(meta)  # last: with the sha256 of the files above
-    write_history(outcome.history)
     trained_epochs = [r for r in outcome.history if r["epoch"] > 0]
-    write_metrics("finetune", {
+    log.info("fine-tuned (unfreeze %r): best epoch %d, val accuracy %.4f (%.4f before any update) -> %s",
+             setup.unfreeze, outcome.best_epoch, best["val_accuracy"], outcome.history[0]["val_accuracy"],
+             FINETUNE_DIR)
+    return {
         "skipped": False,
-        "unfreeze": unfreeze,
-        "trainable_blocks": len(trainable),
+        "unfreeze": setup.unfreeze,
+        "trainable_blocks": len(setup.trainable),
         "trainable_params": sum(p.numel() for p in net.parameters() if p.requires_grad),
         "init_head": settings.init_head,
         "cached_prefix": cache_train,
@@ -286,10 +291,34 @@ def main() -> None:
         "resumed_from_epoch": outcome.resumed_from,
         "onnx_max_abs_diff": max_abs_diff,
         "seconds": round(time.perf_counter() - started, 2),
-    })
-    log.info("fine-tuned (unfreeze %r): best epoch %d, val accuracy %.4f (%.4f before any update) -> %s",
-             unfreeze, outcome.best_epoch, best["val_accuracy"], outcome.history[0]["val_accuracy"], FINETUNE_DIR)
+    }
 
 
-if __name__ == "__main__":
-    run_main(main)
+def write_outputs(params: Params, setup: Setup, outcome, checkpoint: Path, backbone: backbone_files.Backbone,
+                  preprocessing, classes: list[str], test: LabelledImages) -> float:
+    """models/finetune/ (the verified ONNX export, the state dict, test scores, meta.json last) and the history
+    plot; returns the ONNX export's largest difference from torch."""
+    net = setup.net
+    shutil.rmtree(FINETUNE_DIR, ignore_errors=True)
+    FINETUNE_DIR.mkdir(parents=True)
+    onnx_file = finetune_files.onnx_path()
+    max_abs_diff = export_onnx(net, onnx_file, checkpoint.parent, preprocessing, params.export.opset,
+                               outcome.checkpoint_sha256)
+    if max_abs_diff > params.export.atol:
+        raise UserError(f"export.atol: the fine-tuned model's ONNX differs from torch by {max_abs_diff:.3g} > "
+                        f"{params.export.atol:g}; the checkpoint {checkpoint} is kept, so a re-run only re-exports")
+    torch.save(net.state_dict(), FINETUNE_DIR / finetune_files.STATE_DICT)
+    best = outcome.history[outcome.best_epoch]
+    meta = {
+        "arch": backbone.arch, "weights": backbone.weights, "cut": params.backbone.cut, "cut_node": setup.cut_node,
+        "pool": params.backbone.pool, "unfreeze": setup.unfreeze, "trainable_blocks": setup.trainable,
+        "bn": setup.bn, "init_head": params.finetune.init_head, "classes": classes,
+        "preprocessing": preprocessing.to_json(), "best_epoch": outcome.best_epoch,
+        "val_accuracy": best["val_accuracy"],
+        "head_hidden": [m.out_features for m in net.head.modules() if isinstance(m, torch.nn.Linear)][:-1],
+    }
+    probabilities = test_probabilities(onnx_file, test, preprocessing, params.extract.providers)
+    finetune_files.write_test_scores(test.keys(), probabilities)
+    finetune_files.write_meta(meta)  # last: with the sha256 of the files above
+    write_history(outcome.history)
+    return max_abs_diff

@@ -11,22 +11,41 @@ from __future__ import annotations
 import io
 import json
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stages.core.errors import UserError
-from stages.core.hashing import sha256_bytes
+from transfer_learning.common.errors import UserError
+from transfer_learning.common.hashing import sha256_bytes
 
-if TYPE_CHECKING:  # training needs torch; loading and scoring a saved head does not
-    from stages.core.heads import FittedHead
+if TYPE_CHECKING:  # annotations only: loading and scoring a saved head does not import scikit-learn
+    from sklearn.base import BaseEstimator
+    from sklearn.preprocessing import StandardScaler
+
+    from transfer_learning.params import HeadSpec
 
 HEADS_DIR = Path("models/heads")
 LAYERS, PICKLE = "layers", "pickle"
 FILE_OF_FORMAT = {LAYERS: "weights.npz", PICKLE: "model.pkl"}
 RESTORE = "run `dvc checkout models/heads` to restore the committed heads, or `dvc repro train_heads` to retrain"
+
+
+@dataclass
+class FittedHead:
+    """What selection (heads/selection.py) hands to `save`: the chosen estimator, its scaler and its record."""
+
+    name: str
+    spec: HeadSpec
+    estimator: BaseEstimator
+    scaler: StandardScaler
+    chosen: dict[str, Any]
+    val_accuracy: float
+    candidates: list[dict[str, Any]]
+    seconds: float
+    train_rows: int
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 def estimator_scores(estimator: Any, x: np.ndarray) -> np.ndarray:
@@ -38,7 +57,7 @@ def estimator_scores(estimator: Any, x: np.ndarray) -> np.ndarray:
     return np.stack([-scores, scores], axis=1) if scores.ndim == 1 else scores
 
 
-def layers_of(fitted: "FittedHead") -> list[tuple[np.ndarray, np.ndarray]] | None:
+def layers_of(fitted: FittedHead) -> list[tuple[np.ndarray, np.ndarray]] | None:
     """(weight out×in, bias) per layer, or None for an estimator that is not a stack of Linear layers."""
     estimator = fitted.estimator
     if hasattr(estimator, "layers"):
@@ -51,7 +70,7 @@ def layers_of(fitted: "FittedHead") -> list[tuple[np.ndarray, np.ndarray]] | Non
     return None
 
 
-def save(fitted: "FittedHead", classes: list[str], fingerprint: str, directory: Path = HEADS_DIR) -> Path:
+def save(fitted: FittedHead, classes: list[str], fingerprint: str, directory: Path = HEADS_DIR) -> Path:
     out = directory / fitted.name
     out.mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -18,11 +17,11 @@ from sklearn.model_selection import ParameterGrid
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import has_fit_parameter
 
-from stages.core.config import LinearHead, LogisticHead, MLPHead, SklearnHead
-from stages.core.errors import UserError
-from stages.core.feature_files import SplitFeatures
-from stages.core.head_files import estimator_scores
-from stages.core.torch_heads import TorchHead
+from transfer_learning.common.errors import UserError
+from transfer_learning.features.split_files import SplitFeatures
+from transfer_learning.heads.files import FittedHead, estimator_scores
+from transfer_learning.heads.torch_heads import TorchHead
+from transfer_learning.params import LinearHead, LogisticHead, MLPHead, SklearnHead
 
 log = logging.getLogger(__name__)
 
@@ -59,20 +58,6 @@ def estimator_and_grid(name: str, spec: Spec) -> tuple[BaseEstimator, dict[str, 
     if "random_state" in valid and "random_state" not in spec.params and "random_state" not in spec.grid:
         chosen["random_state"] = spec.seed
     return estimator.set_params(**chosen), {k: list(v) for k, v in spec.grid.items()}
-
-
-@dataclass
-class FittedHead:
-    name: str
-    spec: Spec
-    estimator: BaseEstimator
-    scaler: StandardScaler
-    chosen: dict[str, Any]
-    val_accuracy: float
-    candidates: list[dict[str, Any]]
-    seconds: float
-    train_rows: int
-    details: dict[str, Any] = field(default_factory=dict)
 
 
 def fit_head(name: str, spec: Spec, train: SplitFeatures, val: SplitFeatures) -> FittedHead:

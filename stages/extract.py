@@ -1,0 +1,18 @@
+"""extract: data/prepared + models/backbone.onnx -> data/features/{train,val,test}.h5 + metrics/extract.json.
+
+Only rows missing from the feature store (extract.store, not a DVC output) are computed: new images, a backbone
+or cut never seen before (transfer_learning/features/extract.py).
+"""
+from transfer_learning.common.errors import run_main
+from transfer_learning.common.metrics import write_metrics
+from transfer_learning.features.extract import extract
+from transfer_learning.params import load_params
+
+
+def main() -> None:
+    params = load_params(resolve_estimators=False).extract
+    write_metrics("extract", extract(params))
+
+
+if __name__ == "__main__":
+    run_main(main)
