@@ -5,8 +5,8 @@
 
 Folders are searched recursively for images. A file that cannot be read is reported, and the others are still
 predicted; the exit status is then 1. The default model is the one with the best val accuracy (what every
-model was tuned on; the test split only reports). ONNX Runtime runs on extract.providers.
-(transfer_learning/deploy/predict.py)
+model was tuned on; the test split only reports). ONNX Runtime runs on extract.providers. The code:
+transfer_learning/deploy/.
 """
 import argparse
 
