@@ -213,6 +213,7 @@ class Setup:
 
 
 def build_net(params: Params, backbone: backbone_files.Backbone, preprocessing, num_classes: int) -> Setup:
+    """The backbone cut at backbone.cut, its last finetune.unfreeze blocks trainable, the init head on top."""
     settings = params.finetune
     cut_node = backbone.anatomy.cut_node(params.backbone.cut)
     unfreeze = resolve_unfreeze(settings.unfreeze)
