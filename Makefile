@@ -9,7 +9,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 .PHONY: setup run test test-fast bench clean-venv
 
 setup: $(VENV)/.installed $(FASHION_MNIST)
-	@$(PY) -m stages.core.offline_weights
+	@$(PY) -m transfer_learning.backbone.offline_weights
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	python3 -m venv $(VENV)

@@ -17,12 +17,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.core import backbone_files, head_files
-from stages.core.config import FinetuneParams
-from stages.core.finetune_data import LabelledImages, split_images
-from stages.core.finetune_loop import fit
-from stages.core.finetune_model import FineTuneNet
-from stages.finetune import inputs_for
+from transfer_learning.backbone import files as backbone_files
+from transfer_learning.finetune.data import LabelledImages, split_images
+from transfer_learning.finetune.loop import fit
+from transfer_learning.finetune.model import FineTuneNet
+from transfer_learning.finetune.run import inputs_for
+from transfer_learning.heads import files as head_files
+from transfer_learning.params import FinetuneParams
 
 NO_AUGMENT = {"random_resized_crop": False, "hflip": False, "color_jitter": 0.0}
 

@@ -1,7 +1,7 @@
 """advise: data/prepared + models/backbone -> metrics/advice.json + reports/advice.md.
 
 Counts the train images per class, measures how close a seeded sample of them is to the backbone's pretraining
-data (stages/core/advisor.py), and recommends a strategy and its unfreeze depth from the quadrant
+data (transfer_learning/advise/advisor.py), and recommends a strategy and its unfreeze depth from the quadrant
 (small/large x similar/different). `finetune.unfreeze: auto` reads `unfreeze` from metrics/advice.json.
 """
 from __future__ import annotations
@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from stages.core import advisor, backbone_files, manifest
-from stages.core.config import load_params
-from stages.core.errors import UserError, run_main
-from stages.core.metrics import write_metrics
+from transfer_learning.advise import advisor
+from transfer_learning.backbone import files as backbone_files
+from transfer_learning.common.errors import UserError, run_main
+from transfer_learning.common.metrics import write_metrics
+from transfer_learning.data import manifest
+from transfer_learning.params import load_params
 
 log = logging.getLogger("advise")
 REPORT = Path("reports/advice.md")

@@ -9,11 +9,12 @@ import logging
 import torch
 from torchvision.models import get_model_weights
 
-from stages.core import backbone_files, weights
-from stages.core.backbones import anatomy
-from stages.core.config import load_params
-from stages.core.errors import run_main
-from stages.core.images import Preprocessing
+from transfer_learning.backbone import files as backbone_files
+from transfer_learning.backbone import weights
+from transfer_learning.backbone.anatomy import anatomy
+from transfer_learning.common.errors import run_main
+from transfer_learning.data.images import Preprocessing
+from transfer_learning.params import load_params
 
 log = logging.getLogger("download")
 RANDOM_INIT_SEED = 0

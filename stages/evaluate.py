@@ -1,119 +1,18 @@
-"""evaluate: every trained model on the test split -> metrics/evaluate.json, plots/confusion/<model>.csv,
-reports/confusion/<model>.png, reports/summary.md.
+"""evaluate: data/features/test.h5 + models/heads + models/finetune -> metrics/evaluate.json,
+plots/confusion/<model>.csv, reports/confusion/<model>.png, reports/summary.md.
 
-The best model is the best on val, the split every head chose its hyperparameters on (and fine-tuning its
-epoch); test accuracy is reported beside it and chooses nothing. Everything is loaded and scored before any
-old output is replaced, so a model that fails to load leaves the previous plots and reports in place.
+The best model is the best on val; test accuracy is reported beside it and chooses nothing
+(transfer_learning/evaluate/run.py).
 """
-from __future__ import annotations
-
-import json
-import logging
-import shutil
-from pathlib import Path
-
-import numpy as np
-
-from stages.core import finetune_files, head_files
-from stages.core.config import load_params
-from stages.core.errors import UserError, run_main
-from stages.core.evaluation_report import (
-    BEST_KEY,
-    CONFUSION_IMAGES,
-    CONFUSION_PLOTS,
-    Evaluated,
-    ranked_by_val,
-    write_confusion_csv,
-    write_confusion_png,
-    write_summary,
-)
-from stages.core.feature_files import read_labels, read_plain_keys, read_split
-from stages.core.manifest import SPLITS
-from stages.core.metrics import write_metrics
-from stages.core.scoring import score
-
-log = logging.getLogger("evaluate")
-
-
-def chosen_models(requested: list[str] | str, trained: list[str]) -> list[str]:
-    if requested == "all":
-        return trained
-    unknown = [name for name in requested if name not in trained]
-    if unknown:
-        raise UserError(f"evaluate.models: {', '.join(map(repr, unknown))} not trained; "
-                        f"trained: {', '.join(trained) or 'none'}, or all")
-    return list(requested)
-
-
-def evaluate_finetuned(test, keys: list[str]) -> tuple[Evaluated, np.ndarray]:
-    """The fine-tuned model's row of the report, and its predicted class per test image."""
-    meta = finetune_files.read_meta()
-    if meta["classes"] != test.classes:
-        raise UserError("models/finetune was trained on other classes than data/features/test.h5: run `dvc repro`")
-    scores = finetune_files.read_test_scores(keys)
-    metrics = score(test.labels, scores, probabilistic=True)
-    name = finetune_files.MODEL_NAME
-    metrics_file = Path("metrics/finetune.json")
-    seconds = json.loads(metrics_file.read_text()).get("seconds") if metrics_file.is_file() else None
-    start = f"LP-FT from {meta['init_head']}" if meta["init_head"] else "fresh head"
-    kind = f"fine-tuned (unfreeze {meta['unfreeze']}, {start}{', random init' if not meta['weights'] else ''})"
-    log.info("%s: test accuracy %.4f", name, metrics["accuracy"])
-    return (Evaluated(name, kind, metrics, meta["val_accuracy"], f"best_epoch={meta['best_epoch']}", seconds),
-            scores.argmax(axis=1))
-
-
-def evaluate_head(name: str, test, heads_metrics: dict) -> tuple[Evaluated, np.ndarray]:
-    """A head's row of the report, and its predicted class per test image."""
-    head = head_files.load(name)
-    if head.meta["features_fingerprint"] != test.fingerprint:
-        raise UserError(f"head {name!r} was trained on other features than data/features/test.h5: "
-                        "run `dvc repro train_heads`")
-    scores = head.scores(test.features)
-    metrics = score(test.labels, scores, head.probabilistic)
-    chosen = ", ".join(f"{k}={v}" for k, v in {**head.meta["chosen"], **head.meta["details"]}.items()) or "–"
-    log.info("%s: test accuracy %.4f", name, metrics["accuracy"])
-    return (Evaluated(name, f"{head.meta['type']} head", metrics, head.meta["val_accuracy"], chosen,
-                      heads_metrics.get(name, {}).get("train_seconds")), scores.argmax(axis=1))
-
-
-def _rounded(value: float | None) -> float | None:
-    return None if value is None else round(float(value), 6)
+from transfer_learning.common.errors import run_main
+from transfer_learning.common.metrics import write_metrics
+from transfer_learning.evaluate.run import evaluate
+from transfer_learning.params import load_params
 
 
 def main() -> None:
-    params = load_params(resolve_estimators=False, resolve_backbone=False)
-    test = read_split("test").plain()
-    if len(test) == 0:
-        raise UserError("the test split is empty: set data.test_fraction above 0 to evaluate")
-    classes = test.classes
-    fine_tuned = [finetune_files.MODEL_NAME] if finetune_files.trained() else []
-    names = chosen_models(params.evaluate.models, head_files.trained_names() + fine_tuned)
-    if not names:
-        raise UserError("no trained model to evaluate: add a head under `heads` in params.yaml")
-
-    # wall-clock seconds stay out of models/heads, so that retraining identical heads leaves their hash as it was
-    heads_metrics_file = Path("metrics/heads.json")
-    heads_metrics = json.loads(heads_metrics_file.read_text()) if heads_metrics_file.is_file() else {}
-    evaluated = [evaluate_finetuned(test, read_plain_keys("test")) if name == finetune_files.MODEL_NAME
-                 else evaluate_head(name, test, heads_metrics) for name in names]
-    labels_views = {split: read_labels(split) for split in SPLITS}
-    counts = {split: np.bincount(labels[views == 0], minlength=len(classes))
-              for split, (labels, views) in labels_views.items()}
-    results = [result for result, _ in evaluated]
-    best = ranked_by_val(results)[0]
-
-    # everything is computed: only now are the old outputs replaced
-    for folder in (CONFUSION_PLOTS, CONFUSION_IMAGES):  # a model no longer evaluated leaves no stale file
-        shutil.rmtree(folder, ignore_errors=True)
-    for result, predicted in evaluated:
-        write_confusion_csv(result.name, test.labels, predicted, classes)
-        write_confusion_png(result.name, test.labels, predicted, classes)
-    write_summary(results, classes, counts, int(labels_views["train"][1].max(initial=0)))
-    write_metrics("evaluate", {**{r.name: {**r.metrics, "val_accuracy": _rounded(r.val_accuracy)} for r in results},
-                               BEST_KEY: best.name})
-    log.info("best on val: %s (val accuracy %.4f, test accuracy %.4f); side by side in reports/summary.md",
-             best.name, best.val_accuracy if best.val_accuracy is not None else float("nan"),
-             best.metrics["accuracy"])
+    params = load_params(resolve_estimators=False, resolve_backbone=False).evaluate
+    write_metrics("evaluate", evaluate(params.models))
 
 
 if __name__ == "__main__":

@@ -5,182 +5,13 @@
 
 Folders are searched recursively for images. A file that cannot be read is reported, and the others are still
 predicted; the exit status is then 1. The default model is the one with the best val accuracy (what every
-model was tuned on; the test split only reports). ONNX Runtime runs on extract.providers.
+model was tuned on; the test split only reports). ONNX Runtime runs on extract.providers. The code:
+transfer_learning/deploy/.
 """
-from __future__ import annotations
-
 import argparse
-import json
-import logging
-import sys
-from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
-import torch
-
-from stages.core import backbone_files, deploy_onnx, finetune_files, head_files, manifest
-from stages.core.config import load_params
-from stages.core.errors import UserError, run_main
-from stages.core.hashing import sha256_file
-from stages.core.images import IMAGE_EXTENSIONS, BadImage, Preprocessing
-from stages.core.inference import FeatureRunner
-
-log = logging.getLogger("predict")
-EVALUATE_METRICS = Path("metrics/evaluate.json")
-
-
-@dataclass
-class Prediction:
-    path: str
-    top: list[tuple[str, float]] = field(default_factory=list)
-    error: str | None = None
-
-
-def image_files(inputs: list[str]) -> tuple[list[Path], list[Prediction]]:
-    """The image files named or found under the folders named; paths that do not exist become errors."""
-    files, missing = [], []
-    for given in inputs:
-        path = Path(given)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-            if not found:
-                missing.append(Prediction(given, error=f"no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder"))
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            missing.append(Prediction(given, error="no such file or folder"))
-    return files, missing
-
-
-def recorded_meta(model: str) -> dict:
-    """What training recorded about a model (val accuracy, format), read without loading the model."""
-    if model == finetune_files.MODEL_NAME:
-        return finetune_files.read_meta()
-    return json.loads((head_files.HEADS_DIR / model / "head.json").read_text())
-
-
-def default_model(deployable: bool = False) -> str:
-    """The trained model with the best val accuracy (the best deployable one for --deploy), among those
-    metrics/evaluate.json lists when it lists any; ties go to the earlier one in that file (or in name order).
-    The test accuracy never chooses: it is the held-out report of the choice."""
-    trained = [name for name in head_files.trained_names()
-               if not deployable or recorded_meta(name)["format"] == head_files.LAYERS]
-    if not deployable and finetune_files.trained():
-        trained.append(finetune_files.MODEL_NAME)
-    if not trained:
-        raise UserError("no trained head in models/heads" + (" that can be deployed (logistic, linear, mlp)"
-                                                             if deployable else "") + ": run `dvc repro` first")
-    evaluated = json.loads(EVALUATE_METRICS.read_text()) if EVALUATE_METRICS.is_file() else {}
-    candidates = [m for m in evaluated if m in trained] or trained
-
-    def val_accuracy(model: str) -> float:
-        recorded = evaluated.get(model, {}).get("val_accuracy")
-        return recorded if recorded is not None else recorded_meta(model)["val_accuracy"]
-
-    return max(candidates, key=val_accuracy)  # max keeps the first of equals
-
-
-def check_features_match(head: head_files.Head, backbone: backbone_files.Backbone) -> None:
-    """A head only makes sense on the features it was trained on: same ONNX backbone, preprocessing, dtype."""
-    from stages.extract import fingerprint
-
-    dtype = load_params(resolve_estimators=False, resolve_backbone=False).extract.dtype
-    preprocessing = backbone.preprocessing.with_bit_depth(manifest.read_bit_depth())
-    current = fingerprint(sha256_file(backbone_files.ONNX), preprocessing.to_json(), dtype)
-    if head.meta["features_fingerprint"] != current:
-        raise UserError(f"head {head.name!r} was trained on other features than {backbone_files.ONNX} gives now "
-                        "(the backbone, cut, pooling, preprocessing or dtype changed): run `dvc repro`")
-
-
-def load_pixels(path: Path, preprocessing: Preprocessing) -> torch.Tensor:
-    """uint8 3×crop×crop, the same decode and transforms as extract."""
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise BadImage(f"cannot read: {error.strerror or error}") from None
-    return preprocessing.pixels()(preprocessing.decode(data))
-
-
-class TwoStepPredictor:
-    """models/backbone.onnx with ONNX Runtime, then the head on the features."""
-
-    def __init__(self, head: head_files.Head, batch_size: int, providers: list[str]):
-        self.head = head
-        self.runner = FeatureRunner(backbone_files.ONNX, providers, batch_size)
-
-    def __call__(self, pixels: torch.Tensor, preprocessing: Preprocessing) -> np.ndarray:
-        return self.head.scores(self.runner(preprocessing.normalize(pixels).numpy()))
-
-
-class FineTunedPredictor:
-    """models/finetune/model.onnx, once it matches the sha256 in meta.json: images in, probabilities out."""
-
-    def __init__(self, batch_size: int, providers: list[str]):
-        self.classes = finetune_files.read_meta()["classes"]
-        self.runner = FeatureRunner(finetune_files.verify(finetune_files.ONNX), providers, batch_size)
-
-    def __call__(self, pixels: torch.Tensor, preprocessing: Preprocessing) -> np.ndarray:
-        return self.runner(preprocessing.normalize(pixels).numpy())
-
-
-def predictor_for(model: str, backbone: backbone_files.Backbone, batch_size: int):
-    """(predictor, class names)"""
-    providers = load_params(resolve_estimators=False, resolve_backbone=False).extract.providers
-    if model == finetune_files.MODEL_NAME:
-        predictor = FineTunedPredictor(batch_size, providers)
-        return predictor, predictor.classes
-    head = head_files.load(model)
-    check_features_match(head, backbone)
-    return TwoStepPredictor(head, batch_size, providers), head.classes
-
-
-def predict(files: list[Path], model: str, top_k: int, batch_size: int = 32) -> list[Prediction]:
-    backbone = backbone_files.load()
-    preprocessing = backbone.preprocessing.with_bit_depth(manifest.read_bit_depth())
-    predictor, classes = predictor_for(model, backbone, batch_size)
-    results = [Prediction(str(path)) for path in files]
-    for start in range(0, len(files), batch_size):
-        batch, positions = [], []
-        for i in range(start, min(start + batch_size, len(files))):
-            try:
-                batch.append(load_pixels(files[i], preprocessing))
-                positions.append(i)
-            except BadImage as error:
-                results[i].error = str(error)
-        if not batch:
-            continue
-        scores = predictor(torch.stack(batch), preprocessing)
-        for row, i in zip(scores, positions):
-            # a class absent from training has no score (-inf) for heads without probabilities
-            best = [c for c in np.argsort(-row, kind="stable") if np.isfinite(row[c])][:top_k]
-            results[i].top = [(classes[c], float(row[c])) for c in best]
-    return results
-
-
-def deploy(model: str) -> Path:
-    if model == finetune_files.MODEL_NAME:
-        raise UserError(f"{finetune_files.onnx_path()} is already one standalone ONNX file (normalized float images "
-                        "in, probabilities out); --deploy builds one for the heads")
-    head = head_files.load(model)
-    if head.arrays is None:
-        layered = [n for n in head_files.trained_names() if head_files.load(n).arrays is not None]
-        raise UserError(f"head {model!r} is a pickled scikit-learn estimator, which has no ONNX form here; "
-                        f"deployable heads: {', '.join(layered) or 'none'} (logistic, linear, mlp)")
-    backbone = backbone_files.load()
-    check_features_match(head, backbone)
-    preprocessing = backbone.preprocessing.with_bit_depth(manifest.read_bit_depth())  # recorded in its metadata
-    return deploy_onnx.write(deploy_onnx.build(backbone_files.ONNX, head, preprocessing), model)
-
-
-def print_text(results: list[Prediction], probabilistic: bool) -> None:
-    what = "" if probabilistic else " (score)"
-    for result in results:
-        if result.error:
-            print(f"{result.path}: ERROR {result.error}")
-        else:
-            print(f"{result.path}: " + ", ".join(f"{name} {value:.3f}{what}" for name, value in result.top))
+from transfer_learning.common.errors import run_main
+from transfer_learning.deploy.predict import default_model, deploy, image_files, predict, report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,18 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.top_k < 1:
         parser.error("--top-k must be at least 1")
     files, missing = image_files(args.inputs)
-    results = predict(files, model, args.top_k) + missing if files else missing
-    probabilistic = model == finetune_files.MODEL_NAME or head_files.load(model).probabilistic
-    if args.json:
-        print(json.dumps({"model": model, "probabilities": probabilistic, "predictions": [
-            {"path": r.path, "error": r.error} if r.error else
-            {"path": r.path, "top": [{"class": c, "score": s} for c, s in r.top]} for r in results]}, indent=2))
-    else:
-        print_text(results, probabilistic)
-    failed = [r for r in results if r.error]
-    if failed:
-        print(f"{len(failed)} of {len(results)} input(s) could not be predicted", file=sys.stderr)
-    return 1 if failed else 0
+    return report(predict(files, model, args.top_k) + missing if files else missing, model, args.json)
 
 
 if __name__ == "__main__":

@@ -1,55 +1,15 @@
 """train_heads: data/features/{train,val}.h5 -> models/heads/<name>/ + metrics/heads.json.
 
-Every head in params.yaml `heads` chooses its hyperparameters on val (stages/core/heads.py) and is saved by
-stages/core/head_files.py. Train rows include the augmented views when extract.augment_views > 0.
+Every head in params.yaml `heads` chooses its hyperparameters on val (transfer_learning/heads/).
 """
-from __future__ import annotations
-
-import logging
-import shutil
-import time
-
-from stages.core import head_files
-from stages.core.config import load_params
-from stages.core.errors import UserError, run_main
-from stages.core.feature_files import read_split
-from stages.core.heads import estimator_and_grid, fit_head
-from stages.core.metrics import write_metrics
-
-log = logging.getLogger("train_heads")
+from transfer_learning.common.errors import run_main
+from transfer_learning.common.metrics import write_metrics
+from transfer_learning.heads.train import train_heads
+from transfer_learning.params import load_params
 
 
 def main() -> None:
-    started = time.perf_counter()
-    params = load_params(resolve_backbone=False)
-    for name, spec in params.heads.items():  # every spec checked before any training
-        estimator_and_grid(name, spec)
-    train, val = read_split("train"), read_split("val").plain()
-    if train.fingerprint != val.fingerprint:
-        raise UserError("data/features/train.h5 and val.h5 come from different extract runs: run `dvc repro extract`")
-    augmented = int((train.views > 0).sum())
-    log.info("training %d head(s) on %d train rows (%d of them augmented views), selecting on %d val rows",
-             len(params.heads), len(train), augmented, len(val))
-
-    fitted_heads = [fit_head(name, spec, train, val) for name, spec in params.heads.items()]
-    # every head is trained: only now are the old ones replaced (a head removed from params leaves no stale files)
-    shutil.rmtree(head_files.HEADS_DIR, ignore_errors=True)
-    metrics = {}
-    for fitted in fitted_heads:
-        name, spec = fitted.name, fitted.spec
-        folder = head_files.save(fitted, train.classes, train.fingerprint)
-        metrics[name] = {
-            "type": spec.type,
-            "val_accuracy": round(fitted.val_accuracy, 6),
-            "params": fitted.chosen,
-            "train_seconds": round(fitted.seconds, 2),
-            "train_rows": fitted.train_rows,
-            **fitted.details,
-        }
-        log.info("head %s (%s): val accuracy %.4f with %s in %.1f s -> %s", name, spec.type, fitted.val_accuracy,
-                 fitted.chosen or "its params", fitted.seconds, folder)
-    write_metrics("heads", metrics)
-    log.info("%d head(s) trained in %.1f s", len(metrics), time.perf_counter() - started)
+    write_metrics("heads", train_heads(load_params(resolve_backbone=False).heads))
 
 
 if __name__ == "__main__":

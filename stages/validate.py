@@ -12,8 +12,8 @@ import logging
 import time
 from pathlib import Path
 
-from stages.core.config import PARAMS_FILE, load_params
-from stages.core.errors import run_main
+from transfer_learning.common.errors import run_main
+from transfer_learning.params import PARAMS_FILE, load_params
 
 log = logging.getLogger("validate")
 VALIDATED = Path("data/params.ok")

@@ -15,7 +15,9 @@ from tests.conftest import DEFAULT_PARAMS, REPO, merged
 class DvcRepo:
     def __init__(self, root: Path, **params):
         self.root = root
-        shutil.copytree(REPO / "stages", root / "stages", ignore=shutil.ignore_patterns("__pycache__"))
+        for package in ("stages", "transfer_learning"):
+            shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(REPO / ".dvcignore", root / ".dvcignore")  # bytecode in the directory deps is not code
         shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
         self.set_params(**params)
         # the stages run `python`: the interpreter running the tests, whatever venv it is in

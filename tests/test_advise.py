@@ -11,11 +11,12 @@ from PIL import Image
 from skimage import data as skdata
 
 from stages import advise, download, prepare
-from stages.core import advisor, manifest
-from stages.core.config import AdviseParams, load_params
-from stages.core.errors import UserError
-from stages.core.metrics import write_metrics
 from tests.conftest import Project, write_digits
+from transfer_learning.advise import advisor
+from transfer_learning.common.errors import UserError
+from transfer_learning.common.metrics import write_metrics
+from transfer_learning.data import manifest
+from transfer_learning.params import AdviseParams, load_params
 
 BLOCKS = [f"features.{i}" for i in range(19)]  # MobileNetV2's blocks
 SPLIT = {"per_class": None, "val_fraction": 0.2, "test_fraction": 0.2}

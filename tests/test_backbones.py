@@ -6,9 +6,9 @@ from PIL import Image
 from skimage import data as skdata
 from torchvision.models import MobileNet_V2_Weights, get_model
 
-from stages.core.backbones import PooledFeatures, anatomy
-from stages.core.errors import UserError
-from stages.core.images import Preprocessing
+from transfer_learning.backbone.anatomy import PooledFeatures, anatomy
+from transfer_learning.common.errors import UserError
+from transfer_learning.data.images import Preprocessing
 
 
 @pytest.fixture(scope="module")

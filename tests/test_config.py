@@ -10,10 +10,11 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from stages.core import config, finetune_files
-from stages.core.config import load_params
-from stages.core.errors import UserError
-from stages.core.evaluation_report import BEST_KEY
+from transfer_learning import params as config
+from transfer_learning.common.errors import UserError
+from transfer_learning.evaluate.report import BEST_KEY
+from transfer_learning.finetune import files as finetune_files
+from transfer_learning.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -374,7 +375,7 @@ def test_invalid_yaml_is_a_user_error(project):
 
 
 def test_extract_can_skip_importing_estimators_but_the_others_check_them(project):
-    from stages.core.config import load_params
+    from transfer_learning.params import load_params
 
     project.params(heads={"knn": {"type": "sklearn", "estimator": "sklearn.neighbors.Nope"}})
     with pytest.raises(UserError, match="heads.knn.estimator"):

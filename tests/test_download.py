@@ -10,8 +10,9 @@ from skimage import data as skdata
 from torchvision.models import MobileNet_V2_Weights
 
 from stages import download
-from stages.core import backbone_files, weights
-from stages.core.errors import UserError
+from transfer_learning.backbone import files as backbone_files
+from transfer_learning.backbone import weights
+from transfer_learning.common.errors import UserError
 
 MOBILENET = MobileNet_V2_Weights.IMAGENET1K_V1
 CATS = {"tabby", "tiger cat", "Egyptian cat", "Persian cat", "Siamese cat", "lynx"}
@@ -22,7 +23,7 @@ COFFEE = {"espresso", "cup", "coffee mug", "eggnog"}
 def cached_file() -> Path:
     path = weights.cache_path(MOBILENET)
     if not path.is_file():
-        pytest.fail(f"{path} missing: run `make setup` (python -m stages.core.offline_weights)")
+        pytest.fail(f"{path} missing: run `make setup` (python -m transfer_learning.backbone.offline_weights)")
     return path
 
 

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from stages import download, export
-from stages.core import backbone_files, onnx_export
-from stages.core.backbones import PooledFeatures
-from stages.core.errors import UserError
+from transfer_learning.backbone import files as backbone_files
+from transfer_learning.backbone import onnx_export
+from transfer_learning.backbone.anatomy import PooledFeatures
+from transfer_learning.common.errors import UserError
 
 CASES = {
     # arch: (weights, [(cut, pool, expected feature_dim)])

@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 
 from stages import export, extract, prepare
-from stages.core import backbone_files
-from stages.core.backbones import PooledFeatures
-from stages.core.errors import UserError
-from stages.core.inference import CPU, CUDA, FeatureRunner, provider_options, providers_to_try
 from tests.conftest import DIGITS_PER_CLASS, REPO, write_digits
+from transfer_learning.backbone import files as backbone_files
+from transfer_learning.backbone.anatomy import PooledFeatures
+from transfer_learning.common.errors import UserError
+from transfer_learning.features.runtime import CPU, CUDA, FeatureRunner, provider_options, providers_to_try
 
 # CUDA (TF32 off) vs CPU, both fp32: only kernels and summation order differ (typically ~1e-5 of the scale).
 # The bound is relative to the largest feature (MobileNetV2's pooled ReLU6 features lie in [0, 6]). That TF32 is

@@ -11,10 +11,10 @@ import h5py
 import numpy as np
 import pytest
 
-from stages.core.errors import UserError
-from stages.core.feature_files import read_split
-from stages.core.feature_store import FeatureStore, store_key
 from tests.conftest import REPO
+from transfer_learning.common.errors import UserError
+from transfer_learning.features.split_files import read_split
+from transfer_learning.features.store import FeatureStore, store_key
 
 DIM = 8
 
@@ -291,9 +291,9 @@ def small_disk(tmp_path):
 
 FILL_THE_DISK = """
 import numpy as np
-from stages.core.errors import run_main
-from stages.core.feature_store import FeatureStore, store_key
 from tests.conftest import REPO
+from transfer_learning.common.errors import run_main
+from transfer_learning.features.store import FeatureStore, store_key
 
 def main():
     keys = [store_key(f"{i:064x}", "0") for i in range(400)]

@@ -18,16 +18,20 @@ import yaml
 from torch import nn
 from torchvision.models import get_model
 
-from stages import evaluate, extract, finetune, predict, train_heads
-from stages.core import backbone_files, finetune_files, head_files
-from stages.core.backbones import anatomy
-from stages.core.config import FinetuneParams
-from stages.core.errors import UserError
-from stages.core.feature_files import read_plain_keys, read_split
-from stages.core.finetune_data import AugmentedImages, augmentation, split_images
-from stages.core.finetune_loop import CHECKPOINT_KEYS, Inputs, fit, save_checkpoint
-from stages.core.finetune_model import FineTuneNet
-from stages.core.hashing import sha256_file
+from stages import evaluate, extract, finetune, train_heads
+from transfer_learning.backbone import files as backbone_files
+from transfer_learning.backbone.anatomy import anatomy
+from transfer_learning.common.errors import UserError
+from transfer_learning.common.hashing import sha256_file
+from transfer_learning.deploy import predict
+from transfer_learning.features.split_files import read_plain_keys, read_split
+from transfer_learning.finetune import files as finetune_files
+from transfer_learning.finetune import run as finetune_run
+from transfer_learning.finetune.data import AugmentedImages, augmentation, split_images
+from transfer_learning.finetune.loop import CHECKPOINT_KEYS, Inputs, fit, save_checkpoint
+from transfer_learning.finetune.model import FineTuneNet
+from transfer_learning.heads import files as head_files
+from transfer_learning.params import FinetuneParams
 
 SIZE = 32  # random-init nets: shapes and semantics only
 
@@ -387,8 +391,8 @@ def test_the_cached_prefix_gives_the_full_forward_result(project_with_heads):
         net = FineTuneNet(backbone.model(), backbone.anatomy, "flatten", "avg", 2, "frozen", head,
                           len(head.classes), backbone.preprocessing.crop)
         store = Path("store")
-        train_in = finetune.inputs_for(net, train, None, cached, store, "prefix-test", backbone.preprocessing, 8)
-        val_in = finetune.inputs_for(net, val, None, cached, store, "prefix-test", backbone.preprocessing, 8)
+        train_in = finetune_run.inputs_for(net, train, None, cached, store, "prefix-test", backbone.preprocessing, 8)
+        val_in = finetune_run.inputs_for(net, val, None, cached, store, "prefix-test", backbone.preprocessing, 8)
         assert train_in.from_prefix is cached
         outcome = fit(net, train_in, val_in, params, 0, Path(f"ckpt-{cached}.pt"), torch.device("cpu"))
         results.append((outcome, {k: v.clone() for k, v in net.head.state_dict().items()}))
@@ -412,9 +416,9 @@ def test_nothing_damaged_is_used_the_checkpoint_the_kept_export_and_the_model_fi
     tolerance = 1e-3 if torch.cuda.is_available() else 0
 
     opset, checkpoint_sha256 = json.loads(record.read_text())["opset"], sha256_file(checkpoint)
-    assert finetune.kept_export(checkpoint.parent, opset, checkpoint_sha256)[0] == onnx_file.read_bytes()
+    assert finetune_run.kept_export(checkpoint.parent, opset, checkpoint_sha256)[0] == onnx_file.read_bytes()
     flip_float_exponent(kept, largest_onnx_weights(kept))
-    assert finetune.kept_export(checkpoint.parent, opset, checkpoint_sha256) is None  # so export_onnx exports again
+    assert finetune_run.kept_export(checkpoint.parent, opset, checkpoint_sha256) is None  # so export_onnx exports again
     assert f"the kept ONNX export {kept} does not match the sha256 in {record}" in caplog.text
 
     flip_float_exponent(checkpoint, largest_tensor_bytes(checkpoint))

@@ -15,13 +15,13 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 
 from stages import evaluate, train_heads
-from stages.core import head_files
-from stages.core.config import load_params
-from stages.core.errors import UserError
-from stages.core.evaluation_report import BEST_KEY
-from stages.core.feature_files import FEATURES_DIR, SplitRows, read_split, write_split
-from stages.core.heads import fit_head
-from stages.core.torch_heads import TorchHead
+from transfer_learning.common.errors import UserError
+from transfer_learning.evaluate.report import BEST_KEY
+from transfer_learning.features.split_files import FEATURES_DIR, SplitRows, read_split, write_split
+from transfer_learning.heads import files as head_files
+from transfer_learning.heads.selection import fit_head
+from transfer_learning.heads.torch_heads import TorchHead
+from transfer_learning.params import load_params
 
 CLASSES = [f"digit {i}" for i in range(10)]
 FAST_HEADS = {
@@ -363,7 +363,7 @@ def test_evaluate_keeps_its_old_outputs_when_a_model_fails_to_load(features):
 
 def test_head_json_records_the_digest_of_its_weights(features):
     run_stages(heads={"logreg": FAST_HEADS["logreg"], "knn": FAST_HEADS["knn"]})
-    from stages.core.hashing import sha256_file
+    from transfer_learning.common.hashing import sha256_file
 
     for name, file in (("logreg", "weights.npz"), ("knn", "model.pkl")):
         meta = json.loads((head_files.HEADS_DIR / name / "head.json").read_text())

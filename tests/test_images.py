@@ -11,10 +11,10 @@ import torch
 import yaml
 from PIL import Image
 
-from stages.core import images
-from stages.core.hashing import sha256_bytes
-from stages.core.image_views import ViewDataset, ViewRequest, read_image
-from stages.core.images import Preprocessing
+from transfer_learning.common.hashing import sha256_bytes
+from transfer_learning.data import images
+from transfer_learning.data.images import Preprocessing
+from transfer_learning.features.views import ViewDataset, ViewRequest, read_image
 
 ORIGINAL = np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)
 ORIGINAL[0, 0], ORIGINAL[0, 1] = 0, 255  # the full 8-bit range, as in a real photo
@@ -139,7 +139,7 @@ def test_old_preprocessing_json_without_bit_depth_loads_with_auto():
 def test_features_of_another_rule_or_of_the_old_code_are_never_served_again():
     """The rule is in to_json, hence in extract's fingerprint: rows computed before it existed (65535 rule) or under
     another data.bit_depth get another store key."""
-    from stages.extract import fingerprint
+    from transfer_learning.features.fingerprint import fingerprint
 
     old = {k: v for k, v in preprocessing().to_json().items() if k != "bit_depth"}
     prints = {fingerprint("onnx", spec, "float32")

@@ -12,13 +12,16 @@ import onnx
 import pytest
 import torch
 
-from stages import evaluate, extract, predict, train_heads
-from stages.core import backbone_files, head_files
-from stages.core.deploy_onnx import PIXELS, PROBABILITIES
-from stages.core.errors import UserError
-from stages.core.feature_files import read_split
-from stages.core.onnx_export import cpu_session
+from stages import evaluate, extract, train_heads
+from stages import predict as predict_cli
 from tests.conftest import REPO
+from transfer_learning.backbone import files as backbone_files
+from transfer_learning.backbone.onnx_export import cpu_session
+from transfer_learning.common.errors import UserError
+from transfer_learning.deploy import predict
+from transfer_learning.deploy.onnx import PIXELS, PROBABILITIES
+from transfer_learning.features.split_files import read_split
+from transfer_learning.heads import files as head_files
 
 HEADS = {
     "logreg": {"type": "logistic", "C": [1.0]},
@@ -165,7 +168,7 @@ def test_without_val_accuracy_in_evaluate_json_the_heads_own_record_decides(trai
 
 def test_an_empty_argument_is_an_error_not_the_current_folder(here, capsys):
     with pytest.raises(SystemExit) as exited:
-        predict.main(["images/7", ""])
+        predict_cli.main(["images/7", ""])
     output = capsys.readouterr()
     assert exited.value.code == 2
     assert "an image or folder argument is empty" in output.err and output.out == ""

@@ -17,8 +17,9 @@ import pytest
 from PIL import Image
 
 from stages import prepare
-from stages.core import images, manifest
-from stages.core.errors import UserError
+from transfer_learning.common.errors import UserError
+from transfer_learning.data import images
+from transfer_learning.data import manifest
 
 MANIFEST = Path("data/prepared/manifest.csv")
 CLASSES = Path("data/prepared/classes.json")
@@ -453,7 +454,7 @@ def test_builtin_fashion_mnist(project):
 
 
 def test_raising_per_class_only_adds_images():
-    from stages.core.sources import Candidate, cap_per_class
+    from transfer_learning.data.sources import Candidate, cap_per_class
 
     pool = [Candidate(Path(f"{label}/{i}.png"), label) for label in "abc" for i in range(100)]
     small = {c.path for c in cap_per_class(pool, 10, seed=3)}

@@ -12,10 +12,10 @@ import yaml
 from filelock import FileLock
 
 from stages import store as store_cli
-from stages.core.errors import UserError
-from stages.core.feature_store import FeatureStore, store_key
 from tests.dvc_repo import DvcRepo
 from tests.test_feature_store import data_offset, flip, write_legacy
+from transfer_learning.common.errors import UserError
+from transfer_learning.features.store import FeatureStore, store_key
 
 DIM = 8
 DAY = 86400

@@ -1,0 +1,1 @@
+"""params `advise` (stage advise): how close the data is to the pretraining data, and the strategy it suggests."""

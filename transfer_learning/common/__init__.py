@@ -1,0 +1,1 @@
+"""What every section shares: user-facing errors, hashing, atomic writes, metrics files."""

@@ -1,0 +1,1 @@
+"""params `data` (stage prepare): image sources, decoding, the manifest of data/prepared."""

@@ -1,0 +1,107 @@
+"""One ONNX file for deployment without this repo: uint8 pixels -> normalization -> backbone -> head ->
+probabilities, with the class names and the resize/crop it expects in its metadata.
+
+The head is written as ONNX ops directly (Sub, Div, Gemm, Relu, Softmax) from its saved layers and joined to
+models/backbone.onnx with onnx.compose, so deploying never re-exports the backbone.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, compose, helper, numpy_helper
+
+from transfer_learning.backbone.onnx_export import INPUT, OUTPUT, cpu_session
+from transfer_learning.data.images import Preprocessing
+from transfer_learning.heads.files import Head
+
+DEPLOY_DIR = Path("models/deploy")
+PIXELS, PROBABILITIES = "pixels", "probabilities"
+
+
+def _model(nodes: list, inputs: list, outputs: list, initializers: dict[str, np.ndarray],
+           like: onnx.ModelProto) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "part", inputs, outputs,
+                              [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in initializers.items()])
+    return helper.make_model(graph, opset_imports=list(like.opset_import), ir_version=like.ir_version)
+
+
+def normalization_model(preprocessing: Preprocessing, like: onnx.ModelProto) -> onnx.ModelProto:
+    """uint8 NCHW pixels -> the backbone's float input: the arithmetic of Preprocessing.normalize."""
+    size = preprocessing.crop
+    nodes = [
+        helper.make_node("Cast", [PIXELS], ["deploy_float"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["deploy_float", "deploy_255"], ["deploy_unit"]),
+        helper.make_node("Sub", ["deploy_unit", "deploy_mean"], ["deploy_centered"]),
+        helper.make_node("Div", ["deploy_centered", "deploy_std"], [INPUT]),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info(PIXELS, TensorProto.UINT8, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", 3, size, size])],
+        {"deploy_255": np.array(255.0), "deploy_mean": np.array(preprocessing.mean).reshape(1, -1, 1, 1),
+         "deploy_std": np.array(preprocessing.std).reshape(1, -1, 1, 1)},
+        like,
+    )
+
+
+def head_model(head: Head, feature_dim: int, like: onnx.ModelProto) -> onnx.ModelProto:
+    """features -> standardize -> Linear (+ReLU between) -> softmax over all classes, as Head.scores does."""
+    layers = head.layers
+    n_classes = len(head.classes)
+    initializers = {"head_mean": head.arrays["mean"], "head_scale": head.arrays["scale"]}
+    nodes = [helper.make_node("Sub", [OUTPUT, "head_mean"], ["head_centered"]),
+             helper.make_node("Div", ["head_centered", "head_scale"], ["head_x0"])]
+    for i, (weight, bias) in enumerate(layers):
+        last = i == len(layers) - 1
+        if last and len(head.meta["class_indices"]) < n_classes:  # classes absent from training get 0
+            full_w = np.zeros((n_classes, weight.shape[1]), np.float32)
+            full_b = np.full(n_classes, -np.inf, np.float32)
+            full_w[head.meta["class_indices"]], full_b[head.meta["class_indices"]] = weight, bias
+            weight, bias = full_w, full_b
+        initializers |= {f"head_w{i}": weight, f"head_b{i}": bias}
+        out = "head_logits" if last else f"head_h{i}"
+        nodes.append(helper.make_node("Gemm", [f"head_x{i}", f"head_w{i}", f"head_b{i}"], [out], transB=1))
+        if not last:
+            nodes.append(helper.make_node("Relu", [out], [f"head_x{i + 1}"]))
+    nodes.append(helper.make_node("Softmax", ["head_logits"], [PROBABILITIES], axis=1))
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", feature_dim])],
+        [helper.make_tensor_value_info(PROBABILITIES, TensorProto.FLOAT, ["batch", n_classes])],
+        initializers,
+        like,
+    )
+
+
+def build(backbone_onnx: Path, head: Head, preprocessing: Preprocessing) -> onnx.ModelProto:
+    backbone = onnx.load(str(backbone_onnx))
+    feature_dim = backbone.graph.output[0].type.tensor_type.shape.dim[1].dim_value or int(head.arrays["mean"].size)
+    model = compose.merge_models(normalization_model(preprocessing, backbone), backbone, io_map=[(INPUT, INPUT)])
+    model = compose.merge_models(model, head_model(head, feature_dim, backbone), io_map=[(OUTPUT, OUTPUT)])
+    model.graph.name = f"backbone+{head.name}"
+    helper.set_model_props(model, {
+        "classes": json.dumps(head.classes),
+        "preprocessing": json.dumps(preprocessing.to_json()),
+        "input": f"{PIXELS}: uint8 N×3×{preprocessing.crop}×{preprocessing.crop}, RGB, resized so the short side "
+                 f"is {preprocessing.resize} ({preprocessing.interpolation}) then center-cropped",
+        "head": head.name,
+    })
+    onnx.checker.check_model(model)
+    return model
+
+
+def write(model: onnx.ModelProto, name: str, directory: Path = DEPLOY_DIR) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.onnx"
+    tmp = path.with_suffix(".onnx.part")
+    onnx.save(model, str(tmp))
+    try:
+        cpu_session(tmp)  # fails here, not at the user's, if ONNX Runtime cannot load it
+    except Exception:
+        tmp.unlink()
+        raise
+    tmp.replace(path)
+    return path

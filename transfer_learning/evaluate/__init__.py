@@ -1,0 +1,1 @@
+"""params `evaluate` (stage evaluate): scoring, the report and the run."""

@@ -1,0 +1,114 @@
+"""The extract stage's work: manifest + models/backbone.onnx -> feature store -> data/features/{train,val,test}.h5
+and the metrics.
+
+Only rows missing from the store (extract.store, not a DVC output) are computed: new images, a backbone or cut
+never seen before. Decoding and preprocessing run in `extract.workers` processes while ONNX Runtime runs the
+previous batch.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from transfer_learning.backbone import files as backbone_files
+from transfer_learning.common.errors import UserError
+from transfer_learning.common.hashing import sha256_file
+from transfer_learning.data import manifest
+from transfer_learning.data.images import Preprocessing
+from transfer_learning.data.manifest import SPLITS
+from transfer_learning.features.fingerprint import fingerprint
+from transfer_learning.features.runtime import FeatureRunner
+from transfer_learning.features.split_files import FEATURES_DIR, SplitRows, write_split
+from transfer_learning.features.store import FeatureStore, resolve_store, store_key
+from transfer_learning.features.views import ViewDataset, ViewRequest, collate, one_thread_worker, view_id
+from transfer_learning.params import ExtractParams
+
+log = logging.getLogger("extract")
+
+
+def compute(store: FeatureStore, todo: dict[str, ViewRequest], runner: FeatureRunner,
+            preprocessing: Preprocessing, batch_size: int, workers: int) -> float:
+    """Runs the backbone over `todo`, committing to the store as it goes; returns the seconds it took."""
+    started = time.perf_counter()
+    keys = list(todo)
+    normalize = preprocessing.normalize
+    loader = DataLoader(ViewDataset(list(todo.values()), preprocessing), batch_size=batch_size,
+                        num_workers=workers, collate_fn=collate, worker_init_fn=one_thread_worker,
+                        prefetch_factor=4 if workers else None)
+    done = 0
+    with tqdm(total=len(keys), desc="extract", unit="img", smoothing=0.1) as bar:
+        for batch, good, errors in loader:
+            batch_keys = keys[done:done + len(good) + len(errors)]
+            if good:
+                store.add([batch_keys[i] for i in good], runner(normalize(batch).numpy()))
+            done += len(batch_keys)
+            bar.update(len(batch_keys))
+            if errors:
+                raise UserError(f"cannot extract {len(errors)} image(s): " + "; ".join(errors[:5])
+                                + ". Every row computed before is kept in the feature store.")
+    return time.perf_counter() - started
+
+
+def extract(params: ExtractParams) -> dict:
+    """Every split's rows from the store, the missing ones computed first; returns metrics/extract.json's dict."""
+    started = time.perf_counter()
+    rows = manifest.read()
+    classes = manifest.read_classes()
+    label_index = {label: i for i, label in enumerate(classes)}
+    backbone = backbone_files.load()
+    # the data's rule for high-bit images is part of preprocessing.to_json(), hence of the fingerprint
+    preprocessing = backbone.preprocessing.with_bit_depth(manifest.read_bit_depth())
+    runner = FeatureRunner(backbone_files.ONNX, params.providers, params.batch_size)
+    feature_dim = runner.feature_dim or int(
+        runner(np.zeros((1, 3, preprocessing.crop, preprocessing.crop), np.float32)).shape[1])
+    features_fingerprint = fingerprint(sha256_file(backbone_files.ONNX), preprocessing.to_json(), params.dtype)
+
+    per_split: dict[str, SplitRows] = {split: SplitRows([], [], [], []) for split in SPLITS}
+    wanted: dict[str, ViewRequest] = {}
+    for row in rows:
+        views = range(params.augment_views + 1) if row.split == "train" else range(1)
+        for view in views:
+            key = store_key(row.sha256, view_id(view, preprocessing))
+            wanted.setdefault(key, ViewRequest(row.path, row.sha256, view))
+            split = per_split[row.split]
+            split.keys.append(key)
+            split.paths.append(row.path)
+            split.labels.append(label_index[row.label])
+            split.views.append(view)
+
+    with FeatureStore(resolve_store(params.store), features_fingerprint, feature_dim, params.dtype) as store:
+        todo = {key: request for key, request in wanted.items() if key not in store}
+        log.info("%d images, %d rows with views: %d reused from the store %s, %d to compute",
+                 len(rows), len(wanted), len(wanted) - len(todo), store.dir, len(todo))
+        seconds = compute(store, todo, runner, preprocessing, params.batch_size, params.workers) if todo else 0.0
+        store.commit()
+        store.compact()
+        for split, split_rows in per_split.items():
+            write_split(FEATURES_DIR / f"{split}.h5", split_rows, store.gather(split_rows.keys),
+                        fingerprint=features_fingerprint, classes=classes, feature_dim=feature_dim, dtype=params.dtype)
+        store_rows, rejected_files = len(store), store.rejected_files
+
+    metrics = {
+        "images": len(rows),
+        "rows": len(wanted),
+        "augment_views": params.augment_views,
+        "computed": len(todo),
+        "reused": len(wanted) - len(todo),
+        "seconds": round(time.perf_counter() - started, 2),
+        "compute_seconds": round(seconds, 2),
+        "images_per_s": round(len(todo) / seconds, 1) if seconds else None,
+        "provider": runner.provider,
+        "fingerprint": features_fingerprint,
+        "feature_dim": feature_dim,
+        "dtype": params.dtype,
+        "store_rows": store_rows,
+        "store_files_rejected": rejected_files,
+    }
+    log.info("features for %s -> %s (%d computed, %d reused, provider %s)",
+             ", ".join(f"{s} {len(r.keys)}" for s, r in per_split.items()), FEATURES_DIR, len(todo),
+             len(wanted) - len(todo), runner.provider)
+    return metrics

@@ -1,0 +1,389 @@
+"""The feature store: frozen features keyed by (model fingerprint, image sha256, view), kept across runs.
+
+Layout: `<store>/<fingerprint>/` holds HDF5 files with datasets `keys` (N,) and `features` (N×D) and attrs
+`fingerprint`, `rows`, `feature_dim`, `features_sha256`, `keys_sha256`. Normally that is one file (`base-*.h5`);
+during a run, every commit adds a segment file, and `compact()` merges them back into one at the end. The
+folder's mtime is its last use (set by every run that opens it), for `python -m stages.store gc`.
+
+Why segments rather than appending in place: HDF5 is not crash-safe. A process killed while HDF5 metadata is
+being written can leave the whole file unreadable, and with it every row computed before. Here a file only
+appears under its final name once it is complete (written as .part, fsynced, renamed), so a SIGKILL at any
+point leaves whole files that the next run trusts, plus a .part that it deletes. Rows count from their commit.
+
+Nothing is served on trust. Each file records the sha256 of its `features` and `keys` bytes in its attrs when it
+is written; opening the store reads every file once, sequentially (3,000 x 1,280 float32 rows: 0.03 s, 0.05 s from
+a cold page cache), checks both digests and that every feature is finite, and moves a file that fails aside
+(`*.rejected-<ns>`, logged) so that its rows are recomputed. HDF5's fletcher32 would check on every read instead,
+but only chunked datasets have it, and a chunk layout makes `gather`'s scattered rows cost a chunk read each. The
+store never writes a non-finite row (`add` refuses it), so one found later means damage; `gather` checks the rows
+it serves too. Files written before digests existed are checked as far as they can be (structure, keys, finite
+features) and rewritten once with their digests.
+
+A write that finds the disk full removes its .part and stops with one error naming the space it needed; it is not
+retried, and the rows committed before stay.
+
+One writer per fingerprint: a lock file (fcntl, so it is released even when the holder is killed). A second
+process waits for it, up to `lock_timeout` seconds, then fails with a clear message.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import re
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import h5py
+import numpy as np
+from filelock import FileLock, Timeout
+
+from transfer_learning.common.errors import UserError
+
+log = logging.getLogger(__name__)
+KEY_DTYPE = "S96"  # "<sha256 hex>/<view id>", checked in store_key: numpy would truncate silently
+KEY_PATTERN = re.compile(r"[0-9a-f]{64}/[A-Za-z0-9_.-]+")
+DIGEST_ATTRS = ("features_sha256", "keys_sha256")
+COMPACT_ABOVE_FILES = 8
+READ_BYTES = 16 << 20  # a file is checked this much at a time
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class Untrusted(Exception):
+    """Why a store file cannot be served (the message completes "<file> ...")."""
+
+
+def resolve_store(store: str) -> Path:
+    """extract.store, relative to the project. `dvc exp run --temp` and queued experiments run in a copy under
+    .dvc/tmp/exps/; their relative store path is taken from the real project so that they share its store."""
+    path = Path(store)
+    if path.is_absolute():
+        return path
+    parts = Path.cwd().resolve().parts
+    for i in range(len(parts) - 2):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i]) / path
+    return path
+
+
+def store_key(sha256: str, view: str) -> str:
+    key = f"{sha256}/{view}"
+    if len(key) > int(KEY_DTYPE[1:]):
+        raise ValueError(f"store key {key!r} is longer than {KEY_DTYPE}")
+    if not KEY_PATTERN.fullmatch(key):
+        raise ValueError(f"store key {key!r} is not <sha256 hex>/<view id>")
+    return key
+
+
+@contextmanager
+def whole_h5_file(final: Path) -> Iterator[h5py.File]:
+    """A new HDF5 file that appears under `final` only once complete: written as .part, fsynced, renamed; the
+    .part is removed on any failure. HDF5 writes through a Python file object: when a write fails (a full disk),
+    HDF5's own file driver leaves the library in a state that crashes the process later (SIGSEGV or SIGBUS when
+    the datasets are freed), while through Python the failure is an ordinary OSError."""
+    tmp = final.with_suffix(".part")
+    try:
+        with open(tmp, "w+b") as raw:
+            with h5py.File(raw, "w") as handle:
+                yield handle
+            raw.flush()
+            os.fsync(raw.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(final)
+
+
+def out_of_space(error: BaseException | None) -> bool:
+    """Whether a full disk (or quota) caused `error`; h5py may report it as the context of its own error."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in NO_SPACE:
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def scan_features(features: h5py.Dataset) -> tuple[str, bool]:
+    """(sha256 of the dataset's bytes, whether every value is finite), in one sequential read."""
+    digest = hashlib.sha256()
+    finite = True
+    step = max(1, READ_BYTES // max(1, features.shape[1] * features.dtype.itemsize))
+    for start in range(0, features.shape[0], step):
+        block = features[start:start + step]
+        digest.update(block)
+        finite = finite and bool(np.isfinite(block).all())
+    return digest.hexdigest(), finite
+
+
+def decode_keys(raw: np.ndarray) -> list[str]:
+    keys = []
+    for row, key in enumerate(raw):
+        try:
+            text = key.decode("ascii")
+        except UnicodeDecodeError:
+            raise Untrusted(f"holds a key that is not text at row {row} ({key[:80]!r})") from None
+        if not KEY_PATTERN.fullmatch(text):
+            raise Untrusted(f"holds a malformed key at row {row} ({text!r})")
+        keys.append(text)
+    return keys
+
+
+class FeatureStore:
+    def __init__(self, root: Path | str, fingerprint: str, feature_dim: int, dtype: str = "float32",
+                 commit_rows: int = 1024, commit_seconds: float = 5.0, lock_timeout: float = 600.0):
+        self.dir = Path(root) / fingerprint
+        self.fingerprint = fingerprint
+        self.feature_dim = feature_dim
+        self.dtype = np.dtype(dtype)
+        self.commit_rows = commit_rows
+        self.commit_seconds = commit_seconds  # at most this much work is lost to a kill
+        self.last_commit = time.monotonic()
+        self.lock = FileLock(str(self.dir) + ".lock", timeout=lock_timeout)
+        self.index: dict[str, tuple[Path, int]] = {}
+        self.files: list[Path] = []  # every trusted file, including ones whose rows all live elsewhere too
+        self.pending_keys: list[str] = []
+        self.pending: list[np.ndarray] = []
+        self.rejected: dict[str, str] = {}  # file name -> what was wrong with it
+        self.stamped_files: list[str] = []  # written before digests; checked and given theirs
+
+    @classmethod
+    def existing(cls, folder: Path, **options) -> FeatureStore:
+        """The store in a fingerprint folder already on disk, with the feature_dim and dtype its files hold: to
+        check it without the model that wrote it."""
+        for path in sorted(folder.glob("*.h5")):
+            try:
+                with h5py.File(path, "r") as handle:
+                    dim, dtype = int(handle.attrs["feature_dim"]), str(handle["features"].dtype)
+                return cls(folder.parent, folder.name, dim, dtype, **options)
+            except (OSError, KeyError, ValueError, TypeError):
+                continue
+        return cls(folder.parent, folder.name, 0, **options)  # nothing readable: every file will be rejected
+
+    @property
+    def rejected_files(self) -> list[str]:
+        return list(self.rejected)
+
+    # lifecycle -------------------------------------------------------------------------------------
+    def __enter__(self) -> FeatureStore:
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.lock.acquire(timeout=0)
+        except Timeout:
+            log.info("feature store %s is in use by another process; waiting up to %.0f s",
+                     self.dir, self.lock.timeout)
+            try:
+                self.lock.acquire()
+            except Timeout:
+                raise UserError(
+                    f"feature store {self.dir} stayed locked by another process for {self.lock.timeout:.0f} s "
+                    f"(lock file {self.lock.lock_file}); wait for that extract to finish, then run again"
+                ) from None
+        try:
+            self._load()
+        except BaseException:
+            self.lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.commit()  # rows computed before an error (or Ctrl-C) are kept
+        finally:
+            self.lock.release()
+
+    def _load(self) -> None:
+        self.dir.mkdir(exist_ok=True)  # under the lock: `stages.store gc` deletes folders under it
+        os.utime(self.dir)  # the folder's mtime says when a run last used it (`stages.store gc` keeps recent ones)
+        for stale in self.dir.glob("*.part"):
+            stale.unlink()
+        for path in sorted(self.dir.glob("*.h5")):
+            try:
+                keys = self._trusted_keys(path)
+            except Untrusted as problem:
+                self._quarantine(path, str(problem))
+                continue
+            self.files.append(path)
+            for row, key in enumerate(keys):
+                self.index.setdefault(key, (path, row))
+
+    def _trusted_keys(self, path: Path) -> list[str]:
+        """The keys of a file whose every byte checked out, in row order; raises Untrusted."""
+        try:
+            with h5py.File(path, "r") as handle:
+                self._check_layout(handle)
+                features_sha256, finite = scan_features(handle["features"])
+                raw_keys = handle["keys"][:]
+                recorded = tuple(handle.attrs.get(name) for name in DIGEST_ATTRS)
+        except (OSError, KeyError) as error:
+            if getattr(error, "errno", None) is not None:  # EIO, EACCES, EMFILE...: the disk, not the file
+                raise
+            raise Untrusted(f"is unreadable (truncated or corrupt: {error})") from None
+        actual = (features_sha256, hashlib.sha256(raw_keys).hexdigest())
+        if recorded != (None, None) and recorded != actual:
+            damaged = " and ".join(name for name, want, got in zip(("features", "keys"), recorded, actual)
+                                   if want != got)
+            raise Untrusted(f"fails its checksum: its {damaged} bytes differ from the sha256 recorded when it "
+                            "was written")
+        if not finite:
+            raise Untrusted("holds non-finite features (NaN or inf), which the store never writes")
+        keys = decode_keys(raw_keys)
+        if recorded == (None, None):
+            self._stamp(path, raw_keys)
+        return keys
+
+    def _check_layout(self, handle: h5py.File) -> None:
+        rows = int(handle.attrs.get("rows", -1))
+        if handle.attrs.get("fingerprint") != self.fingerprint:
+            raise Untrusted(f"was written for fingerprint {handle.attrs.get('fingerprint')!r}")
+        if int(handle.attrs.get("feature_dim", -1)) != self.feature_dim:
+            raise Untrusted(f"has feature_dim {handle.attrs.get('feature_dim')} instead of {self.feature_dim}")
+        if handle["keys"].shape != (rows,) or handle["features"].shape != (rows, self.feature_dim):
+            raise Untrusted(f"says {rows} rows but holds {handle['keys'].shape[0]} keys and features of shape "
+                            f"{handle['features'].shape}")
+        if handle["features"].dtype != self.dtype or handle["keys"].dtype != np.dtype(KEY_DTYPE):
+            raise Untrusted(f"holds {handle['features'].dtype} features and {handle['keys'].dtype} keys, not "
+                            f"{self.dtype} and {KEY_DTYPE}")
+
+    def _stamp(self, path: Path, raw_keys: np.ndarray) -> None:
+        """A file written before digests, whose keys and features checked out: rewritten once under its own name
+        with its digests (as .part, renamed over it: a kill leaves the old file or the new one)."""
+        with h5py.File(path, "r") as handle:
+            features = handle["features"]
+            step = max(1, READ_BYTES // max(1, self.feature_dim * self.dtype.itemsize))
+            self._write(path.name, len(raw_keys), ((raw_keys[start:start + step], features[start:start + step])
+                                                   for start in range(0, len(raw_keys), step)))
+        self.stamped_files.append(path.name)
+        log.warning("feature store: %s was written before store files carried checksums; its keys are well formed "
+                    "and its features finite, so it is kept and now carries its sha256 digests", path)
+
+    def _quarantine(self, path: Path, problem: str) -> None:
+        aside = path.with_suffix(f".rejected-{time.time_ns()}")
+        path.rename(aside)
+        self.rejected[path.name] = problem
+        if path in self.files:
+            self.files.remove(path)
+            self.index = {key: place for key, place in self.index.items() if place[0] != path}
+        log.warning("feature store: %s %s; moved to %s, its rows will be recomputed", path, problem, aside.name)
+
+    # reading ---------------------------------------------------------------------------------------
+    def __contains__(self, key: str) -> bool:
+        return key in self.index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def gather(self, keys: list[str], chunk: int = 4096) -> Iterator[np.ndarray]:
+        """Features of `keys`, in order, `chunk` rows at a time (never all in memory)."""
+        handles: dict[Path, h5py.File] = {}
+        try:
+            for start in range(0, len(keys), chunk):
+                part = keys[start:start + chunk]
+                out = np.empty((len(part), self.feature_dim), dtype=self.dtype)
+                by_file: dict[Path, list[tuple[int, int]]] = defaultdict(list)
+                for slot, key in enumerate(part):
+                    path, row = self.index[key]
+                    by_file[path].append((row, slot))
+                for path, pairs in by_file.items():
+                    if path not in handles:
+                        handles[path] = h5py.File(path, "r")
+                    rows = np.array(sorted({row for row, _ in pairs}))  # h5py reads increasing indices only
+                    block = handles[path]["features"][rows]
+                    if not np.isfinite(block).all():
+                        handles.pop(path).close()
+                        self._quarantine(path, "holds non-finite features although it checked out when the store "
+                                               "was opened (it changed on disk since)")
+                        raise UserError(f"feature store file {path} was damaged during this run and is moved "
+                                        "aside, none of its rows served: run again to recompute them")
+                    position = {row: i for i, row in enumerate(rows)}
+                    for row, slot in pairs:
+                        out[slot] = block[position[row]]
+                yield out
+        finally:
+            for handle in handles.values():
+                handle.close()
+
+    # writing ---------------------------------------------------------------------------------------
+    def add(self, keys: list[str], features: np.ndarray) -> None:
+        if features.shape != (len(keys), self.feature_dim):
+            raise ValueError(f"features of shape {features.shape} for {len(keys)} keys of dim {self.feature_dim}")
+        with np.errstate(over="ignore"):  # an overflow to inf is reported below, with what to do
+            features = features.astype(self.dtype, copy=False)
+        bad = ~np.isfinite(features).all(axis=1)
+        if bad.any():
+            raise UserError(
+                f"the model gave non-finite features (NaN or inf) for {int(bad.sum())} of {len(keys)} rows "
+                f"(first: {keys[int(np.argmax(bad))]}); they are not stored. "
+                + (f"{self.dtype} holds values up to {np.finfo(self.dtype).max:g}: try extract.dtype: float32"
+                   if self.dtype.itemsize < 4 else "Check the backbone's weights"))
+        self.pending_keys += keys
+        self.pending.append(features)
+        if len(self.pending_keys) >= self.commit_rows or time.monotonic() - self.last_commit > self.commit_seconds:
+            self.commit()
+
+    def commit(self) -> None:
+        """Make the pending rows durable: a new complete file, or nothing."""
+        self.last_commit = time.monotonic()
+        if not self.pending_keys:
+            return
+        keys, features = self.pending_keys, np.concatenate(self.pending)
+        self.pending_keys, self.pending = [], []  # a failed write is not tried again, not even by __exit__
+        path = self._write(f"segment-{time.time_ns()}.h5", len(keys), [(keys, features)])
+        self.files.append(path)
+        for row, key in enumerate(keys):
+            self.index.setdefault(key, (path, row))
+
+    def compact(self, above_files: int = COMPACT_ABOVE_FILES) -> None:
+        """Merge every file into one once there are more than `above_files` (so a run that adds 10 rows
+        does not rewrite the whole store); the old files go only after the new one is in place."""
+        files = list(self.files)
+        if len(files) <= above_files:
+            return
+        keys = list(self.index)
+        path = self._write(f"base-{time.time_ns()}.h5", len(keys), zip(
+            (keys[i:i + 4096] for i in range(0, len(keys), 4096)), self.gather(keys)))
+        self.index = {key: (path, row) for row, key in enumerate(keys)}
+        self.files = [path]
+        for old in files:
+            old.unlink()
+        log.info("feature store: compacted %d files into %s (%d rows)", len(files), path.name, len(keys))
+
+    def _write(self, name: str, rows: int, parts) -> Path:
+        """A complete file of `rows` rows from (keys, features) parts, with their digests, or none (see
+        `whole_h5_file`). Contiguous layout: the size is known up front, and a row costs feature_dim x dtype bytes."""
+        final = self.dir / name
+        digests = {name: hashlib.sha256() for name in DIGEST_ATTRS}
+        try:
+            with whole_h5_file(final) as handle:
+                keys = handle.create_dataset("keys", shape=(rows,), dtype=KEY_DTYPE)
+                features = handle.create_dataset("features", shape=(rows, self.feature_dim), dtype=self.dtype)
+                start = 0
+                for part_keys, part_features in parts:
+                    part_keys = np.asarray(part_keys, dtype=KEY_DTYPE)
+                    part_features = np.ascontiguousarray(part_features, dtype=self.dtype)
+                    keys[start:start + len(part_keys)] = part_keys
+                    features[start:start + len(part_keys)] = part_features
+                    digests["keys_sha256"].update(part_keys)
+                    digests["features_sha256"].update(part_features)
+                    start += len(part_keys)
+                if start != rows:
+                    raise RuntimeError(f"wrote {start} rows into a file of {rows}")
+                handle.attrs.update(fingerprint=self.fingerprint, rows=rows, feature_dim=self.feature_dim,
+                                    **{name: digest.hexdigest() for name, digest in digests.items()})
+        except BaseException as error:
+            if out_of_space(error):
+                raise UserError(self._no_space(rows)) from None
+            raise
+        return final
+
+    def _no_space(self, rows: int) -> str:
+        needed = rows * self.feature_dim * self.dtype.itemsize
+        return (f"no space left on the disk of the feature store {self.dir}: writing {rows} rows needs "
+                f"{needed / 1e6:.1f} MB ({rows} rows x {self.feature_dim} x {self.dtype.itemsize} bytes), "
+                f"{shutil.disk_usage(self.dir).free / 1e6:.1f} MB are free. The {len(self.index)} rows committed "
+                "before are kept: free some space (`python -m stages.store gc`) or point extract.store to a larger "
+                "disk, then run again")

@@ -1,0 +1,288 @@
+"""Upkeep of the feature store (extract.store, or --store), behind `python -m stages.store list | verify | gc`.
+
+  list            every fingerprint folder: rows, MB, files, rejected files, last use; every fine-tune run folder
+  verify          every file checked as a run checks it (digests, finite features); a bad one is moved aside
+                  (its rows are recomputed by the next run) and named; exit status 1 if any
+  gc [--dry-run]  deletes what this repo does not refer to and nothing used for --days days (the rule below)
+
+gc keeps a fingerprint folder when any of these holds, and deletes it otherwise:
+  - its fingerprint is the `fingerprint` attr of data/features/*.h5 in the workspace, in one of the last --commits
+    commits of all branches, tags and remotes, or in any DVC experiment: read from each revision's dvc.lock
+    (the md5 of data/features -> its listing in DVC's cache -> each split file in the cache) and from its
+    metrics/extract.json (which git holds, so this works when the cache does not have the files);
+  - it was used in the last --days days (each run that opens it sets the folder's mtime). This is what keeps the
+    fine-tune's cached prefix outputs, whose fingerprint no committed file records, and an experiment that is
+    running or not yet committed;
+  - a run holds its lock.
+`finetune/<run>` folders (checkpoints, keyed by a hash of the whole training setup that no committed file records)
+are deleted when none of their files changed for --days days. `*.rejected-*` files (moved aside by a check) are
+deleted once rejected more than --days days ago. `--days 0` applies all of it now.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from datetime import datetime
+from pathlib import Path
+
+import h5py
+import yaml
+from filelock import FileLock, Timeout
+
+from transfer_learning.common.errors import UserError
+from transfer_learning.features.split_files import FEATURES_DIR
+from transfer_learning.features.store import FeatureStore
+
+FINETUNE = "finetune"
+EXTRACT_METRICS = "metrics/extract.json"
+DAY = 86400.0
+
+
+# what is in the store ----------------------------------------------------------------------------------------
+
+def fingerprint_folders(store: Path) -> list[Path]:
+    return sorted(p for p in store.iterdir() if p.is_dir() and p.name != FINETUNE)
+
+
+def finetune_runs(store: Path) -> list[Path]:
+    return sorted(p for p in (store / FINETUNE).iterdir() if p.is_dir()) if (store / FINETUNE).is_dir() else []
+
+
+def size_of(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def last_change(folder: Path) -> float:
+    return max([folder.stat().st_mtime] + [f.stat().st_mtime for f in folder.rglob("*")])
+
+
+def rows_in(folder: Path) -> int:
+    """Rows as the files' attrs say (one file after a compacted run); unreadable files count none."""
+    rows = 0
+    for path in folder.glob("*.h5"):
+        try:
+            with h5py.File(path, "r") as handle:
+                rows += int(handle.attrs.get("rows", 0))
+        except OSError:
+            pass
+    return rows
+
+
+def rejected_at(path: Path) -> float:
+    """When a file was moved aside: the ns time in its `.rejected-<ns>` suffix (renaming keeps the old mtime)."""
+    try:
+        return int(path.suffix.removeprefix(".rejected-")) / 1e9
+    except ValueError:
+        return path.stat().st_mtime
+
+
+def when(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M")
+
+
+def days_ago(seconds: float) -> str:
+    return f"{(time.time() - seconds) / DAY:.1f} days ago"
+
+
+def list_store(store: Path) -> int:
+    print(f"{'fingerprint':<64}  {'rows':>8}  {'MB':>9}  {'files':>5}  {'rejected':>8}  last used")
+    total = 0
+    for folder in fingerprint_folders(store):
+        size = size_of(folder)
+        total += size
+        print(f"{folder.name:<64}  {rows_in(folder):>8}  {size / 1e6:>9.1f}  {len(list(folder.glob('*.h5'))):>5}  "
+              f"{len(list(folder.glob('*.rejected-*'))):>8}  {when(folder.stat().st_mtime)}")
+    for run in finetune_runs(store):
+        size = size_of(run)
+        total += size
+        name = f"{FINETUNE}/{run.name}"
+        print(f"{name[:64]:<64}  {'-':>8}  {size / 1e6:>9.1f}  {sum(1 for f in run.rglob('*') if f.is_file()):>5}  "
+              f"{'-':>8}  {when(last_change(run))}")
+    print(f"{store}: {total / 1e6:.1f} MB")
+    return 0
+
+
+def verify(store: Path) -> int:
+    started = time.perf_counter()
+    files = bad = size = 0
+    for folder in fingerprint_folders(store):
+        files += len(list(folder.glob("*.h5")))
+        size += sum(f.stat().st_size for f in folder.glob("*.h5"))
+        last_used = folder.stat().st_mtime
+        with FeatureStore.existing(folder) as checked:
+            for name, problem in checked.rejected.items():
+                print(f"BAD      {folder / name}: {problem}; moved aside, the next run recomputes its rows")
+            for name in checked.stamped_files:
+                print(f"stamped  {folder / name}: written before store files carried checksums; now has them")
+            bad += len(checked.rejected)
+            print(f"ok       {folder.name}: {len(checked)} rows in {len(checked.files)} file(s)")
+        os.utime(folder, (last_used, last_used))  # checking is not using: gc goes by the last run's use
+    print(f"verified {files} file(s), {size / 1e6:.1f} MB, in {time.perf_counter() - started:.2f} s: {bad} bad")
+    return 1 if bad else 0
+
+
+# what the repo refers to -------------------------------------------------------------------------------------
+
+def git(*args: str) -> str:
+    result = subprocess.run(["git", *args], capture_output=True, text=True)
+    return result.stdout if result.returncode == 0 else ""
+
+
+def fingerprint_of(split_file: Path) -> str | None:
+    try:
+        with h5py.File(split_file, "r") as handle:
+            return str(handle.attrs["fingerprint"])
+    except (OSError, KeyError):
+        return None
+
+
+def revisions(commits: int) -> list[tuple[str, str]]:
+    """(label, commit): the last `commits` commits of all branches, tags and remotes, then every DVC experiment."""
+    found = [(f"commit {sha[:8]}", sha) for sha in
+             git("rev-list", f"--max-count={commits}", "--exclude=refs/exps/*", "--all").split()] if commits else []
+    for line in git("for-each-ref", "--format=%(objectname) %(objecttype) %(refname)", "refs/exps").splitlines():
+        sha, kind, ref = line.split(" ", 2)
+        if kind == "commit":
+            found.append((f"experiment {ref.rsplit('/', 1)[-1]} ({sha[:8]})", sha))
+    return found
+
+
+def read_at(revision: str | None, path: str) -> str | None:
+    if revision is None:
+        return Path(path).read_text() if Path(path).is_file() else None
+    text = git("show", f"{revision}:./{path}")
+    return text or None
+
+
+def metrics_fingerprint(text: str | None) -> str | None:
+    try:
+        return json.loads(text).get("fingerprint") if text else None
+    except (ValueError, AttributeError):
+        return None
+
+
+def features_md5s(lock_text: str | None) -> set[str]:
+    """The md5s data/features has in a dvc.lock (as any stage's out or dep)."""
+    try:
+        stages = (yaml.safe_load(lock_text) or {}).get("stages", {}) if lock_text else {}
+    except yaml.YAMLError:
+        return set()
+    return {entry["md5"] for stage in stages.values() for entry in stage.get("outs", []) + stage.get("deps", [])
+            if entry.get("path") == FEATURES_DIR.as_posix() and entry.get("md5")}
+
+
+class DvcCache:
+    """Split files of data/features in DVC's cache, by md5 (DVC's own cache layout, both of its versions)."""
+
+    def __init__(self):
+        from dvc.exceptions import NotDvcRepoError
+        from dvc.repo import Repo
+
+        try:
+            self.repo = Repo()
+        except NotDvcRepoError:
+            self.repo = None
+        self.known: dict[str, set[str]] = {}
+
+    def path(self, md5: str) -> Path | None:
+        for odb in (self.repo.cache.local, self.repo.cache.legacy) if self.repo else ():
+            path = Path(odb.oid_to_path(md5))
+            if path.is_file():
+                return path
+        return None
+
+    def fingerprints(self, dir_md5: str) -> set[str]:
+        if dir_md5 not in self.known:
+            listing = self.path(dir_md5)
+            found = set()
+            for entry in json.loads(listing.read_text()) if listing else []:
+                split_file = self.path(entry["md5"]) if entry["relpath"].endswith(".h5") else None
+                found.add(fingerprint_of(split_file) if split_file else None)
+            self.known[dir_md5] = found - {None}
+        return self.known[dir_md5]
+
+    def close(self) -> None:
+        if self.repo:
+            self.repo.close()
+
+
+def referenced_fingerprints(commits: int) -> tuple[dict[str, str], list[str]]:
+    """{fingerprint: where it is referred to first}, and the revisions whose data/features could not be read."""
+    found: dict[str, str] = {}
+    for split_file in sorted(FEATURES_DIR.glob("*.h5")):
+        if fingerprint := fingerprint_of(split_file):
+            found.setdefault(fingerprint, f"workspace {split_file}")
+    unresolved = []
+    cache = DvcCache()
+    try:
+        for label, revision in [("workspace", None), *revisions(commits)]:
+            md5s = features_md5s(read_at(revision, "dvc.lock"))
+            fingerprints = set().union(*(cache.fingerprints(md5) for md5 in md5s))
+            if fingerprint := metrics_fingerprint(read_at(revision, EXTRACT_METRICS)):
+                fingerprints.add(fingerprint)
+            if md5s and not fingerprints:
+                unresolved.append(label)
+            for fingerprint in sorted(fingerprints):
+                found.setdefault(fingerprint, label)
+    finally:
+        cache.close()
+    return found, unresolved
+
+
+# gc ----------------------------------------------------------------------------------------------------------
+
+def gc(store: Path, days: float, commits: int, dry_run: bool) -> int:
+    if not Path("dvc.yaml").is_file():
+        raise UserError("run gc from the project's root (where dvc.yaml is): it keeps what this repo refers to")
+    if not store.resolve().is_relative_to(Path.cwd().resolve()):
+        print(f"note: {store} lies outside this project: other projects using it are not asked what they refer "
+              f"to; only --days ({days:g}) protects their fingerprints")
+    referenced, unresolved = referenced_fingerprints(commits)
+    for label in unresolved:
+        print(f"note: {label}: data/features is in neither DVC's cache nor {EXTRACT_METRICS}; its fingerprint "
+              "is unknown (--days still protects what it used recently)")
+    cutoff = time.time() - days * DAY
+    verb = "would delete" if dry_run else "delete"
+    freed = 0
+
+    def delete(path: Path, why: str) -> None:
+        nonlocal freed
+        size = size_of(path) if path.is_dir() else path.stat().st_size
+        print(f"{verb:<12}  {path}  {size / 1e6:.1f} MB: {why}")
+        freed += size
+        if not dry_run:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    for folder in fingerprint_folders(store):
+        if folder.name in referenced:
+            print(f"{'keep':<12}  {folder.name}: {referenced[folder.name]}")
+        elif folder.stat().st_mtime > cutoff:
+            print(f"{'keep':<12}  {folder.name}: used {days_ago(folder.stat().st_mtime)}")
+        else:
+            lock = FileLock(str(folder) + ".lock", timeout=0)  # the lock FeatureStore takes; its file stays
+            try:
+                lock.acquire()
+            except Timeout:
+                print(f"{'keep':<12}  {folder.name}: in use by a running process")
+                continue
+            try:
+                if folder.stat().st_mtime > cutoff:  # opened between the look and the lock
+                    print(f"{'keep':<12}  {folder.name}: used {days_ago(folder.stat().st_mtime)}")
+                else:
+                    delete(folder, f"not referenced, last used {days_ago(folder.stat().st_mtime)}")
+                    continue
+            finally:
+                lock.release()
+        for rejected in sorted(folder.glob("*.rejected-*")):
+            if rejected_at(rejected) <= cutoff:
+                delete(rejected, f"rejected {days_ago(rejected_at(rejected))}")
+    for run in finetune_runs(store):
+        if last_change(run) <= cutoff:
+            delete(run, f"fine-tune run last written {days_ago(last_change(run))}")
+        else:
+            print(f"{'keep':<12}  {FINETUNE}/{run.name}: written {days_ago(last_change(run))}")
+    print(f"{'would free' if dry_run else 'freed'} {freed / 1e6:.1f} MB in {store}")
+    return 0

@@ -1,0 +1,102 @@
+"""The images extract feeds to the backbone: view 0 is the plain preprocessed image, views 1..k are seeded
+augmentations (RandomResizedCrop + horizontal flip), reproducible per (image, view) whatever worker runs them."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from torchvision.transforms import InterpolationMode, v2
+
+from transfer_learning.common.hashing import sha256_bytes
+from transfer_learning.data.images import BadImage, Preprocessing
+
+PLAIN_VIEW = "0"
+
+
+@dataclass(frozen=True)
+class ViewRequest:
+    path: str
+    sha256: str
+    view: int  # 0 = plain
+
+
+def augment_spec(preprocessing: Preprocessing) -> dict:
+    return {"random_resized_crop": {"size": preprocessing.crop, "scale": [0.08, 1.0], "ratio": [0.75, 4 / 3]},
+            "hflip": 0.5}
+
+
+def view_id(view: int, preprocessing: Preprocessing) -> str:
+    """How a view is keyed in the store: '0', or the augmentation spec's hash and the view's number."""
+    if view == 0:
+        return PLAIN_VIEW
+    spec = json.dumps(augment_spec(preprocessing), sort_keys=True)
+    return f"aug-{hashlib.sha256(spec.encode()).hexdigest()[:8]}-{view}"
+
+
+def augment_transform(preprocessing: Preprocessing) -> v2.Compose:
+    spec = augment_spec(preprocessing)["random_resized_crop"]
+    return v2.Compose([
+        v2.RandomResizedCrop(spec["size"], scale=tuple(spec["scale"]), ratio=tuple(spec["ratio"]),
+                             interpolation=InterpolationMode(preprocessing.interpolation), antialias=True),
+        v2.RandomHorizontalFlip(0.5),
+        v2.PILToTensor(),
+    ])
+
+
+def view_seed(sha256: str, view: int) -> int:
+    return int(sha256[:15], 16) + view
+
+
+def read_image(request: ViewRequest, preprocessing: Preprocessing):
+    """(RGB image, None), or (None, the reason with the path): unreadable, changed since prepare, not decodable.
+    High-bit images are scaled by `preprocessing.bit_depth`, the data's rule."""
+    try:
+        data = Path(request.path).read_bytes()
+    except OSError as error:
+        return None, f"{request.path}: cannot read ({error.strerror})"
+    if sha256_bytes(data) != request.sha256:
+        return None, f"{request.path}: changed since prepare (sha256 differs); run `dvc repro` to re-prepare"
+    try:
+        return preprocessing.decode(data), None
+    except BadImage as error:
+        return None, f"{request.path}: {error}"
+
+
+class ViewDataset(Dataset):
+    """Items are (uint8 CHW tensor | None, error | None): a file that changed since prepare or no longer decodes is
+    reported with its path by the caller instead of crashing a worker."""
+
+    def __init__(self, requests: list[ViewRequest], preprocessing: Preprocessing):
+        self.requests = requests
+        self.preprocessing = preprocessing
+        self.plain = preprocessing.pixels()
+        self.augment = augment_transform(preprocessing)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def __getitem__(self, index: int):
+        request = self.requests[index]
+        image, error = read_image(request, self.preprocessing)
+        if error is not None:
+            return None, error
+        if request.view == 0:
+            return self.plain(image), None
+        torch.manual_seed(view_seed(request.sha256, request.view))
+        return self.augment(image), None
+
+
+def one_thread_worker(_worker: int) -> None:
+    """DataLoader worker_init_fn: decoding workers share the cores with inference, one torch thread each."""
+    torch.set_num_threads(1)
+
+
+def collate(items):
+    """Runs in the worker: one stacked tensor of the good items, their positions in the batch, the errors."""
+    good = [i for i, (_, error) in enumerate(items) if error is None]
+    errors = [error for _, error in items if error is not None]
+    return (torch.stack([items[i][0] for i in good]) if good else None), good, errors

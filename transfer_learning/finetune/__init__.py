@@ -1,0 +1,1 @@
+"""params `finetune` (stage finetune): LP-FT data, model, loop, files and the run."""

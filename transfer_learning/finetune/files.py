@@ -1,0 +1,78 @@
+"""models/finetune/: the fine-tuned model as evaluate and predict use it.
+
+model.onnx (normalized images in, class probabilities out), model.pt (the torch state dict, with meta.json
+enough to rebuild it), test_scores.npz (the ONNX model's probabilities on the test split, keyed by image), and
+meta.json, written last, with the sha256 of the other three: a file that does not match is never used. Only
+skipped.json when finetune.enabled is false.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from transfer_learning.common.atomic import atomic_write_text
+from transfer_learning.common.errors import UserError
+from transfer_learning.common.hashing import sha256_bytes, sha256_file
+
+FINETUNE_DIR = Path("models/finetune")
+MODEL_NAME = "finetune"
+PROBABILITIES, LOGITS = "probabilities", "logits"
+ONNX, STATE_DICT, TEST_SCORES = "model.onnx", "model.pt", "test_scores.npz"
+DIGESTED = (ONNX, STATE_DICT, TEST_SCORES)
+
+
+def onnx_path(directory: Path = FINETUNE_DIR) -> Path:
+    return directory / ONNX
+
+
+def trained(directory: Path = FINETUNE_DIR) -> bool:
+    return (directory / "meta.json").is_file() and onnx_path(directory).is_file()
+
+
+def read_meta(directory: Path = FINETUNE_DIR) -> dict:
+    if not trained(directory):
+        raise UserError(f"no fine-tuned model in {directory}: set finetune.enabled: true and run `dvc repro`")
+    return json.loads((directory / "meta.json").read_text())
+
+
+def write_meta(meta: dict, directory: Path = FINETUNE_DIR) -> None:
+    """meta.json with the digests of the files already written beside it."""
+    digests = {name: sha256_file(directory / name) for name in DIGESTED}
+    atomic_write_text(directory / "meta.json", json.dumps({**meta, "sha256": digests}, indent=2) + "\n")
+
+
+def verified_bytes(name: str, directory: Path = FINETUNE_DIR) -> bytes:
+    """The bytes of models/finetune/<name>, checked against the sha256 in meta.json."""
+    path = directory / name
+    expected = read_meta(directory).get("sha256", {}).get(name)
+    data = path.read_bytes() if path.is_file() else None
+    if expected is None or data is None or sha256_bytes(data) != expected:
+        what = ("is missing" if data is None else "has no sha256 in meta.json" if expected is None
+                else f"does not match the sha256 in {directory / 'meta.json'} (changed or damaged since fine-tuning)")
+        raise UserError(f"{path} {what}: run `dvc repro finetune` (or `dvc checkout {directory}` to restore "
+                        "the committed files)")
+    return data
+
+
+def verify(name: str, directory: Path = FINETUNE_DIR) -> Path:
+    """The path of models/finetune/<name> once its sha256 matches meta.json."""
+    verified_bytes(name, directory)
+    return directory / name
+
+
+def write_test_scores(keys: list[str], probabilities: np.ndarray, directory: Path = FINETUNE_DIR) -> None:
+    np.savez(directory / TEST_SCORES, keys=np.array(keys), probabilities=probabilities.astype(np.float32))
+
+
+def read_test_scores(keys: list[str], directory: Path = FINETUNE_DIR) -> np.ndarray:
+    """The probabilities in the order of `keys` (the test split's rows), from the verified file."""
+    with np.load(io.BytesIO(verified_bytes(TEST_SCORES, directory)), allow_pickle=False) as saved:
+        row = {str(k): i for i, k in enumerate(saved["keys"])}
+        missing = [k for k in keys if k not in row]
+        if missing:
+            raise UserError(f"{directory / TEST_SCORES} lacks {len(missing)} test image(s) of data/features/test.h5 "
+                            "(the data changed since fine-tuning): run `dvc repro`")
+        return saved["probabilities"][[row[k] for k in keys]].astype(np.float64)

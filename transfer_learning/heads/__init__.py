@@ -1,0 +1,1 @@
+"""params `heads` (stage train_heads): head types, hyperparameter selection on val, models/heads files."""

@@ -1,0 +1,172 @@
+"""models/heads/<name>/: a trained head as files that load without unpickling code, where that is possible.
+
+Logistic, linear and MLP heads are the same thing once trained: standardize, then Linear layers with ReLU
+between, then softmax. They are saved as `weights.npz` (mean, scale, w0, b0, w1, b1, ...; loaded with
+allow_pickle=False) plus `head.json`, and run with numpy alone. A generic scikit-learn estimator can only be
+saved as a pickle (`model.pkl`): load heads only from a source you trust. Either file's sha256 is in head.json
+and checked before the file is read, so a corrupt or swapped file is refused, never served.
+"""
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from transfer_learning.common.errors import UserError
+from transfer_learning.common.hashing import sha256_bytes
+
+if TYPE_CHECKING:  # annotations only: loading and scoring a saved head does not import scikit-learn
+    from sklearn.base import BaseEstimator
+    from sklearn.preprocessing import StandardScaler
+
+    from transfer_learning.params import HeadSpec
+
+HEADS_DIR = Path("models/heads")
+LAYERS, PICKLE = "layers", "pickle"
+FILE_OF_FORMAT = {LAYERS: "weights.npz", PICKLE: "model.pkl"}
+RESTORE = "run `dvc checkout models/heads` to restore the committed heads, or `dvc repro train_heads` to retrain"
+
+
+@dataclass
+class FittedHead:
+    """What selection (heads/selection.py) hands to `save`: the chosen estimator, its scaler and its record."""
+
+    name: str
+    spec: HeadSpec
+    estimator: BaseEstimator
+    scaler: StandardScaler
+    chosen: dict[str, Any]
+    val_accuracy: float
+    candidates: list[dict[str, Any]]
+    seconds: float
+    train_rows: int
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def estimator_scores(estimator: Any, x: np.ndarray) -> np.ndarray:
+    """predict_proba, or decision_function for estimators without it; N × len(estimator.classes_). Model
+    selection, evaluate and predict all take the argmax of these, so val and test measure the same rule."""
+    if hasattr(estimator, "predict_proba"):
+        return estimator.predict_proba(x)
+    scores = estimator.decision_function(x)
+    return np.stack([-scores, scores], axis=1) if scores.ndim == 1 else scores
+
+
+def layers_of(fitted: FittedHead) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """(weight out×in, bias) per layer, or None for an estimator that is not a stack of Linear layers."""
+    estimator = fitted.estimator
+    if hasattr(estimator, "layers"):
+        return estimator.layers()
+    if fitted.spec.type == "logistic":
+        weight, bias = estimator.coef_, estimator.intercept_
+        if len(estimator.classes_) == 2:  # sklearn keeps one row; softmax([0, z]) = [1 - sigmoid(z), sigmoid(z)]
+            weight, bias = np.vstack([np.zeros_like(weight), weight]), np.concatenate([[0.0], bias])
+        return [(weight, bias)]
+    return None
+
+
+def save(fitted: FittedHead, classes: list[str], fingerprint: str, directory: Path = HEADS_DIR) -> Path:
+    out = directory / fitted.name
+    out.mkdir(parents=True, exist_ok=True)
+    meta: dict[str, Any] = {
+        "name": fitted.name,
+        "type": fitted.spec.type,
+        "spec": fitted.spec.model_dump(),
+        "chosen": fitted.chosen,
+        "details": fitted.details,
+        "val_accuracy": fitted.val_accuracy,
+        "candidates": fitted.candidates,
+        "classes": classes,
+        "class_indices": [int(c) for c in fitted.estimator.classes_],
+        "features_fingerprint": fingerprint,
+    }
+    layers = layers_of(fitted)
+    if layers is not None:
+        arrays = {"mean": fitted.scaler.mean_, "scale": fitted.scaler.scale_}
+        for i, (weight, bias) in enumerate(layers):
+            arrays[f"w{i}"], arrays[f"b{i}"] = weight, bias
+        buffer = io.BytesIO()
+        np.savez(buffer, **{k: np.asarray(v, np.float32) for k, v in arrays.items()})
+        blob = buffer.getvalue()
+        meta |= {"format": LAYERS, "layers": len(layers)}
+    else:
+        blob = pickle.dumps({"scaler": fitted.scaler, "estimator": fitted.estimator}, protocol=5)
+        meta |= {"format": PICKLE}
+    (out / FILE_OF_FORMAT[meta["format"]]).write_bytes(blob)
+    meta["sha256"] = sha256_bytes(blob)
+    (out / "head.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+@dataclass
+class Head:
+    """A saved head: `scores(features)` gives one column per class of the dataset (classes.json order)."""
+
+    name: str
+    meta: dict
+    arrays: dict[str, np.ndarray] | None = None
+    model: Any = None
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta["classes"]
+
+    @property
+    def probabilistic(self) -> bool:
+        return self.arrays is not None or hasattr(self.model["estimator"], "predict_proba")
+
+    @property
+    def layers(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        assert self.arrays is not None, f"head {self.name} is a pickled estimator, not layers"
+        return [(self.arrays[f"w{i}"], self.arrays[f"b{i}"]) for i in range(self.meta["layers"])]
+
+    def scores(self, features: np.ndarray) -> np.ndarray:
+        """Probabilities (or decision scores for estimators without predict_proba), N × len(classes)."""
+        if self.arrays is not None:
+            x = (features.astype(np.float32) - self.arrays["mean"]) / self.arrays["scale"]
+            layers = self.layers
+            for i, (weight, bias) in enumerate(layers):
+                x = x @ weight.T + bias
+                if i < len(layers) - 1:
+                    x = np.maximum(x, 0)
+            x = np.exp(x - x.max(axis=1, keepdims=True))
+            own = x / x.sum(axis=1, keepdims=True)
+        else:
+            own = estimator_scores(self.model["estimator"], self.model["scaler"].transform(features))
+        full = np.full((len(features), len(self.classes)), 0.0 if self.probabilistic else -np.inf, np.float64)
+        full[:, self.meta["class_indices"]] = own
+        return full
+
+
+def trained_names(directory: Path = HEADS_DIR) -> list[str]:
+    return sorted(p.parent.name for p in directory.glob("*/head.json"))
+
+
+def load(name: str, directory: Path = HEADS_DIR) -> Head:
+    folder = directory / name
+    meta_path = folder / "head.json"
+    if not meta_path.is_file():
+        trained = trained_names(directory)
+        raise UserError(f"no trained head {name!r} in {directory}; trained: {', '.join(trained) or 'none'} "
+                        "(run `dvc repro train_heads`)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        path, expected = folder / FILE_OF_FORMAT[meta["format"]], meta["sha256"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{meta_path} is damaged or from an older version ({error!r}): {RESTORE}") from None
+    try:
+        blob = path.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: {RESTORE}") from None
+    if sha256_bytes(blob) != expected:  # checked before numpy or pickle reads a byte of it
+        raise UserError(f"{path} does not match the sha256 in {meta_path} (corrupt or changed since train_heads "
+                        f"wrote it): {RESTORE}")
+    if meta["format"] == LAYERS:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
+            return Head(name, meta, arrays={k: npz[k] for k in npz.files})
+    return Head(name, meta, model=pickle.loads(blob))

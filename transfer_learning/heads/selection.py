@@ -1,0 +1,94 @@
+"""Heads on cached features: every head type becomes a scikit-learn classifier plus a grid, and one selection
+path fits each grid point on train, scores it on val, and keeps the best (the first one on a tie).
+
+Features are standardized (mean/std of train) for every head: the linear-probe protocol of CLIP/DINOv2, and
+what makes one learning rate or C grid fit features of any scale.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, clone
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import ParameterGrid
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.validation import has_fit_parameter
+
+from transfer_learning.common.errors import UserError
+from transfer_learning.features.split_files import SplitFeatures
+from transfer_learning.heads.files import FittedHead, estimator_scores
+from transfer_learning.heads.torch_heads import TorchHead
+from transfer_learning.params import LinearHead, LogisticHead, MLPHead, SklearnHead
+
+log = logging.getLogger(__name__)
+
+Spec = LogisticHead | LinearHead | MLPHead | SklearnHead
+
+
+def estimator_and_grid(name: str, spec: Spec) -> tuple[BaseEstimator, dict[str, list[Any]]]:
+    """The unfitted estimator a spec describes and the grid to select on val; fails naming the params key."""
+    if isinstance(spec, LogisticHead):
+        return (LogisticRegression(max_iter=spec.max_iter, class_weight=spec.class_weight, random_state=spec.seed),
+                {"C": list(spec.C)})
+    if isinstance(spec, (LinearHead, MLPHead)):
+        hidden = list(spec.hidden) if isinstance(spec, MLPHead) else []
+        dropout = spec.dropout if isinstance(spec, MLPHead) else 0.0
+        return (TorchHead(hidden=hidden, dropout=dropout, epochs=spec.epochs, lr=spec.lr,
+                          weight_decay=spec.weight_decay, batch_size=spec.batch_size, patience=spec.patience,
+                          class_weight=spec.class_weight, random_state=spec.seed), {})
+    try:
+        estimator = spec.new_estimator()
+    except ValueError as error:
+        raise UserError(f"heads.{name}.estimator: {error}") from None
+    class_name = type(estimator).__name__
+    valid = estimator.get_params()
+    for key in (*spec.params, *spec.grid):
+        if key not in valid:
+            where = "params" if key in spec.params else "grid"
+            raise UserError(f"heads.{name}.{where}.{key}: {class_name} has no parameter {key!r}; "
+                            f"valid: {', '.join(sorted(valid))}")
+    chosen = {**spec.params}
+    if spec.class_weight is not None:
+        if "class_weight" not in valid:
+            raise UserError(f"heads.{name}.class_weight: {class_name} does not support class weights; remove the key")
+        chosen["class_weight"] = spec.class_weight
+    if "random_state" in valid and "random_state" not in spec.params and "random_state" not in spec.grid:
+        chosen["random_state"] = spec.seed
+    return estimator.set_params(**chosen), {k: list(v) for k, v in spec.grid.items()}
+
+
+def fit_head(name: str, spec: Spec, train: SplitFeatures, val: SplitFeatures) -> FittedHead:
+    """The shared selection path: every grid point fitted on train, scored on val, the best one kept."""
+    if len(val) == 0:
+        raise UserError("the val split is empty, and heads choose their hyperparameters on it: "
+                        "set data.val_fraction above 0")
+    started = time.perf_counter()
+    estimator, grid = estimator_and_grid(name, spec)
+    scaler = StandardScaler().fit(train.features)
+    train_x, val_x = scaler.transform(train.features), scaler.transform(val.features)
+    best: tuple[float, BaseEstimator, dict] | None = None
+    candidates = []
+    for point in ParameterGrid(grid):
+        candidate = clone(estimator).set_params(**point)
+        try:
+            if has_fit_parameter(candidate, "validation"):
+                candidate.fit(train_x, train.labels, validation=(val_x, val.labels))
+            else:
+                candidate.fit(train_x, train.labels)
+        except (ValueError, TypeError) as error:
+            raise UserError(f"heads.{name}: fitting {type(candidate).__name__} with {point or spec} failed: "
+                            f"{error}") from None
+        predicted = candidate.classes_[estimator_scores(candidate, val_x).argmax(axis=1)]
+        accuracy = float(np.mean(predicted == val.labels))
+        candidates.append({"params": point, "val_accuracy": accuracy})
+        log.info("head %s: %s val accuracy %.4f", name, point or "(no grid)", accuracy)
+        if best is None or accuracy > best[0]:
+            best = (accuracy, candidate, point)
+    assert best is not None
+    accuracy, fitted, point = best
+    details = {k: getattr(fitted, k) for k in ("best_epoch_", "epochs_run_") if hasattr(fitted, k)}
+    return FittedHead(name, spec, fitted, scaler, point, accuracy, candidates,
+                      time.perf_counter() - started, len(train), {k.rstrip("_"): v for k, v in details.items()})

@@ -1,0 +1,501 @@
+"""params.yaml, validated once into typed objects.
+
+Every stage calls `load_params()`: an unknown key, a wrong type, an unknown arch, weights name, estimator or
+data source fails here, before any work, with one message per problem naming the key and the valid choices.
+The `validate` stage (stages/validate.py) runs the full check first on every `dvc repro`.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from transfer_learning.common.errors import UserError
+
+PARAMS_FILE = Path("params.yaml")
+BUILTIN_SOURCES = ("fashion-mnist", "digits")
+
+
+class Section(BaseModel):
+    # strict: a number is a number (`batch_size: true` is not 1, `epochs: "5"` and `epochs: 5.0` are not 5), a flag
+    # is true or false; an int is still a valid float
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class DataParams(Section):
+    source: str = "fashion-mnist"
+    per_class: Annotated[int, Field(ge=1)] | None = 300
+    val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.15
+    test_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.15
+    seed: int = 0
+    # how a 16-bit image's values are scaled to 8 bits: auto = by the smallest of 8/10/12/14/16 bits that holds
+    # its maximum (a 16-bit file holding 12-bit camera data is not nearly black); a number forces that depth
+    bit_depth: Union[Literal["auto"], Literal[8, 10, 12, 14, 16]] = "auto"
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, source: str) -> str:
+        if source in BUILTIN_SOURCES:
+            return source
+        path = Path(source)
+        if path.is_dir() or (path.is_file() and path.suffix.lower() == ".csv"):
+            return source
+        if path.suffix.lower() == ".csv":
+            raise ValueError(f"CSV file {source!r} does not exist")
+        raise ValueError(
+            f"{source!r} is neither a built-in source ({', '.join(BUILTIN_SOURCES)}) nor an existing folder "
+            "of <class>/<image> files nor a CSV file with path,label[,split] columns"
+        )
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> DataParams:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"test_fraction: val_fraction + test_fraction must be below 1 (val_fraction is {self.val_fraction})"
+            )
+        return self
+
+    @property
+    def builtin(self) -> bool:
+        return self.source in BUILTIN_SOURCES
+
+
+class BackboneParams(Section):
+    arch: str = "mobilenet_v2"
+    weights: str | None = "IMAGENET1K_V1"
+    weights_path: str | None = None
+    cut: Union[int, str] = "penultimate"
+    pool: Literal["avg", "max", "none"] = "avg"
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, arch: str, info: ValidationInfo) -> str:
+        if not (info.context or {}).get("resolve_backbone", True):
+            return arch
+        valid = classification_archs()
+        if arch not in valid:
+            raise ValueError(f"{arch!r} is not a torchvision classification model; valid: {', '.join(valid)}")
+        return arch
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _none_means_random_init(cls, weights: Any) -> Any:
+        return None if weights is None or str(weights).lower() == "none" else weights
+
+    @field_validator("cut", mode="before")
+    @classmethod
+    def _cut_number_or_name(cls, cut: Any) -> Any:
+        if isinstance(cut, bool):
+            raise ValueError("cut must be 'penultimate', a number of blocks, or a graph node name")
+        if isinstance(cut, str) and cut.strip().isdigit():
+            return int(cut)
+        if isinstance(cut, int) and cut < 1:
+            raise ValueError(f"cut={cut}: keep at least 1 block")
+        return cut
+
+    @model_validator(mode="after")
+    def _weights_exist_for_arch(self, info: ValidationInfo) -> BackboneParams:
+        if not (info.context or {}).get("resolve_backbone", True):
+            return self
+        if self.weights is None:
+            if self.weights_path:
+                raise ValueError("weights_path: set, but weights is none: name the weights the file holds")
+            return self
+        from torchvision.models import get_model_weights
+
+        enum = get_model_weights(self.arch)
+        valid = [w.name for w in enum]
+        if self.weights != "DEFAULT" and self.weights not in valid:
+            raise ValueError(
+                f"weights: {self.weights!r} does not exist for {self.arch}; valid: {', '.join(valid)}, DEFAULT or none"
+            )
+        if self.weights_path and not Path(self.weights_path).is_file():
+            raise ValueError(f"weights_path: {self.weights_path!r} is not a file")
+        return self
+
+
+class ExportParams(Section):
+    opset: Annotated[int, Field(ge=13)] = 18
+    atol: Annotated[float, Field(gt=0)] = 1.0e-4
+
+
+class ExtractParams(Section):
+    providers: list[str] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    batch_size: Annotated[int, Field(ge=1)] = 64
+    workers: Annotated[int, Field(ge=0)] = 2
+    store: str = "data/feature-store"
+    dtype: Literal["float32", "float16"] = "float32"
+    augment_views: Annotated[int, Field(ge=0, le=999)] = 0
+
+    @field_validator("store")
+    @classmethod
+    def _store_has_its_own_folder(cls, store: str) -> str:
+        if not store.strip() or Path(store) == Path(".") or Path(store).resolve() == Path.cwd().resolve():
+            raise ValueError("the feature store needs a folder of its own, e.g. data/feature-store (an empty path "
+                             "or the project root would fill the project root with store files)")
+        return store
+
+    @field_validator("providers")
+    @classmethod
+    def _known_providers(cls, providers: list[str]) -> list[str]:
+        import onnxruntime
+
+        known = onnxruntime.get_all_providers()
+        unknown = [p for p in providers if p not in known]
+        if unknown or not providers:
+            raise ValueError(f"unknown ONNX Runtime provider(s) {unknown}; valid: {', '.join(known)}")
+        return providers
+
+
+class LogisticHead(Section):
+    type: Literal["logistic"]
+    C: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)] = [0.001, 0.01, 0.1, 1, 10, 100]
+    max_iter: Annotated[int, Field(ge=1)] = 1000
+    class_weight: Literal["balanced"] | None = None
+    seed: int = 0
+
+
+class LinearHead(Section):
+    type: Literal["linear"]
+    epochs: Annotated[int, Field(ge=1)] = 100
+    lr: Annotated[float, Field(gt=0)] = 1.0e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 1.0e-4
+    batch_size: Annotated[int, Field(ge=1)] = 256
+    patience: Annotated[int, Field(ge=1)] = 10
+    class_weight: Literal["balanced"] | None = None
+    seed: int = 0
+
+
+class MLPHead(LinearHead):
+    type: Literal["mlp"]  # type: ignore[assignment]
+    hidden: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] = [512]
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
+
+
+DOTTED_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+class SklearnHead(Section):
+    type: Literal["sklearn"]
+    # a scikit-learn classifier by class name or dotted path, or a class from a module in trusted_modules
+    estimator: str
+    # modules (or packages) outside scikit-learn this head may import its estimator from: importing a module
+    # runs its code, so nothing outside scikit-learn is imported unless a head lists it here
+    trusted_modules: list[str] = []
+    params: dict[str, Any] = {}
+    grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = {}
+    class_weight: Literal["balanced"] | None = None
+    seed: int = 0  # given to the estimator as random_state when it has one and params/grid do not set it
+
+    @field_validator("estimator")
+    @classmethod
+    def _dotted_name(cls, estimator: str) -> str:
+        if not DOTTED_NAME.fullmatch(estimator):
+            raise ValueError(f"{estimator!r} is not a Python name or dotted path; {ESTIMATOR_FORMS}")
+        return estimator
+
+    @field_validator("trusted_modules")
+    @classmethod
+    def _module_names(cls, modules: list[str]) -> list[str]:
+        bad = [m for m in modules if not DOTTED_NAME.fullmatch(m)]
+        if bad:
+            raise ValueError(f"{bad} are not module names; give importable names such as xgboost or my_pkg.models")
+        return modules
+
+    @model_validator(mode="after")
+    def _estimator_is_a_classifier(self, info: ValidationInfo) -> SklearnHead:
+        try:
+            if (info.context or {}).get("resolve_estimators", True):
+                self.new_estimator()
+            else:
+                self.check_trusted()  # needs no import
+        except ValueError as error:
+            raise ValueError(f"estimator: {error}") from None
+        return self
+
+    def check_trusted(self) -> None:
+        module_name = self.estimator.rpartition(".")[0]
+        if module_name.partition(".")[0] in ("", "sklearn") or _under(module_name, self.trusted_modules):
+            return
+        raise ValueError(f"{self.estimator!r}: module {module_name!r} is not scikit-learn and not in this head's "
+                         f"trusted_modules, so it is not imported; {ESTIMATOR_FORMS}")
+
+    def estimator_class(self) -> type:
+        """The class, checked to be a classifier before anything constructs it. ValueError says what is valid."""
+        from sklearn.base import ClassifierMixin
+
+        self.check_trusted()
+        module_name, _, class_name = self.estimator.rpartition(".")
+        if module_name.partition(".")[0] in ("", "sklearn") and not _under(module_name, self.trusted_modules):
+            found = sklearn_classifiers().get(class_name)  # sklearn's own, no import of the path given
+            if found is not None and (not module_name or getattr(sys.modules.get(module_name), class_name, None)
+                                      is found):
+                return found
+            if found is not None:
+                raise ValueError(f"{self.estimator!r}: scikit-learn's {class_name} is not in {module_name}; "
+                                 f"write {class_name} or {_public_path(found)}")
+            raise ValueError(f"{self.estimator!r} is not a scikit-learn classifier; {ESTIMATOR_FORMS}; "
+                             f"scikit-learn's classifiers: {', '.join(sklearn_classifiers())}")
+        try:
+            found = getattr(importlib.import_module(module_name), class_name, None)
+        except Exception as error:  # a trusted module may fail to import in any way
+            raise ValueError(f"{self.estimator!r}: importing {module_name} failed: {error}") from None
+        if not (isinstance(found, type) and issubclass(found, ClassifierMixin)):
+            raise ValueError(f"{self.estimator!r} is not a classifier class (a subclass of "
+                             f"sklearn.base.ClassifierMixin); {ESTIMATOR_FORMS}")
+        return found
+
+    def new_estimator(self) -> Any:
+        """A new instance with its default arguments (params and grid are set on it later)."""
+        found = self.estimator_class()
+        try:
+            return found()
+        except Exception as error:  # whatever the constructor raises, the user fixes it in params.yaml
+            raise ValueError(f"{self.estimator}() failed: {error}; the estimator must construct without "
+                             "arguments (its settings go under params or grid)") from None
+
+
+ESTIMATOR_FORMS = ("valid: a scikit-learn classifier by class name or dotted path (KNeighborsClassifier, "
+                   "sklearn.neighbors.KNeighborsClassifier), or module.Class with that module (or its package) "
+                   "listed in the head's trusted_modules")
+
+
+def _under(module_name: str, packages: list[str]) -> bool:
+    return any(module_name == p or module_name.startswith(p + ".") for p in packages)
+
+
+def _public_path(found: type) -> str:
+    """sklearn.neighbors.KNeighborsClassifier rather than its private module sklearn.neighbors._classification."""
+    public = found.__module__.split("._")[0]
+    return f"{public}.{found.__name__}"
+
+
+def sklearn_classifiers() -> dict[str, type]:
+    """Class name -> class, every classifier scikit-learn ships (imports scikit-learn's modules only)."""
+    from sklearn.utils.discovery import all_estimators
+
+    return dict(all_estimators(type_filter="classifier"))
+
+
+HeadSpec = Annotated[Union[LogisticHead, LinearHead, MLPHead, SklearnHead], Field(discriminator="type")]
+
+
+class AugmentParams(Section):
+    random_resized_crop: bool = True
+    hflip: bool = True
+    color_jitter: Annotated[float, Field(ge=0)] = 0.0
+
+
+class FinetuneParams(Section):
+    enabled: bool = False
+    unfreeze: Union[Annotated[int, Field(ge=0)], Literal["all", "auto"]] = 2
+    init_head: str | None = "logreg"
+    epochs: Annotated[int, Field(ge=1)] = 5
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    lr_head: Annotated[float, Field(gt=0)] = 1.0e-3
+    lr_backbone: Annotated[float, Field(gt=0)] = 1.0e-4
+    bn: Literal["frozen", "train"] = "frozen"
+    patience: Annotated[int, Field(ge=1)] = 2
+    cache_prefix: bool = False
+    augment: AugmentParams = AugmentParams()
+
+
+class AdviseParams(Section):
+    """The strategy advisor's thresholds (transfer_learning/advise/advisor.py); rules of thumb, documented in
+    README.md."""
+
+    # train images per class (the median class) at or above which the data counts as large: about ImageNet's
+    # 1,000-1,300 per class, the scale at which these architectures are trained from scratch
+    large_per_class: Annotated[int, Field(ge=1)] = 1000
+    # BatchNorm shift (median over BN layers of the per-channel Gaussian KL from the running statistics) at or
+    # below which the data counts as similar; measured on MobileNetV2: photo crops 0.02-0.03, Fashion-MNIST
+    # 0.26-0.33, digits 0.37-0.38
+    similar_shift: Annotated[float, Field(gt=0)] = 0.1
+    # top-1 softmax confidence at or above which the data counts as similar, only for a backbone without
+    # BatchNorm statistics (ViT, Swin, ConvNeXt); measured on MobileNetV2: photo crops 0.45-0.52, Fashion-MNIST
+    # 0.29-0.34, digits 0.08-0.11
+    similar_confidence: Annotated[float, Field(gt=0, lt=1)] = 0.4
+    partial_unfreeze: Annotated[int, Field(ge=1)] = 2  # last blocks the partial_finetune strategy unfreezes
+    sample: Annotated[int, Field(ge=1)] = 128  # train images the similarity is measured on (seeded choice)
+    seed: int = 0
+
+
+# model names that are not heads: the fine-tuned model (finetune_files.MODEL_NAME) in evaluate and predict, the key
+# naming the best model in metrics/evaluate.json, and evaluate.models' keyword; refused in any letter case, as
+# plots/confusion/<name>.csv would collide on a case-insensitive file system
+RESERVED_MODEL_NAMES = ("finetune", "best", "all")
+HEAD_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _head_name(name: str) -> str:
+    if not HEAD_NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError("a head name is letters, digits, '_', '.' and '-' (it names the folder models/heads/<name>), "
+                         "not '.' or '..'")
+    if name.lower() in RESERVED_MODEL_NAMES:
+        raise ValueError(f"{name!r} is reserved ({', '.join(RESERVED_MODEL_NAMES)} name other things in "
+                         "metrics/evaluate.json, evaluate.models and predict --model): choose another head name")
+    return name
+
+
+HeadName = Annotated[str, AfterValidator(_head_name)]
+
+
+class EvaluateParams(Section):
+    models: Union[Literal["all"], list[str]] = "all"
+
+
+def _default_heads() -> dict[str, Any]:
+    return {
+        "logreg": LogisticHead(type="logistic"),
+        "linear": LinearHead(type="linear"),
+        "mlp": MLPHead(type="mlp"),
+        "knn": SklearnHead(
+            type="sklearn", estimator="sklearn.neighbors.KNeighborsClassifier", grid={"n_neighbors": [5, 15]}
+        ),
+    }
+
+
+class Params(Section):
+    data: DataParams = DataParams()
+    backbone: BackboneParams = Field(default_factory=BackboneParams)
+    export: ExportParams = ExportParams()
+    extract: ExtractParams = ExtractParams()
+    heads: dict[HeadName, HeadSpec] = Field(default_factory=_default_heads)
+    finetune: FinetuneParams = FinetuneParams()
+    advise: AdviseParams = AdviseParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+    @field_validator("heads")
+    @classmethod
+    def _at_least_one_head(cls, heads: dict[str, Any]) -> dict[str, Any]:
+        if not heads:
+            raise ValueError("at least one head is needed, e.g. `logreg: {type: logistic}`")
+        return heads
+
+    @model_validator(mode="after")
+    def _references_exist(self) -> Params:
+        by_case: dict[str, str] = {}
+        for name in self.heads:
+            if name.lower() in by_case:
+                raise ValueError(f"heads.{name}: the name differs from {by_case[name.lower()]!r} only in letter "
+                                 "case, and their files would collide on a case-insensitive file system")
+            by_case[name.lower()] = name
+        if self.finetune.init_head is not None and self.finetune.init_head not in self.heads:
+            raise ValueError(
+                f"finetune.init_head: {self.finetune.init_head!r} is not a head; valid: {', '.join(self.heads)} or null"
+            )
+        return self
+
+
+def classification_archs() -> list[str]:
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def load_params(path: Path | str = PARAMS_FILE, resolve_estimators: bool = True,
+                resolve_backbone: bool = True) -> Params:
+    """The validated params. Two checks import heavy libraries, and a stage that never reads their section
+    may skip them to start fast (every stage pays its imports on each small change); the first stages of a
+    fresh pipeline still make every check before any work:
+    - `resolve_estimators=False`: the heads' estimators are not looked up among scikit-learn's classifiers,
+      which imports all of scikit-learn (about 2-3 s); a module outside it must still be in trusted_modules;
+    - `resolve_backbone=False`: backbone.arch/weights are not checked against torchvision (about 5 s)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise UserError(f"{path} not found: run from the project's root") from None
+    except yaml.YAMLError as error:
+        raise UserError(f"{path} is not valid YAML: {error}") from None
+    context = {"resolve_estimators": resolve_estimators, "resolve_backbone": resolve_backbone}
+    try:
+        return Params.model_validate(raw, context=context)
+    except ValidationError as error:
+        raise UserError(f"{path} is invalid:\n" + describe_errors(error, raw)) from None
+
+
+HEAD_TYPES = {"logistic": LogisticHead, "linear": LinearHead, "mlp": MLPHead, "sklearn": SklearnHead}
+
+
+def describe_errors(error: ValidationError, raw: dict[str, Any]) -> str:
+    """One line per problem: the dotted key, what is wrong, and for an unknown key the valid ones."""
+    lines = []
+    for problem in error.errors():
+        loc = _user_keys(problem["loc"], raw)
+        message = problem["msg"].removeprefix("Value error, ")
+        given = problem.get("input")
+        field, _, rest = message.partition(": ")
+        keys, value = _lookup(given, field)
+        if rest and value is not _MISSING:  # a check across keys starts its message with the key it is about
+            loc, message, given = loc + keys, rest, value
+        key = ".".join(loc) or "(top level)"
+        if problem["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key; valid keys here: {', '.join(_valid_keys(loc[:-1], raw))}")
+        elif isinstance(given, (dict, list)) and len(repr(given)) > 80:
+            lines.append(f"  {key}: {message}")
+        else:
+            lines.append(f"  {key}: {message} (got {given!r})")
+    return "\n".join(lines)
+
+
+_MISSING = object()
+
+
+def _lookup(given: Any, dotted: str) -> tuple[list[str], Any]:
+    """The keys and value `dotted` names in `given`; a key may itself hold dots (a head named `v1.2`)."""
+    keys: list[str] = []
+    rest = dotted
+    while rest:
+        if not isinstance(given, dict):
+            return keys, _MISSING
+        key = next((k for k in sorted(map(str, given), key=len, reverse=True)
+                    if rest == k or rest.startswith(k + ".")), None)
+        if key is None:
+            return keys, _MISSING
+        keys.append(key)
+        given, rest = given[key], rest[len(key) + 1:]
+    return keys, given
+
+
+# what pydantic adds to an error's loc besides the user's keys: union members, head types, dict-key checks
+_PYDANTIC_PARTS = re.compile(r"int|str|float|bool|none|\[key\]|[a-z-]+\[.*\]|(constrained|function)-.*|"
+                             + "|".join(HEAD_TYPES))
+
+
+def _user_keys(loc: tuple, raw: Any) -> list[str]:
+    """The keys a user wrote, found by walking params.yaml along loc; a part that is not there and is pydantic's
+    own (`int`, `literal['all']`, `sklearn`) is left out."""
+    keys, node = [], raw
+    for part in loc:
+        if isinstance(node, dict) and part in node or isinstance(node, list) and isinstance(part, int):
+            keys.append(str(part))
+            node = node[part] if isinstance(node, dict) or part < len(node) else None
+        elif not (isinstance(part, str) and _PYDANTIC_PARTS.fullmatch(part)):
+            keys.append(str(part))
+            node = None
+    return keys
+
+
+def _valid_keys(parent: list[str], raw: dict[str, Any]) -> list[str]:
+    if len(parent) == 2 and parent[0] == "heads":
+        model: Any = HEAD_TYPES.get(raw.get("heads", {}).get(parent[1], {}).get("type"), LogisticHead)
+    else:
+        model = Params
+        for part in parent:
+            model = model.model_fields[part].annotation
+    return list(model.model_fields)
