@@ -11,6 +11,7 @@ from pathlib import Path
 
 from transfer_learning.advise import advisor
 from transfer_learning.backbone import files as backbone_files
+from transfer_learning.common.atomic import atomic_write_text
 from transfer_learning.common.errors import UserError, run_main
 from transfer_learning.common.metrics import write_metrics
 from transfer_learning.data import manifest
@@ -43,8 +44,7 @@ def main() -> None:
 
     advice = advisor.advise(counts, measured, params, backbone.weights, [b.name for b in backbone.anatomy.blocks])
     write_metrics("advice", advice)
-    REPORT.parent.mkdir(parents=True, exist_ok=True)
-    REPORT.write_text(advisor.report(advice))
+    atomic_write_text(REPORT, advisor.report(advice))
     log.info("%s data (median %g train images per class), %s domain -> %s, finetune.unfreeze: %s -> %s",
              advice["size"], advice["images_per_class"]["median"], advice["domain"], advice["strategy"],
              advice["unfreeze"], REPORT)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
+
+from transfer_learning.common.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 INPUT, OUTPUT = "images", "features"
@@ -24,12 +27,15 @@ def export(module: nn.Module, example: torch.Tensor, path: Path, opset: int, out
             module.eval(), (example,), dynamo=True, opset_version=opset, input_names=[INPUT],
             output_names=list(outputs), dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
         )
-    tmp = path.with_suffix(".onnx.part")
-    program.save(str(tmp), external_data=False)  # one self-contained file, weights inside
-    model = onnx.load(str(tmp))
+    exported = path.with_name(f".{path.name}.{os.getpid()}.export")
+    try:
+        program.save(str(exported), external_data=False)  # one self-contained file, weights inside
+        model = onnx.load(str(exported))
+    finally:
+        exported.unlink(missing_ok=True)
     canonicalize(model.graph)
-    onnx.save(model, str(tmp))
-    tmp.replace(path)
+    with atomic_write(path, "wb") as handle:
+        handle.write(model.SerializeToString())
 
 
 def canonicalize(graph: onnx.GraphProto) -> None:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from transfer_learning.common.atomic import atomic_write_text
+
 CONFUSION_PLOTS = Path("plots/confusion")
 CONFUSION_IMAGES = Path("reports/confusion")
 SUMMARY = Path("reports/summary.md")
@@ -96,6 +98,5 @@ def write_summary(results: list[Evaluated], classes: list[str], split_counts: di
     if augmented_views:
         lines += ["", f"Heads also trained on {augmented_views} augmented view(s) of each train image "
                   "(extract.augment_views)."]
-    SUMMARY.parent.mkdir(parents=True, exist_ok=True)
-    SUMMARY.write_text("\n".join(lines) + "\n")
+    atomic_write_text(SUMMARY, "\n".join(lines) + "\n")
     return SUMMARY
