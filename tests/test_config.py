@@ -260,10 +260,68 @@ def test_no_head_is_a_params_error(project):
         load_params()
 
 
-@pytest.mark.parametrize("store", ["", "  ", ".", "./", "{cwd}"])
+@pytest.mark.parametrize("store", ["", "  ", ".", "./", "{cwd}", "..", "{cwd}/..", "data", "data/", "./data",
+                                   "{cwd}/data", "models", "metrics", "plots", "reports", "stages",
+                                   "transfer_learning", "tests", "benchmarks", ".dvc", ".git", "data/prepared",
+                                   "data/features", "data/prepared/store", "data/features/x/y", ".dvc/cache",
+                                   ".git/store", "data/../models"])
 def test_the_store_needs_a_folder_of_its_own(project, store):
     message = invalid(project, extract={"store": store.format(cwd=project.root)})
     assert "extract.store: the feature store needs a folder of its own" in message
+    assert "valid: a new folder such as data/feature-store, or an absolute path outside the project" in message
+
+
+def test_a_store_through_a_symlink_to_a_project_folder_is_refused(project):
+    (project.root / "data").mkdir()
+    (project.root / "link").symlink_to(project.root / "data")
+    message = invalid(project, extract={"store": "link"})
+    assert "extract.store: the feature store needs a folder of its own: 'link' is or holds the project's folder data" \
+        in message
+
+
+@pytest.mark.parametrize("store", ["data/feature-store", "store", "models/feature-store", "{elsewhere}",
+                                   "{cwd}/data/feature-store"])
+def test_a_store_folder_of_its_own_is_valid(project, tmp_path_factory, store):
+    store = store.format(cwd=project.root, elsewhere=tmp_path_factory.mktemp("shared") / "store")
+    project.params(extract={"store": store})
+    assert load_params().extract.store == store
+
+
+def _params_text_with(project, text: str) -> None:
+    """params.yaml as a user writes it: the fixture's sections, then `text`'s, which PyYAML alone would misread."""
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    for section in yaml.load(text, Loader=config.ParamsLoader):
+        params.pop(section, None)
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False) + text)
+
+
+def test_exponent_floats_as_yaml_users_write_them_are_numbers(project):
+    _params_text_with(project, """\
+data:
+  source: digits
+  val_fraction: 1.5e-1
+heads:
+  logreg: {type: logistic, C: [1e-3, 1]}
+  lin:
+    type: linear
+    lr: 1e-3
+    weight_decay: 1E-4
+  svc:
+    type: sklearn
+    estimator: LogisticRegression
+    params: {tol: 1e-5}
+    grid: {C: [1e-3, 1]}
+finetune:
+  lr_head: 5e-4
+  lr_backbone: 1.0e-5
+""")
+    assert yaml.safe_load(Path("params.yaml").read_text())["heads"]["lin"]["lr"] == "1e-3"  # what PyYAML reads
+    params = load_params()
+    assert params.data.val_fraction == 0.15
+    assert params.heads["logreg"].C == [0.001, 1] and type(params.heads["logreg"].C[0]) is float
+    assert params.heads["lin"].lr == 0.001 and params.heads["lin"].weight_decay == 0.0001
+    assert params.heads["svc"].params == {"tol": 1e-5} and params.heads["svc"].grid == {"C": [0.001, 1]}
+    assert params.finetune.lr_head == 0.0005 and params.finetune.lr_backbone == 1e-5
 
 
 def _unwrapped(annotation) -> list:
@@ -343,6 +401,33 @@ def test_a_bool_is_not_a_float_anywhere(project, key, is_list):
 def test_an_int_given_as_text_or_float_is_refused(project, value):
     message = invalid(project, extract={"batch_size": value})
     assert "extract.batch_size: Input should be a valid integer" in message
+
+
+def _value_at(params, key: tuple, is_list: bool):
+    node = params.heads["h"] if key[0] == "heads" else params
+    for part in key[2:] if key[0] == "heads" else key:
+        node = getattr(node, part)
+    return node[0] if is_list else node
+
+
+@pytest.mark.parametrize("key, is_list", every_number_field(float), ids=_key_id)
+def test_every_float_field_takes_decimal_text(project, key, is_list):
+    project.params(**params_with(key, ["1e-3"] if is_list else "1e-3"))  # safe_dump quotes it: the string
+    value = _value_at(load_params(), key, is_list)
+    assert value == 0.001 and type(value) is float
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "1e-3x", "one", ""])
+def test_float_text_that_is_not_a_decimal_number_is_refused(project, text):
+    message = invalid(project, heads={"logreg": {"type": "logistic", "C": [text]}})
+    assert f"heads.logreg.C.0: Input should be a valid number (got {text!r})" in message
+
+
+@pytest.mark.parametrize("text", ["batch_size: 1e3", "batch_size: '1e3'", "batch_size: 6.4e1", "batch_size: true"])
+def test_an_int_field_refuses_exponent_numbers_and_bools(project, text):
+    _params_text_with(project, f"extract:\n  {text}\n")
+    with pytest.raises(UserError, match="extract.batch_size: Input should be a valid integer"):
+        load_params()
 
 
 def test_unknown_ort_provider_lists_valid_ones(project):

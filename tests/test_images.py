@@ -119,6 +119,126 @@ def test_8_bit_images_ignore_the_rule():
     assert all(np.array_equal(gray(data, rule), ORIGINAL) for rule in ("auto", 8, 12, 16))
 
 
+# ---------------------------------------------------------------- 16-bit colour files (pypng, tifffile)
+
+COLOUR = np.stack([ORIGINAL, ORIGINAL[::-1], ORIGINAL.T], axis=-1)  # three different channels, 0..255 each
+
+
+def png_of(samples: np.ndarray, alpha: bool = False, greyscale: bool = False) -> bytes:
+    """A real 16-bit PNG written by pypng (RGB: 48-bit, RGBA: 64-bit, grey+alpha); checks PIL's header read."""
+    import png
+
+    height, width, planes = samples.shape
+    buffer = io.BytesIO()
+    png.Writer(width, height, bitdepth=16, alpha=alpha, greyscale=greyscale).write(
+        buffer, samples.reshape(height, width * planes).tolist())
+    data = buffer.getvalue()
+    assert data[24] == 16 and Image.open(io.BytesIO(data)).mode in ("RGB", "RGBA", "LA")
+    return data
+
+
+def tiff_of(samples: np.ndarray, **options) -> bytes:
+    """A real 16-bit RGB(A) TIFF written by tifffile."""
+    import tifffile
+
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, samples, photometric="rgb", **options)
+    return buffer.getvalue()
+
+
+def rgb(data: bytes, bit_depth) -> np.ndarray:
+    out = images.decode(data, bit_depth)
+    assert out.mode == "RGB"
+    return np.asarray(out).astype(int)
+
+
+def with_alpha(samples: np.ndarray) -> np.ndarray:
+    return np.concatenate([samples, np.full(samples.shape[:2] + (1,), 65535, np.uint16)], axis=-1)
+
+
+SIXTEEN_BIT_COLOUR_FILES = {
+    "48-bit png, 12-bit values": lambda: png_of(twelve_bit(COLOUR)),
+    "48-bit png, 8-bit values": lambda: png_of(COLOUR.astype(np.uint16)),
+    "48-bit png, full 16-bit range": lambda: png_of(COLOUR.astype(np.uint16) * 257),
+    "64-bit png (alpha), 12-bit values": lambda: png_of(with_alpha(twelve_bit(COLOUR)), alpha=True),
+    "tiff 16-bit rgb, 12-bit values": lambda: tiff_of(twelve_bit(COLOUR)),
+    "tiff 16-bit rgb deflate, 12-bit values": lambda: tiff_of(twelve_bit(COLOUR), compression="zlib"),
+    "tiff 16-bit rgb big-endian, 12-bit values": lambda: tiff_of(twelve_bit(COLOUR), byteorder=">"),
+    "tiff 16-bit rgb planar, 12-bit values": lambda: tiff_of(np.moveaxis(twelve_bit(COLOUR), -1, 0),
+                                                             planarconfig="separate"),
+    "tiff 16-bit rgba, 12-bit values": lambda: tiff_of(with_alpha(twelve_bit(COLOUR)), extrasamples=["unassalpha"]),
+}
+
+
+@pytest.mark.parametrize("case", SIXTEEN_BIT_COLOUR_FILES)
+def test_16_bit_colour_files_decode_like_the_8_bit_original(case):
+    decoded = rgb(SIXTEEN_BIT_COLOUR_FILES[case](), "auto")
+    assert np.abs(decoded - COLOUR).max() <= 1
+
+
+def test_pil_alone_would_have_made_a_12_bit_colour_file_nearly_black():
+    for data in (png_of(twelve_bit(COLOUR)), tiff_of(twelve_bit(COLOUR))):
+        assert np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).max() <= 16  # the top 8 of 16 bits
+        assert np.abs(rgb(data, 12) - COLOUR).max() <= 1
+        assert rgb(data, 16).max() <= 16  # forcing 16 bits is obeyed, as for grey files
+        assert np.abs(rgb(data, 8) - np.minimum(twelve_bit(COLOUR), 255)).max() <= 1  # beyond 8 bits clips
+
+
+def test_16_bit_grey_with_alpha_png_decodes_by_the_rule():
+    samples = with_alpha(twelve_bit(ORIGINAL)[..., None])
+    assert np.abs(gray(png_of(samples, alpha=True, greyscale=True), "auto") - original()).max() <= 1
+
+
+def lzw_tiff_of(samples: np.ndarray) -> bytes:
+    """A real LZW-compressed 16-bit RGB TIFF: tifffile's uncompressed file with its strip LZW-encoded (every byte a
+    9-bit literal code, a Clear code every 200 so the code width never grows; tifffile writes LZW only with
+    imagecodecs) and its Compression, StripOffsets and StripByteCounts tags rewritten."""
+    import struct
+
+    import tifffile
+
+    data = bytearray(tiff_of(samples, rowsperstrip=samples.shape[0]))
+    with tifffile.TiffFile(io.BytesIO(bytes(data))) as tiff:
+        page = tiff.pages[0]
+        start, count = page.dataoffsets[0], page.databytecounts[0]
+        tags = {code: (page.tags[code].valueoffset, "<H" if page.tags[code].dtype == 3 else "<I")
+                for code in (259, 273, 279)}
+    codes = [code for at in range(0, count, 200) for code in (256, *data[start:start + count][at:at + 200])] + [257]
+    bits = "".join(f"{code:09b}" for code in codes)
+    bits += "0" * (-len(bits) % 8)
+    strip = int(bits, 2).to_bytes(len(bits) // 8, "big")
+    for code, value in ((259, 5), (273, len(data)), (279, len(strip))):
+        offset, layout = tags[code]
+        data[offset:offset + struct.calcsize(layout)] = struct.pack(layout, value)
+    return bytes(data + strip)
+
+
+def test_a_tiff_compression_tifffile_cannot_read_falls_back_to_pil_with_a_warning(caplog):
+    try:
+        import imagecodecs  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        assert np.abs(rgb(lzw_tiff_of(twelve_bit(COLOUR)), "auto") - COLOUR).max() <= 1
+        pytest.skip("imagecodecs is installed: tifffile reads LZW itself, there is no fallback to test")
+    samples = twelve_bit(COLOUR)
+    data = lzw_tiff_of(samples)
+    pil = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+    assert np.array_equal(pil, samples >> 8)  # a real LZW file: PIL reads it, to the top 8 bits
+    images._WARNED.clear()
+    with caplog.at_level("WARNING", logger=images.__name__):
+        assert np.array_equal(rgb(data, "auto"), pil)
+        rgb(data, "auto")
+    warnings = [r.getMessage() for r in caplog.records if "16-bit colour TIFF" in r.getMessage()]
+    assert len(warnings) == 1 and "LZW" in warnings[0] and "pip install imagecodecs" in warnings[0]
+
+
+def test_a_broken_16_bit_colour_file_is_a_bad_image():
+    for data in (png_of(twelve_bit(COLOUR)), tiff_of(twelve_bit(COLOUR), compression="zlib")):
+        with pytest.raises(images.BadImage, match="not a decodable image"):
+            images.decode(data[:-40], "auto")
+
+
 # ---------------------------------------------------------------- the rule travels in Preprocessing
 
 

@@ -16,6 +16,7 @@ import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -29,18 +30,49 @@ from transfer_learning.common.errors import UserError
 PARAMS_FILE = Path("params.yaml")
 BUILTIN_SOURCES = ("fashion-mnist", "digits")
 
+# folders the project itself uses (relative to its root): the feature store may be none of them nor hold one,
+# as its upkeep (gc, verify) deletes and renames what it finds in its folder
+PROJECT_FOLDERS = ("data", "models", "metrics", "plots", "reports", "stages", "transfer_learning", "tests",
+                   "benchmarks", ".dvc", ".git", "data/prepared", "data/features")
+# folders that DVC or git own entirely (a stage's output is replaced as a whole): the store may not sit inside one
+OWNED_FOLDERS = ("data/prepared", "data/features", ".dvc", ".git")
+
+DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+# YAML 1.2 (what DVC's own YAML reader follows) reads `1e-3` and `1.0e3` as floats; PyYAML (YAML 1.1) only with a
+# dot and a signed exponent, and gives the string '1e-3' otherwise
+YAML12_FLOAT = re.compile(r"^[-+]?(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)[eE][-+]?\d+$")
+
+
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads exponent floats without a dot (`lr: 1e-3`) as numbers."""
+
+
+ParamsLoader.add_implicit_resolver("tag:yaml.org,2002:float", YAML12_FLOAT, list("-+0123456789."))
+
+
+def _float_from_text(value: Any) -> Any:
+    """A decimal number written as text ('1e-3', '0.5') is that number; anything else (a bool, 'nan') is left
+    to the strict float check, which refuses it."""
+    if isinstance(value, str) and DECIMAL.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
+# a float field: an int or a float, or text that spells a decimal number; never a bool
+Float = Annotated[float, BeforeValidator(_float_from_text)]
+
 
 class Section(BaseModel):
     # strict: a number is a number (`batch_size: true` is not 1, `epochs: "5"` and `epochs: 5.0` are not 5), a flag
-    # is true or false; an int is still a valid float
+    # is true or false; an int is still a valid float, and so is decimal text (Float: PyYAML's `1e-3`)
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class DataParams(Section):
     source: str = "fashion-mnist"
     per_class: Annotated[int, Field(ge=1)] | None = 300
-    val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.15
-    test_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.15
+    val_fraction: Annotated[Float, Field(ge=0, lt=1)] = 0.15
+    test_fraction: Annotated[Float, Field(ge=0, lt=1)] = 0.15
     seed: int = 0
     # how a 16-bit image's values are scaled to 8 bits: auto = by the smallest of 8/10/12/14/16 bits that holds
     # its maximum (a 16-bit file holding 12-bit camera data is not nearly black); a number forces that depth
@@ -130,7 +162,7 @@ class BackboneParams(Section):
 
 class ExportParams(Section):
     opset: Annotated[int, Field(ge=13)] = 18
-    atol: Annotated[float, Field(gt=0)] = 1.0e-4
+    atol: Annotated[Float, Field(gt=0)] = 1.0e-4
 
 
 class ExtractParams(Section):
@@ -144,9 +176,19 @@ class ExtractParams(Section):
     @field_validator("store")
     @classmethod
     def _store_has_its_own_folder(cls, store: str) -> str:
-        if not store.strip() or Path(store) == Path(".") or Path(store).resolve() == Path.cwd().resolve():
-            raise ValueError("the feature store needs a folder of its own, e.g. data/feature-store (an empty path "
-                             "or the project root would fill the project root with store files)")
+        root = Path.cwd().resolve()
+        target = (root / store).resolve()
+        used = [folder for folder in PROJECT_FOLDERS
+                if target == (root / folder).resolve() or target in (root / folder).resolve().parents]
+        inside = [folder for folder in OWNED_FOLDERS if (root / folder).resolve() in target.parents]
+        if not store.strip() or used or inside:
+            why = ("is empty" if not store.strip() else
+                   f"is or holds the project's folder {used[0]}" if used else f"is inside {inside[0]}")
+            raise ValueError(
+                f"the feature store needs a folder of its own: {store!r} {why}, and the store's upkeep (gc, "
+                "verify) deletes and renames what it finds there; valid: a new folder such as data/feature-store, "
+                "or an absolute path outside the project; not the project root or a folder holding it, not "
+                f"{', '.join(PROJECT_FOLDERS)}, nor a folder inside {', '.join(OWNED_FOLDERS)}")
         return store
 
     @field_validator("providers")
@@ -163,7 +205,7 @@ class ExtractParams(Section):
 
 class LogisticHead(Section):
     type: Literal["logistic"]
-    C: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1)] = [0.001, 0.01, 0.1, 1, 10, 100]
+    C: Annotated[list[Annotated[Float, Field(gt=0)]], Field(min_length=1)] = [0.001, 0.01, 0.1, 1, 10, 100]
     max_iter: Annotated[int, Field(ge=1)] = 1000
     class_weight: Literal["balanced"] | None = None
     seed: int = 0
@@ -172,8 +214,8 @@ class LogisticHead(Section):
 class LinearHead(Section):
     type: Literal["linear"]
     epochs: Annotated[int, Field(ge=1)] = 100
-    lr: Annotated[float, Field(gt=0)] = 1.0e-3
-    weight_decay: Annotated[float, Field(ge=0)] = 1.0e-4
+    lr: Annotated[Float, Field(gt=0)] = 1.0e-3
+    weight_decay: Annotated[Float, Field(ge=0)] = 1.0e-4
     batch_size: Annotated[int, Field(ge=1)] = 256
     patience: Annotated[int, Field(ge=1)] = 10
     class_weight: Literal["balanced"] | None = None
@@ -183,7 +225,7 @@ class LinearHead(Section):
 class MLPHead(LinearHead):
     type: Literal["mlp"]  # type: ignore[assignment]
     hidden: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)] = [512]
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    dropout: Annotated[Float, Field(ge=0, lt=1)] = 0.2
 
 
 DOTTED_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -200,6 +242,9 @@ class SklearnHead(Section):
     grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = {}
     class_weight: Literal["balanced"] | None = None
     seed: int = 0  # given to the estimator as random_state when it has one and params/grid do not set it
+    # heads are saved as ONNX; only an estimator skl2onnx cannot convert may be pickled, and only when this is true
+    # (loading a pickle runs code: load such heads only from a source you trust)
+    allow_pickle: bool = False
 
     @field_validator("estimator")
     @classmethod
@@ -297,7 +342,7 @@ HeadSpec = Annotated[Union[LogisticHead, LinearHead, MLPHead, SklearnHead], Fiel
 class AugmentParams(Section):
     random_resized_crop: bool = True
     hflip: bool = True
-    color_jitter: Annotated[float, Field(ge=0)] = 0.0
+    color_jitter: Annotated[Float, Field(ge=0)] = 0.0
 
 
 class FinetuneParams(Section):
@@ -306,8 +351,8 @@ class FinetuneParams(Section):
     init_head: str | None = "logreg"
     epochs: Annotated[int, Field(ge=1)] = 5
     batch_size: Annotated[int, Field(ge=1)] = 32
-    lr_head: Annotated[float, Field(gt=0)] = 1.0e-3
-    lr_backbone: Annotated[float, Field(gt=0)] = 1.0e-4
+    lr_head: Annotated[Float, Field(gt=0)] = 1.0e-3
+    lr_backbone: Annotated[Float, Field(gt=0)] = 1.0e-4
     bn: Literal["frozen", "train"] = "frozen"
     patience: Annotated[int, Field(ge=1)] = 2
     cache_prefix: bool = False
@@ -324,11 +369,11 @@ class AdviseParams(Section):
     # BatchNorm shift (median over BN layers of the per-channel Gaussian KL from the running statistics) at or
     # below which the data counts as similar; measured on MobileNetV2: photo crops 0.02-0.03, Fashion-MNIST
     # 0.26-0.33, digits 0.37-0.38
-    similar_shift: Annotated[float, Field(gt=0)] = 0.1
+    similar_shift: Annotated[Float, Field(gt=0)] = 0.1
     # top-1 softmax confidence at or above which the data counts as similar, only for a backbone without
     # BatchNorm statistics (ViT, Swin, ConvNeXt); measured on MobileNetV2: photo crops 0.45-0.52, Fashion-MNIST
     # 0.29-0.34, digits 0.08-0.11
-    similar_confidence: Annotated[float, Field(gt=0, lt=1)] = 0.4
+    similar_confidence: Annotated[Float, Field(gt=0, lt=1)] = 0.4
     partial_unfreeze: Annotated[int, Field(ge=1)] = 2  # last blocks the partial_finetune strategy unfreezes
     sample: Annotated[int, Field(ge=1)] = 128  # train images the similarity is measured on (seeded choice)
     seed: int = 0
@@ -417,7 +462,7 @@ def load_params(path: Path | str = PARAMS_FILE, resolve_estimators: bool = True,
     - `resolve_backbone=False`: backbone.arch/weights are not checked against torchvision (about 5 s)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=ParamsLoader) or {}
     except FileNotFoundError:
         raise UserError(f"{path} not found: run from the project's root") from None
     except yaml.YAMLError as error:

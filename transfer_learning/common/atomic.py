@@ -2,29 +2,45 @@
 file: a temp file in the same folder, flushed and fsynced, then os.replace'd over the target."""
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
+
+from transfer_learning.common.errors import UserError
 
 
 @contextmanager
 def atomic_write(path: Path | str, mode: str = "w", **open_options) -> Iterator[IO]:
     """`with atomic_write(path, newline="") as handle:` - the target changes only if the block completes."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, mode, **open_options) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(path, error) from None
         raise
     _fsync_dir(path.parent)
+
+
+def disk_full(path: Path, error: OSError) -> UserError:
+    """The error to show when `path` could not be written for lack of space (its old content is unchanged)."""
+    try:
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return UserError(f"no space left to write {path} ({error.strerror}): its folder {path.parent.resolve()} has "
+                     f"{free}; free some space there and run again (the previous {path.name}, if any, is unchanged)")
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:
