@@ -5,7 +5,9 @@
                   (its rows are recomputed by the next run) and named; exit status 1 if any
   gc [--dry-run]  deletes what this repo does not refer to and nothing used for --days days
 
-What gc keeps is documented in transfer_learning/features/upkeep.py.
+Only the store's own folders (`<64-hex fingerprint>/` with its `.lock` beside it, `finetune/<64-hex run>/`) are
+read, moved or deleted; anything else in the folder is named once and left alone. What gc keeps is documented in
+transfer_learning/features/upkeep.py.
 """
 import argparse
 from pathlib import Path

@@ -1,11 +1,13 @@
 """python -m stages.store list | verify | gc on real stores, gc in a real git + DVC repository."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import yaml
@@ -21,8 +23,15 @@ DIM = 8
 DAY = 86400
 
 
+def fp(name: str) -> str:
+    """A fingerprint (64 hex digits, as every store folder is named) standing for `name` in these tests."""
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
 def fill(root: Path, fingerprint: str, rows: int = 3, files: int = 1, age_days: float = 0) -> Path:
-    """A fingerprint folder with `files` real store files, last used `age_days` ago."""
+    """A fingerprint folder with `files` real store files, last used `age_days` ago (`fingerprint` is a name
+    for fp() or already one)."""
+    fingerprint = fingerprint if len(fingerprint) == 64 else fp(fingerprint)
     with FeatureStore(root, fingerprint, DIM) as store:
         for f in range(files):
             keys = [store_key(f"{f * 1000 + i:064x}", "0") for i in range(rows)]
@@ -48,17 +57,22 @@ def run(capsys, *argv: str) -> tuple[int, str]:
 
 def test_list_shows_rows_size_files_and_last_use(tmp_path, capsys):
     store = tmp_path / "store"
-    fill(store, "fp-a", rows=4, files=2)
-    fill(store, "fp-b", rows=5, age_days=3)
-    (store / "finetune" / "run-1").mkdir(parents=True)
-    (store / "finetune" / "run-1" / "checkpoint.pt").write_bytes(b"x" * 2_000_000)
+    a = fill(store, "fp-a", rows=4, files=2)
+    b = fill(store, "fp-b", rows=5, age_days=3)
+    damaged = fill(store, "fp-damaged", rows=2, files=2)
+    with h5py.File(sorted(damaged.glob("*.h5"))[0], "r+") as handle:
+        handle.attrs["rows"] = "many"  # what used to stop `list` with a traceback
+    run_dir = store / "finetune" / fp("run-1")
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoint.pt").write_bytes(b"x" * 2_000_000)
     status, out = run(capsys, "list", "--store", str(store))
     lines = {line.split()[0]: line.split() for line in out.splitlines()[1:-1]}
     assert status == 0
-    assert lines["fp-a"][1:4] == ["8", megabytes(store / "fp-a"), "2"]
-    assert lines["fp-b"][1:4] == ["5", megabytes(store / "fp-b"), "1"]
-    assert lines["fp-b"][5] == time.strftime("%Y-%m-%d", time.localtime(time.time() - 3 * DAY))
-    assert lines["finetune/run-1"][1:4] == ["-", "2.0", "1"]
+    assert lines[a.name][1:4] == ["8", megabytes(a), "2"]
+    assert lines[b.name][1:4] == ["5", megabytes(b), "1"]
+    assert lines[b.name][5] == time.strftime("%Y-%m-%d", time.localtime(time.time() - 3 * DAY))
+    assert lines[damaged.name][1:4] == ["2", megabytes(damaged), "2"]  # the damaged file counts no rows
+    assert lines[f"finetune/{run_dir.name}"][1:4] == ["-", "2.0", "1"]
 
 
 def test_verify_names_and_moves_aside_bad_files_stamps_legacy_ones_and_counts_as_no_use(tmp_path, capsys):
@@ -68,20 +82,82 @@ def test_verify_names_and_moves_aside_bad_files_stamps_legacy_ones_and_counts_as
     victim = sorted(bad.glob("*.h5"))[0]
     flip(victim, data_offset(victim, "features", 1, 3))
     keys = [store_key(f"{i:064x}", "0") for i in range(3)]
-    write_legacy(store / "fp" / "base-1.h5", keys, np.ones((3, DIM), np.float32))
-    age(store / "fp", 20)
+    legacy = store / fp("fp") / "base-1.h5"
+    write_legacy(legacy, keys, np.ones((3, DIM), np.float32))
+    with h5py.File(legacy, "r+") as handle:
+        handle.attrs["fingerprint"] = fp("fp")
+    Path(str(legacy.parent) + ".lock").touch()  # the lock file every store folder has beside it
+    age(legacy.parent, 20)
 
     status, out = run(capsys, "verify", "--store", str(store))
     assert status == 1
     assert f"BAD      {victim}: fails its checksum" in out
-    assert f"stamped  {store / 'fp' / 'base-1.h5'}" in out
-    assert "ok       fp-good: 6 rows in 2 file(s)" in out and "ok       fp-bad: 3 rows in 1 file(s)" in out
+    assert f"stamped  {legacy}" in out
+    assert f"ok       {good.name}: 6 rows in 2 file(s)" in out and f"ok       {bad.name}: 3 rows in 1 file(s)" in out
     assert "verified 5 file(s)" in out and ": 1 bad" in out
     assert not victim.exists() and list(bad.glob(f"{victim.stem}.rejected-*"))
-    assert all(time.time() - folder.stat().st_mtime > 19 * DAY for folder in (good, bad, store / "fp"))
+    assert all(time.time() - folder.stat().st_mtime > 19 * DAY for folder in (good, bad, legacy.parent))
 
     status, out = run(capsys, "verify", "--store", str(store))
     assert status == 0 and ": 0 bad" in out and "stamped" not in out
+
+
+@pytest.mark.parametrize("liar", ["attr", "data"])
+def test_verify_takes_the_dimension_most_files_hold_so_one_bad_file_cannot_get_good_ones_rejected(tmp_path, capsys,
+                                                                                                   liar):
+    store = tmp_path / "store"
+    folder = fill(store, "fp", files=2)
+    if liar == "attr":  # the reviewer's case: file 1 of 2 says feature_dim 9, its data is 8 wide
+        victim = sorted(folder.glob("*.h5"))[0]
+        with h5py.File(victim, "r+") as handle:
+            handle.attrs["feature_dim"] = 9
+    else:  # a third file really holds 9-wide rows
+        with FeatureStore(tmp_path / "elsewhere", folder.name, 9) as odd:
+            odd.add([store_key(f"{9000:064x}", "0")], np.ones((1, 9), np.float32))
+        victim = folder / "segment-9.h5"
+        victim.write_bytes(next(odd.dir.glob("*.h5")).read_bytes())
+    status, out = run(capsys, "verify", "--store", str(store))
+    assert status == 1
+    assert f"BAD      {victim}: has feature_dim 9 instead of 8" in out
+    assert out.count("BAD") == 1 and f"ok       {folder.name}: {6 if liar == 'data' else 3} rows in" in out
+
+
+def test_only_the_stores_own_folders_are_touched_anything_else_stays_byte_identical(tmp_path, monkeypatch, capsys):
+    """extract.store pointed at a folder that holds other things (here the project's data/): verify and gc
+    --days 0 handle the store's folders and leave every other file as it was."""
+    project = tmp_path / "project"
+    store = project / "data"
+    foreign = [store / "features", store / "prepared", store / fp("not made by the store"),
+               store / "finetune" / "notes", store / "README.md"]
+    for folder in foreign[:3]:
+        folder.mkdir(parents=True)
+        with h5py.File(folder / "train.h5", "w") as handle:
+            handle.create_dataset("features", data=np.ones((2, 3), np.float32))
+            handle.attrs["fingerprint"] = "not a store file"
+    keys = [store_key(f"{i:064x}", "0") for i in range(3)]
+    write_legacy(foreign[2] / "base-1.h5", keys, np.ones((3, DIM), np.float32))  # a store file, but no lock beside
+    foreign[3].mkdir(parents=True)
+    (foreign[3] / "run.txt").write_text("kept by hand")
+    foreign[4].write_text("not a folder of the store either")
+    for path in store.rglob("*"):
+        age(path, 30)
+    ours = fill(store, "old", age_days=30)
+    (project / "dvc.yaml").write_text("stages: {}\n")
+
+    def snapshot() -> dict:
+        return {p: (p.read_bytes() if p.is_file() else None, p.stat().st_mtime) for p in store.rglob("*")
+                if not p.is_relative_to(ours)}
+
+    before = snapshot()
+    monkeypatch.chdir(project)
+    status, verified = run(capsys, "verify", "--store", str(store))
+    assert status == 0 and f"ok       {ours.name}: 3 rows in 1 file(s)" in verified and "verified 1 file(s)" in verified
+    status, collected = run(capsys, "gc", "--store", str(store), "--days", "0")
+    assert status == 0 and not ours.exists()
+    assert snapshot() == before
+    for out in (verified, collected):
+        for entry in foreign:
+            assert out.count(f"note: {entry}: not a store folder, left alone") == 1, out
 
 
 def extract_stub() -> str:
@@ -100,7 +176,9 @@ def extract_stub() -> str:
 def repo(tmp_path, monkeypatch) -> DvcRepo:
     """A git + DVC repo whose history refers to fingerprints in every way gc reads:
     fp-old (a commit past --commits 2), fp-a (a commit, via DVC's cache), fp-m (a commit whose cache is gone: via
-    its metrics/extract.json), fp-b (an experiment only), fp-c (the workspace only, not committed)."""
+    its metrics/extract.json), fp-b (an experiment only), fp-c (the workspace only, not committed); the fine-tune
+    run and prefix fingerprints run-m and prefix-m (that commit's metrics/finetune.json) and run-w and prefix-w
+    (the workspace's, not committed)."""
     repo = DvcRepo(tmp_path / "repo")
     (repo.root / "extract_stub.py").write_text(extract_stub())
     (repo.root / "dvc.yaml").write_text(
@@ -108,7 +186,7 @@ def repo(tmp_path, monkeypatch) -> DvcRepo:
         "    params: [fingerprint]\n    outs: [data/features]\n")
 
     def run_with(fingerprint: str, how: str) -> None:
-        (repo.root / "params.yaml").write_text(f"fingerprint: {fingerprint}\n")
+        (repo.root / "params.yaml").write_text(f"fingerprint: '{fp(fingerprint)}'\n")
         if how == "experiment":
             repo.dvc("exp", "run", "-n", "try-b")
             return
@@ -121,27 +199,33 @@ def repo(tmp_path, monkeypatch) -> DvcRepo:
     run_with("fp-a", "commit")
     run_with("fp-m", "repro")
     (repo.root / "metrics").mkdir()
-    (repo.root / "metrics" / "extract.json").write_text(json.dumps({"fingerprint": "fp-m"}))
+    (repo.root / "metrics" / "extract.json").write_text(json.dumps({"fingerprint": fp("fp-m")}))
+    finetune_metrics = repo.root / "metrics" / "finetune.json"
+    finetune_metrics.write_text(json.dumps({"run_fingerprint": fp("run-m"), "prefix_fingerprint": fp("prefix-m")}))
     run_with("fp-m", "commit")
     listing = yaml.safe_load((repo.root / "dvc.lock").read_text())["stages"]["extract"]["outs"][0]["md5"]
     (repo.root / ".dvc" / "cache" / "files" / "md5" / listing[:2] / listing[2:]).unlink()
     (repo.root / "metrics" / "extract.json").unlink()  # from now on only that commit names fp-m
+    finetune_metrics.unlink()
     run_with("fp-b", "experiment")
     run_with("fp-c", "repro")
+    finetune_metrics.parent.mkdir(exist_ok=True)
+    finetune_metrics.write_text(json.dumps({"run_fingerprint": fp("run-w"), "prefix_fingerprint": fp("prefix-w")}))
     monkeypatch.chdir(repo.root)
     return repo
 
 
 def test_gc_keeps_what_the_repo_refers_to_or_used_recently_and_deletes_the_rest(repo, capsys):
     store = repo.root / "data" / "feature-store"
-    for fingerprint in ("fp-old", "fp-a", "fp-m", "fp-b", "fp-c", "fp-unused", "fp-locked"):
-        fill(store, fingerprint, age_days=30)
+    for name in ("fp-old", "fp-a", "fp-m", "fp-b", "fp-c", "fp-unused", "fp-locked", "prefix-m", "prefix-w"):
+        fill(store, name, age_days=30)
     fill(store, "fp-recent", age_days=2)
-    fresh, stale = store / "fp-a" / f"base-1.rejected-{time.time_ns()}", store / "fp-a" / "base-2.rejected-1000"
+    fresh = store / fp("fp-a") / f"base-1.rejected-{time.time_ns()}"
+    stale = store / fp("fp-a") / "base-2.rejected-1000"
     fresh.write_bytes(b"x")
     stale.write_bytes(b"x")
-    for name, days in (("run-old", 30), ("run-new", 1)):
-        run_dir = store / "finetune" / name
+    for name, days in (("run-old", 30), ("run-new", 1), ("run-m", 30), ("run-w", 30)):
+        run_dir = store / "finetune" / fp(name)
         run_dir.mkdir(parents=True)
         (run_dir / "checkpoint.pt").write_bytes(b"x")
         age(run_dir / "checkpoint.pt", days)
@@ -152,19 +236,27 @@ def test_gc_keeps_what_the_repo_refers_to_or_used_recently_and_deletes_the_rest(
     assert status == 0 and "would free" in out
     assert sorted(p.relative_to(store) for p in store.rglob("*")) == everything  # a dry run deletes nothing
 
-    lock = FileLock(str(store / "fp-locked") + ".lock")
+    lock = FileLock(str(store / fp("fp-locked")) + ".lock")
     with lock:
         status, out = run(capsys, "gc", "--store", str(store), "--days", "7", "--commits", "2")
     said = {line.split()[1].rstrip(":"): line for line in out.splitlines() if line.startswith(("keep", "delete"))}
+    said = {name: said[key] for name in ("fp-a", "fp-m", "fp-b", "fp-c", "fp-recent", "fp-locked", "prefix-m",
+                                         "prefix-w") for key in (fp(name),)} | {
+        name: said[f"finetune/{fp(name)}"] for name in ("run-m", "run-w", "run-new")}
     assert status == 0
     assert "commit" in said["fp-a"] and "commit" in said["fp-m"]
     assert "experiment try-b" in said["fp-b"] and "workspace" in said["fp-c"]
     assert "used 2.0 days ago" in said["fp-recent"] and "in use" in said["fp-locked"]
+    assert "commit" in said["prefix-m"] and "commit" in said["run-m"]  # read from metrics/finetune.json
+    assert "workspace" in said["prefix-w"] and "workspace" in said["run-w"]
+    assert "written 1.0 days ago" in said["run-new"]
     remaining = {p.name for p in store.iterdir() if p.is_dir()}
-    assert remaining == {"fp-a", "fp-m", "fp-b", "fp-c", "fp-recent", "fp-locked", "finetune"}
+    assert remaining == {fp(name) for name in ("fp-a", "fp-m", "fp-b", "fp-c", "fp-recent", "fp-locked",
+                                               "prefix-m", "prefix-w")} | {"finetune"}
     assert fresh.exists() and not stale.exists()
-    assert [p.name for p in (store / "finetune").iterdir()] == ["run-new"]
-    with FeatureStore(store, "fp-a", DIM) as kept:  # what is kept still serves its rows
+    assert sorted(p.name for p in (store / "finetune").iterdir()) == sorted(fp(n) for n in ("run-new", "run-m",
+                                                                                           "run-w"))
+    with FeatureStore(store, fp("fp-a"), DIM) as kept:  # what is kept still serves its rows
         assert len(kept) == 3
 
 

@@ -16,8 +16,10 @@ a cold page cache), checks both digests and that every feature is finite, and mo
 (`*.rejected-<ns>`, logged) so that its rows are recomputed. HDF5's fletcher32 would check on every read instead,
 but only chunked datasets have it, and a chunk layout makes `gather`'s scattered rows cost a chunk read each. The
 store never writes a non-finite row (`add` refuses it), so one found later means damage; `gather` checks the rows
-it serves too. Files written before digests existed are checked as far as they can be (structure, keys, finite
-features) and rewritten once with their digests.
+it serves too, and `compact` merges a file only if the bytes it reads still hash to the digests checked on open.
+Whatever a damaged file makes h5py raise (a bad attr, shape or header gives ValueError, TypeError, IndexError...)
+quarantines it; only an OSError with an errno (the disk, not the file) stops the run. Files written before digests
+existed are checked as far as they can be (structure, keys, finite features) and rewritten once with their digests.
 
 A write that finds the disk full removes its .part and stops with one error naming the space it needed; it is not
 retried, and the rows committed before stay.
@@ -34,7 +36,7 @@ import os
 import re
 import shutil
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,6 +50,7 @@ from transfer_learning.common.errors import UserError
 log = logging.getLogger(__name__)
 KEY_DTYPE = "S96"  # "<sha256 hex>/<view id>", checked in store_key: numpy would truncate silently
 KEY_PATTERN = re.compile(r"[0-9a-f]{64}/[A-Za-z0-9_.-]+")
+FINGERPRINT_PATTERN = re.compile(r"[0-9a-f]{64}")  # a sha256 hex digest: every store folder is named by one
 DIGEST_ATTRS = ("features_sha256", "keys_sha256")
 COMPACT_ABOVE_FILES = 8
 READ_BYTES = 16 << 20  # a file is checked this much at a time
@@ -149,20 +152,28 @@ class FeatureStore:
         self.pending_keys: list[str] = []
         self.pending: list[np.ndarray] = []
         self.rejected: dict[str, str] = {}  # file name -> what was wrong with it
+        self.digests: dict[Path, tuple[str, str]] = {}  # trusted file -> (features, keys) sha256 it was checked at
         self.stamped_files: list[str] = []  # written before digests; checked and given theirs
 
     @classmethod
     def existing(cls, folder: Path, **options) -> FeatureStore:
-        """The store in a fingerprint folder already on disk, with the feature_dim and dtype its files hold: to
-        check it without the model that wrote it."""
+        """The store in a fingerprint folder already on disk, to check it without the model that wrote it: its
+        feature_dim and dtype are those of the features most of its files hold (by data shape, not by an attr that
+        a damaged file could misstate), so one bad file cannot get the good ones rejected."""
+        votes: Counter[tuple[int, str]] = Counter()
         for path in sorted(folder.glob("*.h5")):
             try:
                 with h5py.File(path, "r") as handle:
-                    dim, dtype = int(handle.attrs["feature_dim"]), str(handle["features"].dtype)
-                return cls(folder.parent, folder.name, dim, dtype, **options)
-            except (OSError, KeyError, ValueError, TypeError):
-                continue
-        return cls(folder.parent, folder.name, 0, **options)  # nothing readable: every file will be rejected
+                    features = handle["features"]
+                    if features.ndim == 2:
+                        votes[int(features.shape[1]), str(features.dtype)] += 1
+            except Exception as error:
+                if isinstance(error, OSError) and error.errno is not None:
+                    raise
+        if not votes:
+            return cls(folder.parent, folder.name, 0, **options)  # nothing readable: every file will be rejected
+        (dim, dtype), _ = votes.most_common(1)[0]
+        return cls(folder.parent, folder.name, dim, dtype, **options)
 
     @property
     def rejected_files(self) -> list[str]:
@@ -214,15 +225,26 @@ class FeatureStore:
     def _trusted_keys(self, path: Path) -> list[str]:
         """The keys of a file whose every byte checked out, in row order; raises Untrusted."""
         try:
-            with h5py.File(path, "r") as handle:
-                self._check_layout(handle)
-                features_sha256, finite = scan_features(handle["features"])
-                raw_keys = handle["keys"][:]
-                recorded = tuple(handle.attrs.get(name) for name in DIGEST_ATTRS)
-        except (OSError, KeyError) as error:
-            if getattr(error, "errno", None) is not None:  # EIO, EACCES, EMFILE...: the disk, not the file
+            keys, raw_keys, recorded, actual = self._checked(path)
+        except Untrusted:
+            raise
+        except Exception as error:  # a damaged file can make h5py raise almost anything
+            if isinstance(error, OSError) and error.errno is not None:  # EIO, EACCES, EMFILE: the disk, not the file
                 raise
-            raise Untrusted(f"is unreadable (truncated or corrupt: {error})") from None
+            raise Untrusted(f"is unreadable (truncated or corrupt: {type(error).__name__}: {error})") from None
+        if recorded == (None, None):
+            self._stamp(path, raw_keys)
+        self.digests[path] = actual
+        return keys
+
+    def _checked(self, path: Path) -> tuple[list[str], np.ndarray, tuple, tuple[str, str]]:
+        """(keys, raw keys, digests recorded in the attrs, digests of the bytes) of a file that passed every check;
+        raises Untrusted, or whatever h5py raises for a damaged file."""
+        with h5py.File(path, "r") as handle:
+            self._check_layout(handle)
+            features_sha256, finite = scan_features(handle["features"])
+            raw_keys = handle["keys"][:]
+            recorded = tuple(handle.attrs.get(name) for name in DIGEST_ATTRS)
         actual = (features_sha256, hashlib.sha256(raw_keys).hexdigest())
         if recorded != (None, None) and recorded != actual:
             damaged = " and ".join(name for name, want, got in zip(("features", "keys"), recorded, actual)
@@ -231,10 +253,7 @@ class FeatureStore:
                             "was written")
         if not finite:
             raise Untrusted("holds non-finite features (NaN or inf), which the store never writes")
-        keys = decode_keys(raw_keys)
-        if recorded == (None, None):
-            self._stamp(path, raw_keys)
-        return keys
+        return decode_keys(raw_keys), raw_keys, recorded, actual
 
     def _check_layout(self, handle: h5py.File) -> None:
         rows = int(handle.attrs.get("rows", -1))
@@ -265,6 +284,7 @@ class FeatureStore:
         aside = path.with_suffix(f".rejected-{time.time_ns()}")
         path.rename(aside)
         self.rejected[path.name] = problem
+        self.digests.pop(path, None)
         if path in self.files:
             self.files.remove(path)
             self.index = {key: place for key, place in self.index.items() if place[0] != path}
@@ -339,18 +359,49 @@ class FeatureStore:
 
     def compact(self, above_files: int = COMPACT_ABOVE_FILES) -> None:
         """Merge every file into one once there are more than `above_files` (so a run that adds 10 rows
-        does not rewrite the whole store); the old files go only after the new one is in place."""
+        does not rewrite the whole store); the old files go only after the new one is in place. Each old file is
+        read whole and must hash to the digests it had when trusted, or the merge stops before the new file
+        appears: a change on disk since then is never given a fresh digest."""
         files = list(self.files)
         if len(files) <= above_files:
             return
-        keys = list(self.index)
-        path = self._write(f"base-{time.time_ns()}.h5", len(keys), zip(
-            (keys[i:i + 4096] for i in range(0, len(keys), 4096)), self.gather(keys)))
+        keys: list[str] = []
+        path = self._write(f"base-{time.time_ns()}.h5", len(self.index),
+                           (part for old in files for part in self._verified_rows(old, keys)))
         self.index = {key: (path, row) for row, key in enumerate(keys)}
         self.files = [path]
         for old in files:
             old.unlink()
+            self.digests.pop(old, None)
         log.info("feature store: compacted %d files into %s (%d rows)", len(files), path.name, len(keys))
+
+    def _verified_rows(self, path: Path, served: list[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(keys, features) of the rows the index serves from `path`, in one sequential read of the file whose
+        bytes must hash to its trusted digests; appends the keys to `served`. Raises UserError (and quarantines
+        the file) if they do not, after the last block: the caller's write is then abandoned."""
+        want_features, want_keys = self.digests[path]
+        digest = hashlib.sha256()
+        with h5py.File(path, "r") as handle:
+            raw_keys = handle["keys"][:]
+            if hashlib.sha256(raw_keys).hexdigest() != want_keys:
+                self._changed_since_open(path, "keys")
+            keys = [key.decode("ascii") for key in raw_keys]
+            features = handle["features"]
+            step = max(1, READ_BYTES // max(1, self.feature_dim * self.dtype.itemsize))
+            for start in range(0, len(keys), step):
+                block = features[start:start + step]
+                digest.update(block)
+                chosen = [row for row in range(start, start + len(block)) if self.index.get(keys[row]) == (path, row)]
+                served += [keys[row] for row in chosen]
+                yield raw_keys[chosen], block[[row - start for row in chosen]]
+        if digest.hexdigest() != want_features:
+            self._changed_since_open(path, "features")
+
+    def _changed_since_open(self, path: Path, what: str) -> None:
+        self._quarantine(path, f"changed on disk since it was checked (its {what} bytes no longer match their "
+                               "sha256)")
+        raise UserError(f"feature store file {path} was damaged during this run and is moved aside, none of its rows "
+                        "kept: run again to recompute them")
 
     def _write(self, name: str, rows: int, parts) -> Path:
         """A complete file of `rows` rows from (keys, features) parts, with their digests, or none (see
@@ -378,6 +429,7 @@ class FeatureStore:
             if out_of_space(error):
                 raise UserError(self._no_space(rows)) from None
             raise
+        self.digests[final] = tuple(digests[name].hexdigest() for name in DIGEST_ATTRS)
         return final
 
     def _no_space(self, rows: int) -> str:

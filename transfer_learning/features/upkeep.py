@@ -5,18 +5,22 @@
                   (its rows are recomputed by the next run) and named; exit status 1 if any
   gc [--dry-run]  deletes what this repo does not refer to and nothing used for --days days (the rule below)
 
+Only the store's own folders are touched: `<fingerprint>/` (a 64-hex name with its `<fingerprint>.lock` beside it)
+and `finetune/<run fingerprint>/`. Anything else in the store folder is named once ("not a store folder, left
+alone") and never read, moved or deleted by any of the three commands.
+
 gc keeps a fingerprint folder when any of these holds, and deletes it otherwise:
-  - its fingerprint is the `fingerprint` attr of data/features/*.h5 in the workspace, in one of the last --commits
-    commits of all branches, tags and remotes, or in any DVC experiment: read from each revision's dvc.lock
-    (the md5 of data/features -> its listing in DVC's cache -> each split file in the cache) and from its
-    metrics/extract.json (which git holds, so this works when the cache does not have the files);
-  - it was used in the last --days days (each run that opens it sets the folder's mtime). This is what keeps the
-    fine-tune's cached prefix outputs, whose fingerprint no committed file records, and an experiment that is
-    running or not yet committed;
+  - its fingerprint is referred to by the workspace, one of the last --commits commits of all branches, tags and
+    remotes, or any DVC experiment: the `fingerprint` attr of data/features/*.h5, read from each revision's
+    dvc.lock (the md5 of data/features -> its listing in DVC's cache -> each split file in the cache), and the
+    fingerprints its metrics/extract.json and metrics/finetune.json (`prefix_fingerprint`: the fine-tune's cached
+    prefix outputs) record, which git holds, so this works when the cache does not have the files;
+  - it was used in the last --days days (each run that opens it sets the folder's mtime). This keeps an experiment
+    that is running or not yet committed;
   - a run holds its lock.
-`finetune/<run>` folders (checkpoints, keyed by a hash of the whole training setup that no committed file records)
-are deleted when none of their files changed for --days days. `*.rejected-*` files (moved aside by a check) are
-deleted once rejected more than --days days ago. `--days 0` applies all of it now.
+`finetune/<run>` folders (checkpoints) are kept when metrics/finetune.json's `run_fingerprint` in one of those
+revisions names them, or when one of their files changed in the last --days days. `*.rejected-*` files (moved
+aside by a check) are deleted once rejected more than --days days ago. `--days 0` applies all of it now.
 """
 from __future__ import annotations
 
@@ -34,21 +38,32 @@ from filelock import FileLock, Timeout
 
 from transfer_learning.common.errors import UserError
 from transfer_learning.features.split_files import FEATURES_DIR
-from transfer_learning.features.store import FeatureStore
+from transfer_learning.features.store import FINGERPRINT_PATTERN, FeatureStore
 
 FINETUNE = "finetune"
 EXTRACT_METRICS = "metrics/extract.json"
+FINETUNE_METRICS = "metrics/finetune.json"
 DAY = 86400.0
 
 
 # what is in the store ----------------------------------------------------------------------------------------
 
-def fingerprint_folders(store: Path) -> list[Path]:
-    return sorted(p for p in store.iterdir() if p.is_dir() and p.name != FINETUNE)
-
-
-def finetune_runs(store: Path) -> list[Path]:
-    return sorted(p for p in (store / FINETUNE).iterdir() if p.is_dir()) if (store / FINETUNE).is_dir() else []
+def store_folders(store: Path) -> tuple[list[Path], list[Path]]:
+    """(fingerprint folders, fine-tune run folders): only what the store itself makes. Every other entry is named
+    once here and left alone (extract.store may point at a folder that holds other things)."""
+    folders, runs, foreign = [], [], []
+    for entry in sorted(store.iterdir()):
+        if entry.name == FINETUNE and entry.is_dir() and not entry.is_symlink():
+            for run in sorted(entry.iterdir()):
+                (runs if run.is_dir() and not run.is_symlink() and FINGERPRINT_PATTERN.fullmatch(run.name)
+                 else foreign).append(run)
+        elif FINGERPRINT_PATTERN.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+            (folders if entry.with_name(entry.name + ".lock").is_file() else foreign).append(entry)
+        elif not (entry.suffix == ".lock" and FINGERPRINT_PATTERN.fullmatch(entry.stem)):
+            foreign.append(entry)
+    for entry in foreign:
+        print(f"note: {entry}: not a store folder, left alone")
+    return folders, runs
 
 
 def size_of(folder: Path) -> int:
@@ -60,13 +75,14 @@ def last_change(folder: Path) -> float:
 
 
 def rows_in(folder: Path) -> int:
-    """Rows as the files' attrs say (one file after a compacted run); unreadable files count none."""
+    """Rows as the files' attrs say (one file after a compacted run); unreadable or damaged files count none
+    (`verify` says what is wrong with them)."""
     rows = 0
     for path in folder.glob("*.h5"):
         try:
             with h5py.File(path, "r") as handle:
                 rows += int(handle.attrs.get("rows", 0))
-        except OSError:
+        except Exception:  # a damaged file can make h5py raise almost anything; listing is no place to stop
             pass
     return rows
 
@@ -88,18 +104,19 @@ def days_ago(seconds: float) -> str:
 
 
 def list_store(store: Path) -> int:
+    folders, runs = store_folders(store)
     print(f"{'fingerprint':<64}  {'rows':>8}  {'MB':>9}  {'files':>5}  {'rejected':>8}  last used")
     total = 0
-    for folder in fingerprint_folders(store):
+    for folder in folders:
         size = size_of(folder)
         total += size
         print(f"{folder.name:<64}  {rows_in(folder):>8}  {size / 1e6:>9.1f}  {len(list(folder.glob('*.h5'))):>5}  "
               f"{len(list(folder.glob('*.rejected-*'))):>8}  {when(folder.stat().st_mtime)}")
-    for run in finetune_runs(store):
+    for run in runs:
         size = size_of(run)
         total += size
         name = f"{FINETUNE}/{run.name}"
-        print(f"{name[:64]:<64}  {'-':>8}  {size / 1e6:>9.1f}  {sum(1 for f in run.rglob('*') if f.is_file()):>5}  "
+        print(f"{name:<64}  {'-':>8}  {size / 1e6:>9.1f}  {sum(1 for f in run.rglob('*') if f.is_file()):>5}  "
               f"{'-':>8}  {when(last_change(run))}")
     print(f"{store}: {total / 1e6:.1f} MB")
     return 0
@@ -108,7 +125,7 @@ def list_store(store: Path) -> int:
 def verify(store: Path) -> int:
     started = time.perf_counter()
     files = bad = size = 0
-    for folder in fingerprint_folders(store):
+    for folder in store_folders(store)[0]:
         files += len(list(folder.glob("*.h5")))
         size += sum(f.stat().st_size for f in folder.glob("*.h5"))
         last_used = folder.stat().st_mtime
@@ -135,7 +152,7 @@ def fingerprint_of(split_file: Path) -> str | None:
     try:
         with h5py.File(split_file, "r") as handle:
             return str(handle.attrs["fingerprint"])
-    except (OSError, KeyError):
+    except Exception:  # unreadable or damaged: it refers to nothing
         return None
 
 
@@ -157,11 +174,12 @@ def read_at(revision: str | None, path: str) -> str | None:
     return text or None
 
 
-def metrics_fingerprint(text: str | None) -> str | None:
+def metrics_fingerprint(text: str | None, key: str = "fingerprint") -> str | None:
     try:
-        return json.loads(text).get("fingerprint") if text else None
+        value = json.loads(text).get(key) if text else None
     except (ValueError, AttributeError):
         return None
+    return value if isinstance(value, str) else None
 
 
 def features_md5s(lock_text: str | None) -> set[str]:
@@ -209,9 +227,11 @@ class DvcCache:
             self.repo.close()
 
 
-def referenced_fingerprints(commits: int) -> tuple[dict[str, str], list[str]]:
-    """{fingerprint: where it is referred to first}, and the revisions whose data/features could not be read."""
+def referenced_fingerprints(commits: int) -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """{fingerprint: where it is referred to first} for store folders and for fine-tune runs, and the revisions
+    whose data/features could not be read."""
     found: dict[str, str] = {}
+    runs: dict[str, str] = {}
     for split_file in sorted(FEATURES_DIR.glob("*.h5")):
         if fingerprint := fingerprint_of(split_file):
             found.setdefault(fingerprint, f"workspace {split_file}")
@@ -225,11 +245,16 @@ def referenced_fingerprints(commits: int) -> tuple[dict[str, str], list[str]]:
                 fingerprints.add(fingerprint)
             if md5s and not fingerprints:
                 unresolved.append(label)
+            finetune_metrics = read_at(revision, FINETUNE_METRICS)
+            if prefix := metrics_fingerprint(finetune_metrics, "prefix_fingerprint"):
+                fingerprints.add(prefix)
             for fingerprint in sorted(fingerprints):
                 found.setdefault(fingerprint, label)
+            if run := metrics_fingerprint(finetune_metrics, "run_fingerprint"):
+                runs.setdefault(run, label)
     finally:
         cache.close()
-    return found, unresolved
+    return found, runs, unresolved
 
 
 # gc ----------------------------------------------------------------------------------------------------------
@@ -240,7 +265,8 @@ def gc(store: Path, days: float, commits: int, dry_run: bool) -> int:
     if not store.resolve().is_relative_to(Path.cwd().resolve()):
         print(f"note: {store} lies outside this project: other projects using it are not asked what they refer "
               f"to; only --days ({days:g}) protects their fingerprints")
-    referenced, unresolved = referenced_fingerprints(commits)
+    folders, runs = store_folders(store)
+    referenced, referenced_runs, unresolved = referenced_fingerprints(commits)
     for label in unresolved:
         print(f"note: {label}: data/features is in neither DVC's cache nor {EXTRACT_METRICS}; its fingerprint "
               "is unknown (--days still protects what it used recently)")
@@ -256,7 +282,7 @@ def gc(store: Path, days: float, commits: int, dry_run: bool) -> int:
         if not dry_run:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
-    for folder in fingerprint_folders(store):
+    for folder in folders:
         if folder.name in referenced:
             print(f"{'keep':<12}  {folder.name}: {referenced[folder.name]}")
         elif folder.stat().st_mtime > cutoff:
@@ -279,8 +305,10 @@ def gc(store: Path, days: float, commits: int, dry_run: bool) -> int:
         for rejected in sorted(folder.glob("*.rejected-*")):
             if rejected_at(rejected) <= cutoff:
                 delete(rejected, f"rejected {days_ago(rejected_at(rejected))}")
-    for run in finetune_runs(store):
-        if last_change(run) <= cutoff:
+    for run in runs:
+        if run.name in referenced_runs:
+            print(f"{'keep':<12}  {FINETUNE}/{run.name}: {referenced_runs[run.name]}")
+        elif last_change(run) <= cutoff:
             delete(run, f"fine-tune run last written {days_ago(last_change(run))}")
         else:
             print(f"{'keep':<12}  {FINETUNE}/{run.name}: written {days_ago(last_change(run))}")
