@@ -21,6 +21,8 @@ from tests.conftest import DIGITS_PER_CLASS, REPO, write_digits
 from transfer_learning.backbone import files as backbone_files
 from transfer_learning.backbone.anatomy import PooledFeatures
 from transfer_learning.common.errors import UserError
+from transfer_learning.features import split_files
+from transfer_learning.features.split_files import SplitRows, write_split
 from transfer_learning.features.runtime import CPU, CUDA, FeatureRunner, provider_options, providers_to_try
 
 # CUDA (TF32 off) vs CPU, both fp32: only kernels and summation order differ (typically ~1e-5 of the scale).
@@ -267,3 +269,65 @@ def test_two_extracts_on_one_store_at_once(exported, tmp_path):
     for split in ("train", "val", "test"):
         with h5py.File(works[0] / f"data/features/{split}.h5") as a, h5py.File(works[1] / f"data/features/{split}.h5") as b:
             np.testing.assert_array_equal(a["features"][:], b["features"][:])
+
+
+def write_small_split(path: Path, features: np.ndarray) -> None:
+    n = len(features)
+    rows = SplitRows(keys=[f"{i:064x}" for i in range(n)], paths=[f"images/{i}.png" for i in range(n)],
+                     labels=[i % 3 for i in range(n)], views=[0] * n)
+    write_split(path, rows, iter([features[: n // 2], features[n // 2:]]), fingerprint="f" * 64,
+                classes=["a", "b", "c"], feature_dim=features.shape[1], dtype="float32")
+
+
+def test_a_split_file_with_a_flipped_byte_or_cut_short_is_refused_naming_it(tmp_path):
+    features = np.random.default_rng(0).normal(size=(40, 16)).astype(np.float32)
+    write_small_split(tmp_path / "train.h5", features)
+    np.testing.assert_array_equal(split_files.read_split("train", tmp_path).features, features)
+    good = (tmp_path / "train.h5").read_bytes()
+
+    with h5py.File(tmp_path / "train.h5", "r") as handle:
+        offset = handle["features"].id.get_offset()  # where the features' bytes sit in the file
+    flipped = bytearray(good)
+    flipped[offset + 200] ^= 0x01  # one mantissa bit: a finite value, slightly off
+    (tmp_path / "train.h5").write_bytes(bytes(flipped))
+    for read in (split_files.read_split, split_files.read_labels, split_files.read_plain_keys):
+        with pytest.raises(UserError, match=r"train.h5 does not match the sha256 recorded when it was written "
+                                            r"\(features\): .*`dvc checkout data/features`.*`dvc repro extract`"):
+            read("train", tmp_path)
+
+    for cut in (len(good) // 2, len(good) - 64):
+        (tmp_path / "train.h5").write_bytes(good[:cut])
+        with pytest.raises(UserError, match=r"train.h5 cannot be (opened|read).*truncated.*`dvc repro extract`"):
+            split_files.read_split("train", tmp_path)
+
+
+def test_a_split_file_with_non_finite_features_or_no_digests_is_refused(tmp_path):
+    features = np.ones((6, 4), np.float32)
+    features[2, 1] = np.nan
+    write_small_split(tmp_path / "val.h5", features)
+    with pytest.raises(UserError, match=r"val.h5 holds values that are not finite"):
+        split_files.read_split("val", tmp_path)
+
+    write_small_split(tmp_path / "test.h5", np.ones((6, 4), np.float32))
+    with h5py.File(tmp_path / "test.h5", "r+") as handle:  # as an extract before the digests wrote it
+        for name in split_files.DIGESTED:
+            del handle.attrs[f"{name}_sha256"]
+    with pytest.raises(UserError, match=r"test.h5 was written by an older extract.*`dvc repro extract -f`"):
+        split_files.read_split("test", tmp_path)
+
+
+def test_backbone_weights_with_a_flipped_byte_are_refused(workdir):
+    import zipfile
+
+    backbone = backbone_files.load()
+    with zipfile.ZipFile(backbone_files.WEIGHTS) as archive:  # tensors are stored uncompressed
+        entry = max((e for e in archive.infolist() if "/data/" in e.filename), key=lambda e: e.file_size)
+        payload = archive.read(entry)
+    data = bytearray(backbone_files.WEIGHTS.read_bytes())
+    data[data.find(payload) + len(payload) // 2] ^= 0x01  # one bit of the largest tensor
+    backbone_files.WEIGHTS.write_bytes(bytes(data))
+    torch.load(backbone_files.WEIGHTS, weights_only=True)  # still loads: only the digest tells
+    with pytest.raises(UserError, match=r"models/backbone/weights.pt does not match the sha256 in "
+                                        r"models/backbone/meta.json.*`dvc checkout models/backbone`.*"
+                                        r"`dvc repro download`"):
+        backbone.model()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -237,6 +238,25 @@ def test_a_checkpoint_that_would_run_code_is_never_unpickled(tmp_path, caplog):
     assert len(list(tmp_path.glob("c.pt.rejected-*"))) == 1
 
 
+def test_two_kills_while_replacing_the_checkpoint_keep_the_one_on_disk(tmp_path):
+    from transfer_learning.finetune.loop import _read_verified
+
+    checkpoint = tmp_path / "d.pt"
+
+    def state(epoch: int) -> dict:
+        return {**dict.fromkeys(CHECKPOINT_KEYS), "net": {"w": torch.full((4,), float(epoch))}, "epoch": epoch}
+
+    on_disk = save_checkpoint(checkpoint, state(1))
+    # A real failure at the moment a kill would hit: the checkpoint's temp file cannot be created (a folder
+    # holds its name), after the digest file already names the new checkpoint.
+    blocker = checkpoint.with_name(f".{checkpoint.name}.{os.getpid()}.tmp")
+    for epoch in (2, 3):  # the first kill, then the resumed run's own kill in the same window
+        blocker.mkdir()
+        with pytest.raises(OSError):
+            save_checkpoint(checkpoint, state(epoch), previous=on_disk)
+        blocker.rmdir()
+        saved, digest = _read_verified(checkpoint)  # what the next run loads
+        assert digest == on_disk and saved["epoch"] == 1
 def test_a_fresh_head_is_seeded_so_runs_and_resumptions_start_alike(tmp_path):
     def net_after_global_rng(seed: int) -> FineTuneNet:
         torch.manual_seed(seed)  # whatever the process did before must not matter
@@ -358,6 +378,9 @@ def test_lp_ft_starts_exactly_where_the_init_head_is(project_with_heads):
     one_image = 1 / len(split_images("val")) if torch.cuda.is_available() else 0
     assert metrics["val_accuracy_at_init"] == pytest.approx(head.meta["val_accuracy"], abs=one_image)
     assert metrics["cached_prefix"] is True and metrics["unfreeze"] == 1 and metrics["onnx_max_abs_diff"] < 1e-4
+    # the store folders this workspace uses, by name, for `stages.store gc`
+    assert Path("store/finetune", metrics["run_fingerprint"], "checkpoint.pt").is_file()
+    assert Path("store", metrics["prefix_fingerprint"]).is_dir()
 
     # the ONNX model on the test images: what evaluate scores, and what predict gives
     test = read_split("test").plain()
@@ -416,7 +439,7 @@ def test_nothing_damaged_is_used_the_checkpoint_the_kept_export_and_the_model_fi
     tolerance = 1e-3 if torch.cuda.is_available() else 0
 
     opset, checkpoint_sha256 = json.loads(record.read_text())["opset"], sha256_file(checkpoint)
-    assert finetune_run.kept_export(checkpoint.parent, opset, checkpoint_sha256)[0] == onnx_file.read_bytes()
+    assert finetune_run.kept_export(checkpoint.parent, opset, checkpoint_sha256) == onnx_file.read_bytes()
     flip_float_exponent(kept, largest_onnx_weights(kept))
     assert finetune_run.kept_export(checkpoint.parent, opset, checkpoint_sha256) is None  # so export_onnx exports again
     assert f"the kept ONNX export {kept} does not match the sha256 in {record}" in caplog.text
@@ -428,6 +451,17 @@ def test_nothing_damaged_is_used_the_checkpoint_the_kept_export_and_the_model_fi
     assert json.loads(Path("metrics/finetune.json").read_text())["resumed_from_epoch"] is None  # retrained
     np.testing.assert_allclose(finetune_files.read_test_scores(keys), first, atol=tolerance)
     assert sha256_file(kept) == json.loads(record.read_text())["sha256"]  # the kept export: made anew
+
+    # a kept export swapped together with its record passes the digest, not the parity check against the
+    # verified checkpoint's weights
+    flip_float_exponent(kept, largest_onnx_weights(kept))
+    record.write_text(json.dumps({**json.loads(record.read_text()), "sha256": sha256_file(kept)}))
+    caplog.clear()
+    finetune.main()
+    assert f"the kept ONNX export {kept} differs from the checkpoint's weights" in caplog.text
+    assert json.loads(Path("metrics/finetune.json").read_text())["resumed_from_epoch"] == 1  # not retrained
+    np.testing.assert_allclose(finetune_files.read_test_scores(keys), first, atol=tolerance)
+    assert sha256_file(kept) == json.loads(record.read_text())["sha256"]  # made anew
 
     # models/finetune as evaluate and predict find it: each file checked against meta.json before use
     flip_float_exponent(onnx_file, largest_onnx_weights(onnx_file))
@@ -441,6 +475,11 @@ def test_nothing_damaged_is_used_the_checkpoint_the_kept_export_and_the_model_fi
     with pytest.raises(UserError, match=r"models/finetune/test_scores.npz does not match the sha256 .*"
                                         r"`dvc checkout models/finetune`"):
         evaluate.main()
+
+    meta_file = finetune_files.FINETUNE_DIR / "meta.json"
+    meta_file.write_text(meta_file.read_text()[:-20])  # cut off
+    with pytest.raises(UserError, match=r"models/finetune/meta.json is not a JSON object .*`dvc repro finetune`"):
+        predict.predict([image], "finetune", top_k=1)
 
 
 def test_init_head_must_be_a_network_head(project_with_heads):
@@ -456,6 +495,7 @@ def test_disabling_finetune_removes_the_model_from_evaluate(project_with_heads):
     set_params(finetune={"enabled": False})
     finetune.main()
     assert not finetune_files.trained()
-    assert json.loads(Path("metrics/finetune.json").read_text()) == {"skipped": True}
+    assert json.loads(Path("metrics/finetune.json").read_text()) == {
+        "skipped": True, "run_fingerprint": None, "prefix_fingerprint": None}
     evaluate.main()
     assert "finetune" not in json.loads(Path("metrics/evaluate.json").read_text())

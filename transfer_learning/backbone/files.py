@@ -1,6 +1,11 @@
-"""models/backbone/: the downloaded backbone (weights.pt + meta.json), as every later stage loads it."""
+"""models/backbone/: the downloaded backbone (weights.pt + meta.json), as every later stage loads it.
+
+meta.json records the sha256 of weights.pt as written (`weights_pt_sha256`; its `sha256` is the verified source
+file's); the weights are loaded only from bytes that match it.
+"""
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,13 +15,16 @@ from torch import nn
 from torchvision.models import get_model
 
 from transfer_learning.backbone.anatomy import Anatomy
+from transfer_learning.common.atomic import atomic_write_text
 from transfer_learning.common.errors import UserError
+from transfer_learning.common.hashing import sha256_bytes, sha256_file
 from transfer_learning.data.images import Preprocessing
 
 BACKBONE_DIR = Path("models/backbone")
 WEIGHTS = BACKBONE_DIR / "weights.pt"
 META = BACKBONE_DIR / "meta.json"
 ONNX = Path("models/backbone.onnx")
+WEIGHTS_DIGEST = "weights_pt_sha256"
 
 
 @dataclass(frozen=True)
@@ -28,22 +36,50 @@ class Backbone:
     anatomy: Anatomy
     meta: dict
 
+    @property
+    def weights_sha256(self) -> str:
+        """The sha256 of weights.pt recorded by download (what `model()` checks the file against)."""
+        return self.meta[WEIGHTS_DIGEST]
+
     def model(self) -> nn.Module:
         model = get_model(self.arch, weights=None, num_classes=self.num_classes)
-        model.load_state_dict(torch.load(WEIGHTS, map_location="cpu", weights_only=True))
+        state = torch.load(io.BytesIO(verified_weights(self.weights_sha256)), map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
         return model.eval()
 
 
+def verified_weights(expected: str) -> bytes:
+    """The bytes of weights.pt once their sha256 is the one in meta.json."""
+    try:
+        data = WEIGHTS.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{WEIGHTS} is missing: run `dvc checkout {BACKBONE_DIR}` or `dvc repro download`") from None
+    if sha256_bytes(data) != expected:
+        raise UserError(f"{WEIGHTS} does not match the sha256 in {META} (damaged or replaced since download): "
+                        f"restore it with `dvc checkout {BACKBONE_DIR}` or rebuild it with `dvc repro download`")
+    return data
+
+
 def save(model: nn.Module, meta: dict) -> None:
+    """weights.pt, then meta.json with its sha256. Saved to the path, not through a buffer: torch names the
+    archive inside after the file, and the same bytes as before keep the fine-tune fingerprints (which hash
+    weights.pt) and so their checkpoints valid."""
     BACKBONE_DIR.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), WEIGHTS)
-    META.write_text(json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(META, json.dumps({**meta, WEIGHTS_DIGEST: sha256_file(WEIGHTS)}, indent=2) + "\n")
 
 
 def load() -> Backbone:
     if not META.is_file() or not WEIGHTS.is_file():
         raise UserError(f"{BACKBONE_DIR} is incomplete: run `dvc repro download` first")
-    meta = json.loads(META.read_text())
+    try:
+        meta = json.loads(META.read_text())
+    except (UnicodeDecodeError, ValueError) as error:
+        raise UserError(f"{META} is not valid JSON ({error}): restore it with `dvc checkout {BACKBONE_DIR}` or "
+                        "rebuild it with `dvc repro download`") from None
+    if not isinstance(meta, dict) or WEIGHTS_DIGEST not in meta:
+        raise UserError(f"{META} has no {WEIGHTS_DIGEST} (written by an older download, or damaged): run "
+                        "`dvc repro download` (it reads the weights from the torch hub cache)")
     return Backbone(
         arch=meta["arch"],
         weights=meta["weights"],

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from transfer_learning.backbone import files as backbone_files
 from transfer_learning.common.errors import UserError
-from transfer_learning.common.hashing import sha256_file
+from transfer_learning.common.hashing import sha256_bytes
 from transfer_learning.data import manifest
 from transfer_learning.data.images import Preprocessing
 from transfer_learning.data.manifest import SPLITS
@@ -62,10 +62,11 @@ def extract(params: ExtractParams) -> dict:
     backbone = backbone_files.load()
     # the data's rule for high-bit images is part of preprocessing.to_json(), hence of the fingerprint
     preprocessing = backbone.preprocessing.with_bit_depth(manifest.read_bit_depth())
-    runner = FeatureRunner(backbone_files.ONNX, params.providers, params.batch_size)
+    onnx_bytes = backbone_files.ONNX.read_bytes()  # hashed and run from the same bytes: no re-read in between
+    runner = FeatureRunner(onnx_bytes, params.providers, params.batch_size)
     feature_dim = runner.feature_dim or int(
         runner(np.zeros((1, 3, preprocessing.crop, preprocessing.crop), np.float32)).shape[1])
-    features_fingerprint = fingerprint(sha256_file(backbone_files.ONNX), preprocessing.to_json(), params.dtype)
+    features_fingerprint = fingerprint(sha256_bytes(onnx_bytes), preprocessing.to_json(), params.dtype)
 
     per_split: dict[str, SplitRows] = {split: SplitRows([], [], [], []) for split in SPLITS}
     wanted: dict[str, ViewRequest] = {}

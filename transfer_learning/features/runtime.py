@@ -51,9 +51,10 @@ def provider_options(name: str) -> tuple[str, dict[str, str]]:
     return name, dict(CUDA_OPTIONS) if name == CUDA else {}
 
 
-def open_session(onnx_path: Path, requested: list[str], gpu_present: bool | None = None) -> ort.InferenceSession:
+def open_session(model: Path | bytes, requested: list[str], gpu_present: bool | None = None) -> ort.InferenceSession:
     """A session on the first provider of `providers_to_try`, or a UserError saying how to fix the install.
-    `gpu_present` defaults to what torch sees."""
+    `model`: a path, or the bytes of a file whose digest was just checked (so that the file is not read a second
+    time, after the check). `gpu_present` defaults to what torch sees."""
     gpu_present = cuda_device_present() if gpu_present is None else gpu_present
     providers = providers_to_try(requested, gpu_present)
     options = ort.SessionOptions()
@@ -67,7 +68,8 @@ def open_session(onnx_path: Path, requested: list[str], gpu_present: bool | None
         # library is opened: the usual cure when torch's CUDA libraries are not the ones onnxruntime-gpu needs.
         ort.preload_dlls()
         options.use_deterministic_compute = True  # no atomics-based fast reductions: the same row on every run
-    session = ort.InferenceSession(str(onnx_path), options, providers=[provider_options(p) for p in providers])
+    source = model if isinstance(model, bytes) else str(model)
+    session = ort.InferenceSession(source, options, providers=[provider_options(p) for p in providers])
     session.disable_fallback()  # an EP failure mid-run raises instead of quietly re-running on CPU
     if session.get_providers()[0] != providers[0]:
         raise UserError(not_up_message(providers[0], session.get_providers()))
@@ -105,8 +107,8 @@ class FeatureRunner:
     `session.run` does. Pinned staging would save a few ms per 64×224² batch (38 MB over PCIe) against the
     hundreds of ms the CPU workers spend decoding and resizing those 64 images: not worth untestable code."""
 
-    def __init__(self, onnx_path: Path, requested: list[str], batch_size: int, gpu_present: bool | None = None):
-        self.session = open_session(onnx_path, requested, gpu_present)
+    def __init__(self, model: Path | bytes, requested: list[str], batch_size: int, gpu_present: bool | None = None):
+        self.session = open_session(model, requested, gpu_present)
         self.pad_to = batch_size if self.provider != CPU else None
         self.outputs = [o.name for o in self.session.get_outputs()]  # the first is the one returned
         dim = self.session.get_outputs()[0].shape[1]

@@ -35,7 +35,15 @@ def trained(directory: Path = FINETUNE_DIR) -> bool:
 def read_meta(directory: Path = FINETUNE_DIR) -> dict:
     if not trained(directory):
         raise UserError(f"no fine-tuned model in {directory}: set finetune.enabled: true and run `dvc repro`")
-    return json.loads((directory / "meta.json").read_text())
+    path = directory / "meta.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as error:
+        meta = error
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} is not a JSON object ({meta}): restore it with `dvc checkout {directory}` or "
+                        "rebuild it with `dvc repro finetune`")
+    return meta
 
 
 def write_meta(meta: dict, directory: Path = FINETUNE_DIR) -> None:
@@ -47,7 +55,8 @@ def write_meta(meta: dict, directory: Path = FINETUNE_DIR) -> None:
 def verified_bytes(name: str, directory: Path = FINETUNE_DIR) -> bytes:
     """The bytes of models/finetune/<name>, checked against the sha256 in meta.json."""
     path = directory / name
-    expected = read_meta(directory).get("sha256", {}).get(name)
+    digests = read_meta(directory).get("sha256")
+    expected = digests.get(name) if isinstance(digests, dict) else None
     data = path.read_bytes() if path.is_file() else None
     if expected is None or data is None or sha256_bytes(data) != expected:
         what = ("is missing" if data is None else "has no sha256 in meta.json" if expected is None

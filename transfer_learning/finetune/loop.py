@@ -9,7 +9,7 @@ After every epoch the whole state (weights, optimizer, schedule, RNG, history, b
 from the last completed epoch. The checkpoint may sit in a store shared with others, so it is trusted only as
 far as it is checked: the digest must match, and it is read with `torch.load(weights_only=True)` (tensors and
 plain containers, no code). A file that fails either is reported, moved aside (`.rejected-<ns>`) and the run
-starts afresh.
+starts afresh; a disk error while reading it (an OSError with an errno) stops the run and leaves it in place.
 """
 from __future__ import annotations
 
@@ -170,7 +170,7 @@ def fit(net: FineTuneNet, train: Inputs, val: Inputs, params: FinetuneParams, se
             "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
             "history": outcome.history, "best_epoch": outcome.best_epoch, "best_loss": best_loss,
             "best_state": best_state, "since_best": since_best, "epoch": epoch, "stopped": stopped,
-        })
+        }, previous=outcome.checkpoint_sha256)
         if on_epoch_end is not None:
             on_epoch_end(epoch)
         if stopped:
@@ -193,7 +193,9 @@ def _load(path: Path, net: nn.Module) -> dict | None:
     try:
         saved, digest = _read_verified(path)
         shapes = {k: v.shape for k, v in saved["net"].items()}
-    except Exception as error:  # whatever is wrong with the file, it is not used
+    except Exception as error:  # whatever is wrong with the file, it is not used...
+        if isinstance(error, OSError) and error.errno is not None:
+            raise  # ...but a disk that fails to read it (EIO, EACCES) says nothing about the file: keep it
         aside = path.with_name(f"{path.name}.rejected-{time.time_ns()}")
         path.replace(aside)
         digest_path(path).unlink(missing_ok=True)
@@ -230,10 +232,11 @@ def _read_verified(path: Path) -> tuple[dict, str]:
 
 
 def _recorded(path: Path) -> dict:
-    """The digest file's content: {"sha256": ..., "previous": ...}; {} when absent or unreadable."""
+    """The digest file's content: {"sha256": ..., "previous": ...}; {} when absent or not JSON (a disk read error
+    is raised: it says nothing about the files)."""
     try:
         recorded = json.loads(digest_path(path).read_text())
-    except (OSError, ValueError):
+    except (FileNotFoundError, ValueError):
         return {}
     return recorded if isinstance(recorded, dict) else {}
 
@@ -242,14 +245,16 @@ def _copy(net: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
 
 
-def save_checkpoint(path: Path, state: dict) -> str:
+def save_checkpoint(path: Path, state: dict, previous: str | None = None) -> str:
     """Writes the checkpoint, then its digest (temp files named by this process); returns the digest. While the
-    checkpoint is being replaced the digest file accepts the previous one too, so a kill then loses nothing."""
+    checkpoint is being replaced the digest file also accepts `previous`, the digest of the checkpoint this run
+    last loaded or saved (what is on disk): a kill then loses nothing. Not the digest file's own "sha256": after a
+    kill in this window that names a checkpoint that never reached the disk, and a second kill would reject the
+    good one."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     data = buffer.getvalue()
     digest = sha256_bytes(data)
-    previous = _recorded(path).get("sha256")
     atomic_write_text(digest_path(path), json.dumps({"sha256": digest, "previous": previous}) + "\n")
     with atomic_write(path, "wb") as handle:
         handle.write(data)

@@ -63,7 +63,7 @@ def skip() -> dict:
     shutil.rmtree(PLOTS_DIR, ignore_errors=True)
     PLOTS_DIR.mkdir(parents=True)
     print("finetune.enabled is false: skipped")
-    return {"skipped": True}
+    return {"skipped": True, "run_fingerprint": None, "prefix_fingerprint": None}
 
 
 def resolve_unfreeze(unfreeze: int | str) -> int | str:
@@ -131,8 +131,8 @@ def inputs_for(net: FineTuneNet, images: LabelledImages, augment, use_prefix_cac
     return Inputs(batches, images.labels, from_prefix=False)
 
 
-def test_probabilities(onnx_file: Path, images: LabelledImages, preprocessing, providers: list[str]) -> np.ndarray:
-    runner = FeatureRunner(onnx_file, providers, PREFIX_BATCH)
+def test_probabilities(onnx_model: bytes, images: LabelledImages, preprocessing, providers: list[str]) -> np.ndarray:
+    runner = FeatureRunner(onnx_model, providers, PREFIX_BATCH)
     out = []
     for batch, _, errors in DataLoader(ViewDataset(images.requests, preprocessing), batch_size=PREFIX_BATCH,
                                        num_workers=WORKERS, collate_fn=collate):
@@ -142,9 +142,9 @@ def test_probabilities(onnx_file: Path, images: LabelledImages, preprocessing, p
     return np.concatenate(out) if out else np.zeros((0, len(manifest.read_classes())), np.float32)
 
 
-def kept_export(run_dir: Path, opset: int, checkpoint_sha256: str | None) -> tuple[bytes, float] | None:
-    """(ONNX bytes, max_abs_diff) of this run's kept export when it was made with this opset from this very
-    checkpoint and still has the sha256 recorded then; None (export again) otherwise, said in the log."""
+def kept_export(run_dir: Path, opset: int, checkpoint_sha256: str | None) -> bytes | None:
+    """The ONNX bytes of this run's kept export when it was made with this opset from this very checkpoint and
+    still has the sha256 recorded then; None (export again) otherwise, said in the log."""
     kept, record_file = run_dir / "model.onnx", run_dir / "export.json"
     if not (kept.is_file() and record_file.is_file()):
         return None
@@ -161,31 +161,41 @@ def kept_export(run_dir: Path, opset: int, checkpoint_sha256: str | None) -> tup
         log.warning("the kept ONNX export %s does not match the sha256 in %s (damaged or replaced): exporting again",
                     kept, record_file)
         return None
-    return data, record["max_abs_diff"]
+    return data
 
 
-def export_onnx(net: FineTuneNet, onnx_file: Path, run_dir: Path, preprocessing, opset: int,
-                checkpoint_sha256: str | None) -> float:
-    """Exports and parity-checks the model; a finished run's verified export is copied instead. Returns the
-    largest ONNX-vs-torch difference (relative, for the logits)."""
+def write_bytes(path: Path, data: bytes) -> None:
+    with atomic_write(path, "wb") as handle:
+        handle.write(data)
+
+
+def export_onnx(net: FineTuneNet, onnx_file: Path, run_dir: Path, preprocessing, opset: int, atol: float,
+                checkpoint_sha256: str | None) -> tuple[float, bytes]:
+    """Exports and parity-checks the model; a finished run's kept export is reused instead once it passes the
+    same parity check against `net` (the verified checkpoint's weights): its digest beside it in a shared store
+    catches damage, the parity check also a file swapped together with its record. Returns the largest
+    ONNX-vs-torch difference (relative, for the logits) and the ONNX bytes written to `onnx_file`."""
     from transfer_learning.backbone.export import parity_batches
 
+    batches = parity_batches(preprocessing.transform())
     kept = kept_export(run_dir, opset, checkpoint_sha256)
     if kept is not None:
-        data, max_abs_diff = kept
-        onnx_file.write_bytes(data)
-        log.info("reused the verified ONNX export of this finished run from %s", run_dir / "model.onnx")
-        return max_abs_diff
-    batches = parity_batches(preprocessing.transform())
+        write_bytes(onnx_file, kept)
+        max_abs_diff = onnx_export.parity(Probabilities(net), onnx_file, batches, relative=True)
+        if max_abs_diff <= atol:
+            log.info("reused the ONNX export of this finished run from %s (parity with the checkpoint's weights "
+                     "re-checked: %.3g)", run_dir / "model.onnx", max_abs_diff)
+            return max_abs_diff, kept
+        log.warning("the kept ONNX export %s differs from the checkpoint's weights by %.3g > export.atol %g: "
+                    "exporting again", run_dir / "model.onnx", max_abs_diff, atol)
     onnx_export.export(Probabilities(net), batches[0], onnx_file, opset, (PROBABILITIES, LOGITS))
     max_abs_diff = onnx_export.parity(Probabilities(net), onnx_file, batches, relative=True)
     data = onnx_file.read_bytes()
-    with atomic_write(run_dir / "model.onnx", "wb") as handle:
-        handle.write(data)
+    write_bytes(run_dir / "model.onnx", data)
     record = {"opset": opset, "max_abs_diff": max_abs_diff, "sha256": sha256_bytes(data),
               "checkpoint_sha256": checkpoint_sha256}
     atomic_write_text(run_dir / "export.json", json.dumps(record) + "\n")  # after the file it vouches for
-    return max_abs_diff
+    return max_abs_diff, data
 
 
 def write_history(history: list[dict]) -> None:
@@ -270,13 +280,16 @@ def finetune(params: Params) -> dict:
     outcome = fit(net, train_inputs, val_inputs, settings, seed=SEED, checkpoint=checkpoint, device=device)
     net.cpu().eval()
     max_abs_diff = write_outputs(params, setup, outcome, checkpoint, backbone, preprocessing, classes, test)
+    prefix_used = prefix_fp if has_prefix else None  # the store folder of the cached prefix outputs
     best = outcome.history[outcome.best_epoch]
     trained_epochs = [r for r in outcome.history if r["epoch"] > 0]
     log.info("fine-tuned (unfreeze %r): best epoch %d, val accuracy %.4f (%.4f before any update) -> %s",
              setup.unfreeze, outcome.best_epoch, best["val_accuracy"], outcome.history[0]["val_accuracy"],
              FINETUNE_DIR)
-    return {
+    return {  # the two fingerprints name the store folders this workspace uses (`stages.store gc` keeps them)
         "skipped": False,
+        "run_fingerprint": run_fp,
+        "prefix_fingerprint": prefix_used,
         "unfreeze": setup.unfreeze,
         "trainable_blocks": len(setup.trainable),
         "trainable_params": sum(p.numel() for p in net.parameters() if p.requires_grad),
@@ -303,12 +316,13 @@ def write_outputs(params: Params, setup: Setup, outcome, checkpoint: Path, backb
     shutil.rmtree(FINETUNE_DIR, ignore_errors=True)
     FINETUNE_DIR.mkdir(parents=True)
     onnx_file = finetune_files.onnx_path()
-    max_abs_diff = export_onnx(net, onnx_file, checkpoint.parent, preprocessing, params.export.opset,
-                               outcome.checkpoint_sha256)
+    max_abs_diff, onnx_model = export_onnx(net, onnx_file, checkpoint.parent, preprocessing, params.export.opset,
+                                           params.export.atol, outcome.checkpoint_sha256)
     if max_abs_diff > params.export.atol:
         raise UserError(f"export.atol: the fine-tuned model's ONNX differs from torch by {max_abs_diff:.3g} > "
                         f"{params.export.atol:g}; the checkpoint {checkpoint} is kept, so a re-run only re-exports")
-    torch.save(net.state_dict(), FINETUNE_DIR / finetune_files.STATE_DICT)
+    with atomic_write(FINETUNE_DIR / finetune_files.STATE_DICT, "wb") as handle:
+        torch.save(net.state_dict(), handle)
     best = outcome.history[outcome.best_epoch]
     meta = {
         "arch": backbone.arch, "weights": backbone.weights, "cut": params.backbone.cut, "cut_node": setup.cut_node,
@@ -318,7 +332,7 @@ def write_outputs(params: Params, setup: Setup, outcome, checkpoint: Path, backb
         "val_accuracy": best["val_accuracy"],
         "head_hidden": [m.out_features for m in net.head.modules() if isinstance(m, torch.nn.Linear)][:-1],
     }
-    probabilities = test_probabilities(onnx_file, test, preprocessing, params.extract.providers)
+    probabilities = test_probabilities(onnx_model, test, preprocessing, params.extract.providers)
     finetune_files.write_test_scores(test.keys(), probabilities)
     finetune_files.write_meta(meta)  # last: with the sha256 of the files above
     write_history(outcome.history)
