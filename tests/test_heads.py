@@ -31,6 +31,7 @@ FAST_HEADS = {
     "knn": {"type": "sklearn", "estimator": "sklearn.neighbors.KNeighborsClassifier",
             "grid": {"n_neighbors": [1, 15]}},
     "svc": {"type": "sklearn", "estimator": "sklearn.svm.LinearSVC", "params": {"C": 0.1}},
+    "forest": {"type": "sklearn", "estimator": "RandomForestClassifier", "params": {"n_estimators": 10}},
 }
 
 
@@ -91,7 +92,8 @@ def splits():
 
 
 @pytest.mark.parametrize("name", list(FAST_HEADS))
-def test_every_head_type_saves_a_form_that_scores_like_the_estimator(features, name):
+def test_every_head_type_saves_a_form_that_scores_like_the_estimator(features, name, monkeypatch):
+    monkeypatch.setattr(head_files, "ONNX_ROWS_PER_RUN", 100)  # the 360 test rows go through ONNX in 4 runs
     train, val = splits()
     test = read_split("test")
     fitted = fit_head(name, spec(FAST_HEADS[name]), train, val)
@@ -99,8 +101,8 @@ def test_every_head_type_saves_a_form_that_scores_like_the_estimator(features, n
     head_files.save(fitted, CLASSES, train.fingerprint)
     head = head_files.load(name)
 
-    expected_format = head_files.PICKLE if FAST_HEADS[name]["type"] == "sklearn" else head_files.LAYERS
-    assert head.meta["format"] == expected_format
+    expected_format = head_files.ONNX if FAST_HEADS[name]["type"] == "sklearn" else head_files.LAYERS
+    assert head.meta["format"] == expected_format and head.model is None  # nothing unpickled
     x = fitted.scaler.transform(test.features)
     if hasattr(fitted.estimator, "predict_proba"):
         np.testing.assert_allclose(head.scores(test.features), fitted.estimator.predict_proba(x), atol=1e-5)
@@ -239,7 +241,8 @@ def test_evaluate_models_picks_a_subset_and_rejects_unknown_names(features):
     assert set(scores) == {"knn", "logreg", BEST_KEY}
     assert sorted(p.stem for p in Path("plots/confusion").iterdir()) == ["knn", "logreg"]
     load_params_with(heads=FAST_HEADS, evaluate={"models": ["logreg", "nope"]})
-    with pytest.raises(UserError, match=r"evaluate.models: 'nope' not trained; trained: knn, linear, logreg, mlp, svc"):
+    with pytest.raises(UserError,
+                       match=r"evaluate.models: 'nope' not trained; trained: forest, knn, linear, logreg, mlp, svc"):
         evaluate.main()
 
 
@@ -267,7 +270,7 @@ def test_same_params_twice_give_identical_metrics_and_heads(features):
 
     first, second = outputs(), outputs()
     assert first[0] == second[0] and first[1] == second[1]
-    assert first[2] == second[2]  # byte for byte, pickles included
+    assert first[2] == second[2]  # byte for byte, ONNX heads included
     assert [line.rsplit("|", 2)[0] for line in first[3].splitlines()] == \
            [line.rsplit("|", 2)[0] for line in second[3].splitlines()]  # all but the seconds column
 
@@ -330,10 +333,10 @@ def flip_byte(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage", ["weights flipped", "weights truncated", "pickle flipped"])
+@pytest.mark.parametrize("damage", ["weights flipped", "weights truncated", "onnx flipped"])
 def test_a_corrupt_head_file_is_refused_naming_it_and_the_fix(features, damage):
     run_stages(heads={"logreg": FAST_HEADS["logreg"], "knn": FAST_HEADS["knn"]})
-    name, file = ("knn", "model.pkl") if damage.startswith("pickle") else ("logreg", "weights.npz")
+    name, file = ("knn", "head.onnx") if damage.startswith("onnx") else ("logreg", "weights.npz")
     path = head_files.HEADS_DIR / name / file
     if damage == "weights flipped":  # a byte of w0's float data, past the zip and .npy headers
         flip_byte(path, data_offset(path, "w0.npy") + 128 + 100)
@@ -365,7 +368,7 @@ def test_head_json_records_the_digest_of_its_weights(features):
     run_stages(heads={"logreg": FAST_HEADS["logreg"], "knn": FAST_HEADS["knn"]})
     from transfer_learning.common.hashing import sha256_file
 
-    for name, file in (("logreg", "weights.npz"), ("knn", "model.pkl")):
+    for name, file in (("logreg", "weights.npz"), ("knn", "head.onnx")):
         meta = json.loads((head_files.HEADS_DIR / name / "head.json").read_text())
         assert meta["sha256"] == sha256_file(head_files.HEADS_DIR / name / file)
 
@@ -378,3 +381,42 @@ def test_train_heads_keeps_the_old_heads_when_a_head_fails(features):
     with pytest.raises(UserError, match=r"heads.knn: fitting KNeighborsClassifier"):
         train_heads.main()
     assert {p: p.read_bytes() for p in head_files.HEADS_DIR.rglob("*") if p.is_file()} == before
+
+
+UNCONVERTIBLE = {"type": "sklearn", "estimator": "NearestCentroid"}  # skl2onnx 1.20 has no converter for it
+
+
+def test_an_estimator_without_onnx_converter_fails_before_training_naming_the_key(features):
+    run_stages(heads={"logreg": FAST_HEADS["logreg"]})
+    before = {p: p.read_bytes() for p in head_files.HEADS_DIR.rglob("*") if p.is_file()}
+    load_params_with(heads={"logreg": FAST_HEADS["logreg"], "centroid": UNCONVERTIBLE})
+    with pytest.raises(UserError, match=r"heads.centroid.estimator: skl2onnx has no converter for NearestCentroid.*"
+                                        r"heads.centroid.allow_pickle: true"):
+        train_heads.main()
+    assert {p: p.read_bytes() for p in head_files.HEADS_DIR.rglob("*") if p.is_file()} == before
+
+
+def test_allow_pickle_saves_an_unconvertible_estimator_as_a_checked_pickle(features):
+    run_stages(heads={"centroid": {**UNCONVERTIBLE, "allow_pickle": True}})
+    head = head_files.load("centroid")
+    assert head.meta["format"] == head_files.PICKLE and (head_files.HEADS_DIR / "centroid" / "model.pkl").is_file()
+    test = read_split("test")
+    assert head.scores(test.features).shape == (len(test), len(CLASSES))
+    path = head_files.HEADS_DIR / "centroid" / "model.pkl"
+    flip_byte(path, path.stat().st_size // 2)
+    with pytest.raises(UserError, match="model.pkl does not match the sha256"):
+        head_files.load("centroid")
+
+
+def test_a_binary_decision_function_head_scores_minus_s_and_s_in_onnx(project):
+    write_features(train_keep=lambda labels: labels < 2)
+    train, val = splits()
+    fitted = fit_head("svc", spec(FAST_HEADS["svc"]), train, val)
+    head_files.save(fitted, CLASSES, train.fingerprint)
+    head = head_files.load("svc")
+    test = read_split("test")
+    decision = fitted.estimator.decision_function(fitted.scaler.transform(test.features))
+    scores = head.scores(test.features)
+    assert head.meta["format"] == head_files.ONNX and not head.probabilistic
+    np.testing.assert_allclose(scores[:, :2], np.stack([-decision, decision], axis=1), atol=1e-5)
+    assert np.isneginf(scores[:, 2:]).all()

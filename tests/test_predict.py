@@ -100,7 +100,7 @@ def pixels_of(paths: list[str]) -> torch.Tensor:
     return torch.stack([predict.load_pixels(Path(p), preprocessing) for p in paths])
 
 
-@pytest.mark.parametrize("model", ["logreg", "mlp"])
+@pytest.mark.parametrize("model", ["logreg", "mlp", "knn"])
 def test_deploy_onnx_gives_the_two_step_probabilities(here, model):
     path = predict.deploy(model)
     assert path == Path(f"models/deploy/{model}.onnx")
@@ -110,7 +110,8 @@ def test_deploy_onnx_gives_the_two_step_probabilities(here, model):
 
     session = cpu_session(path)
     test = read_split("test")
-    two_step = predict.TwoStepPredictor(head_files.load(model), batch_size=8, providers=["CPUExecutionProvider"])
+    two_step = predict.TwoStepPredictor(head_files.load(model), backbone_files.ONNX.read_bytes(), batch_size=8,
+                                        providers=["CPUExecutionProvider"])
     preprocessing = backbone_files.load().preprocessing
     for batch in (test.paths[:1], test.paths[1:4]):  # two batch sizes: the batch dimension stays dynamic
         pixels = pixels_of(batch)
@@ -120,9 +121,18 @@ def test_deploy_onnx_gives_the_two_step_probabilities(here, model):
         np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
-def test_a_pickled_head_cannot_be_deployed(here):
-    with pytest.raises(UserError, match="head 'knn' is a pickled scikit-learn estimator.*deployable heads: logreg, mlp"):
-        predict.deploy("knn")
+def test_a_pickled_head_cannot_be_deployed(trained, tmp_path, monkeypatch):
+    import yaml
+
+    shutil.copytree(trained, tmp_path / "project")
+    monkeypatch.chdir(tmp_path / "project")
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["heads"] = {"logreg": HEADS["logreg"],  # NearestCentroid: no skl2onnx converter, so it is pickled
+                       "centroid": {"type": "sklearn", "estimator": "NearestCentroid", "allow_pickle": True}}
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    train_heads.main()
+    with pytest.raises(UserError, match="head 'centroid' is a pickled scikit-learn estimator.*deployable heads: logreg"):
+        predict.deploy("centroid")
 
 
 def test_an_unknown_model_lists_the_trained_ones(here):
@@ -150,7 +160,7 @@ def test_the_default_model_is_the_best_on_val_not_on_test(here, tmp_path, monkey
         "knn": {"accuracy": 0.99, "val_accuracy": 0.95}, "mlp": {"accuracy": 0.9, "val_accuracy": 0.6},
         "logreg": {"accuracy": 0.5, "val_accuracy": 0.7}}))
     assert predict.default_model() == "knn"
-    assert predict.default_model(deployable=True) == "logreg"  # knn is a pickle: not deployable
+    assert predict.default_model(deployable=True) == "knn"  # an ONNX head: deployable like the others
 
 
 def test_without_val_accuracy_in_evaluate_json_the_heads_own_record_decides(trained, tmp_path, monkeypatch):
@@ -172,3 +182,21 @@ def test_an_empty_argument_is_an_error_not_the_current_folder(here, capsys):
     output = capsys.readouterr()
     assert exited.value.code == 2
     assert "an image or folder argument is empty" in output.err and output.out == ""
+
+
+def test_damaged_records_are_errors_that_name_the_file(trained, tmp_path, monkeypatch):
+    work = tmp_path / "project"
+    shutil.copytree(trained / "models", work / "models")
+    monkeypatch.chdir(work)
+    board = Path("evaluate.json")
+    monkeypatch.setattr(predict, "EVALUATE_METRICS", board)
+    board.write_text('{"logreg": {"val_accuracy": 0.9}, "mlp": ')  # cut short
+    with pytest.raises(UserError, match=r"evaluate.json is not valid JSON .*`dvc repro evaluate` \(or name the "
+                                        r"model: --model\)"):
+        predict.default_model()
+    board.unlink()
+    head_json = Path("models/heads/mlp/head.json")
+    head_json.write_bytes(head_json.read_bytes()[:-30])
+    with pytest.raises(UserError, match=r"models/heads/mlp/head.json is not valid JSON .*`dvc checkout "
+                                        r"models/heads/mlp`"):
+        predict.default_model()

@@ -1,8 +1,10 @@
 """One ONNX file for deployment without this repo: uint8 pixels -> normalization -> backbone -> head ->
 probabilities, with the class names and the resize/crop it expects in its metadata.
 
-The head is written as ONNX ops directly (Sub, Div, Gemm, Relu, Softmax) from its saved layers and joined to
-models/backbone.onnx with onnx.compose, so deploying never re-exports the backbone.
+A layered head is written as ONNX ops directly (Sub, Div, Gemm, Relu, Softmax) from its saved layers; a
+scikit-learn head already is an ONNX graph (head.onnx), brought to the backbone's opset. Either is joined to
+models/backbone.onnx with onnx.compose, so deploying never re-exports the backbone. A head without probabilities
+(e.g. LinearSVC) outputs its decision scores under the same output name; its metadata says which.
 """
 from __future__ import annotations
 
@@ -11,11 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import TensorProto, compose, helper, numpy_helper
+from onnx import TensorProto, compose, helper, numpy_helper, version_converter
 
 from transfer_learning.backbone.onnx_export import INPUT, OUTPUT, cpu_session
 from transfer_learning.data.images import Preprocessing
+from transfer_learning.common.errors import UserError
 from transfer_learning.heads.files import Head
+from transfer_learning.heads.sklearn_onnx import INPUT as HEAD_INPUT
+from transfer_learning.heads.sklearn_onnx import OUTPUT as HEAD_OUTPUT
 
 DEPLOY_DIR = Path("models/deploy")
 PIXELS, PROBABILITIES = "pixels", "probabilities"
@@ -76,11 +81,36 @@ def head_model(head: Head, feature_dim: int, like: onnx.ModelProto) -> onnx.Mode
     )
 
 
+def onnx_head_model(head: Head, like: onnx.ModelProto) -> onnx.ModelProto:
+    """head.onnx reading the backbone's OUTPUT and writing PROBABILITIES, at the backbone's opset and IR version."""
+    model = onnx.load_from_string(head.onnx_bytes)
+    target = next(o.version for o in like.opset_import if o.domain in ("", "ai.onnx"))
+    current = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if current != target:
+        try:
+            model = version_converter.convert_version(model, target)
+        except Exception as error:  # noqa: BLE001 - the converter raises bare RuntimeErrors
+            raise UserError(f"head {head.name!r} (opset {current}) cannot be brought to the backbone's opset {target} "
+                            f"({error}); set export.opset to {current} and run `dvc repro export`") from None
+    model = compose.add_prefix(model, "head_")  # no name of the head's graph can clash with the backbone's
+    graph = model.graph
+    for node in graph.node:
+        node.input[:] = [OUTPUT if name == f"head_{HEAD_INPUT}" else name for name in node.input]
+        node.output[:] = [PROBABILITIES if name == f"head_{HEAD_OUTPUT}" else name for name in node.output]
+    graph.input[0].name, graph.output[0].name = OUTPUT, PROBABILITIES
+    model.ir_version = like.ir_version
+    return model
+
+
 def build(backbone_onnx: Path, head: Head, preprocessing: Preprocessing) -> onnx.ModelProto:
     backbone = onnx.load(str(backbone_onnx))
-    feature_dim = backbone.graph.output[0].type.tensor_type.shape.dim[1].dim_value or int(head.arrays["mean"].size)
+    if head.onnx_bytes is not None:
+        head_part = onnx_head_model(head, backbone)
+    else:
+        feature_dim = backbone.graph.output[0].type.tensor_type.shape.dim[1].dim_value or int(head.arrays["mean"].size)
+        head_part = head_model(head, feature_dim, backbone)
     model = compose.merge_models(normalization_model(preprocessing, backbone), backbone, io_map=[(INPUT, INPUT)])
-    model = compose.merge_models(model, head_model(head, feature_dim, backbone), io_map=[(OUTPUT, OUTPUT)])
+    model = compose.merge_models(model, head_part, io_map=[(OUTPUT, OUTPUT)])
     model.graph.name = f"backbone+{head.name}"
     helper.set_model_props(model, {
         "classes": json.dumps(head.classes),
@@ -88,6 +118,8 @@ def build(backbone_onnx: Path, head: Head, preprocessing: Preprocessing) -> onnx
         "input": f"{PIXELS}: uint8 N×3×{preprocessing.crop}×{preprocessing.crop}, RGB, resized so the short side "
                  f"is {preprocessing.resize} ({preprocessing.interpolation}) then center-cropped",
         "head": head.name,
+        "output": PROBABILITIES + (": probabilities" if head.probabilistic else
+                                   ": decision scores (this head has no probabilities); the class is the argmax"),
     })
     onnx.checker.check_model(model)
     return model

@@ -18,7 +18,7 @@ import torch
 
 from transfer_learning.backbone import files as backbone_files
 from transfer_learning.common.errors import UserError
-from transfer_learning.common.hashing import sha256_file
+from transfer_learning.common.hashing import sha256_bytes
 from transfer_learning.data import manifest
 from transfer_learning.data.images import IMAGE_EXTENSIONS, BadImage, Preprocessing
 from transfer_learning.deploy import onnx as deploy_onnx
@@ -56,11 +56,25 @@ def image_files(inputs: list[str]) -> tuple[list[Path], list[Prediction]]:
     return files, missing
 
 
+def read_json(path: Path, remedy: str) -> dict:
+    """A JSON object from `path`, or a UserError naming the file and `remedy`."""
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: {remedy}") from None
+    except (UnicodeDecodeError, ValueError) as error:
+        raise UserError(f"{path} is not valid JSON ({error}): {remedy}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} holds a {type(value).__name__}, not a JSON object: {remedy}")
+    return value
+
+
 def recorded_meta(model: str) -> dict:
     """What training recorded about a model (val accuracy, format), read without loading the model."""
     if model == finetune_files.MODEL_NAME:
         return finetune_files.read_meta()
-    return json.loads((head_files.HEADS_DIR / model / "head.json").read_text())
+    path = head_files.HEADS_DIR / model / "head.json"
+    return read_json(path, f"restore it with `dvc checkout {path.parent}` or rebuild it with `dvc repro train_heads`")
 
 
 def default_model(deployable: bool = False) -> str:
@@ -68,30 +82,38 @@ def default_model(deployable: bool = False) -> str:
     metrics/evaluate.json lists when it lists any; ties go to the earlier one in that file (or in name order).
     The test accuracy never chooses: it is the held-out report of the choice."""
     trained = [name for name in head_files.trained_names()
-               if not deployable or recorded_meta(name)["format"] == head_files.LAYERS]
+               if not deployable or recorded_meta(name)["format"] != head_files.PICKLE]
     if not deployable and finetune_files.trained():
         trained.append(finetune_files.MODEL_NAME)
     if not trained:
-        raise UserError("no trained head in models/heads" + (" that can be deployed (logistic, linear, mlp)"
+        raise UserError("no trained head in models/heads" + (" that can be deployed (every head but a pickled one)"
                                                              if deployable else "") + ": run `dvc repro` first")
-    evaluated = json.loads(EVALUATE_METRICS.read_text()) if EVALUATE_METRICS.is_file() else {}
+    remedy = f"restore it with `dvc checkout {EVALUATE_METRICS}` or `dvc repro evaluate` (or name the model: --model)"
+    evaluated = read_json(EVALUATE_METRICS, remedy) if EVALUATE_METRICS.is_file() else {}
     candidates = [m for m in evaluated if m in trained] or trained
 
     def val_accuracy(model: str) -> float:
-        recorded = evaluated.get(model, {}).get("val_accuracy")
+        entry = evaluated.get(model)
+        recorded = entry.get("val_accuracy") if isinstance(entry, dict) else None
         return recorded if recorded is not None else recorded_meta(model)["val_accuracy"]
 
     return max(candidates, key=val_accuracy)  # max keeps the first of equals
 
 
-def check_features_match(head: head_files.Head, backbone: backbone_files.Backbone) -> None:
-    """A head only makes sense on the features it was trained on: same ONNX backbone, preprocessing, dtype."""
+def check_features_match(head: head_files.Head, backbone: backbone_files.Backbone) -> bytes:
+    """A head only makes sense on the features it was trained on: same ONNX backbone, preprocessing, dtype.
+    Returns the bytes of models/backbone.onnx that were checked: the ones to run."""
     dtype = load_params(resolve_estimators=False, resolve_backbone=False).extract.dtype
     preprocessing = backbone.preprocessing.with_bit_depth(manifest.read_bit_depth())
-    current = fingerprint(sha256_file(backbone_files.ONNX), preprocessing.to_json(), dtype)
+    try:
+        onnx_bytes = backbone_files.ONNX.read_bytes()
+    except FileNotFoundError:
+        raise UserError(f"{backbone_files.ONNX} is missing: run `dvc repro export`") from None
+    current = fingerprint(sha256_bytes(onnx_bytes), preprocessing.to_json(), dtype)
     if head.meta["features_fingerprint"] != current:
         raise UserError(f"head {head.name!r} was trained on other features than {backbone_files.ONNX} gives now "
                         "(the backbone, cut, pooling, preprocessing or dtype changed): run `dvc repro`")
+    return onnx_bytes
 
 
 def load_pixels(path: Path, preprocessing: Preprocessing) -> torch.Tensor:
@@ -106,9 +128,9 @@ def load_pixels(path: Path, preprocessing: Preprocessing) -> torch.Tensor:
 class TwoStepPredictor:
     """models/backbone.onnx with ONNX Runtime, then the head on the features."""
 
-    def __init__(self, head: head_files.Head, batch_size: int, providers: list[str]):
+    def __init__(self, head: head_files.Head, backbone_onnx: bytes, batch_size: int, providers: list[str]):
         self.head = head
-        self.runner = FeatureRunner(backbone_files.ONNX, providers, batch_size)
+        self.runner = FeatureRunner(backbone_onnx, providers, batch_size)
 
     def __call__(self, pixels: torch.Tensor, preprocessing: Preprocessing) -> np.ndarray:
         return self.head.scores(self.runner(preprocessing.normalize(pixels).numpy()))
@@ -119,7 +141,7 @@ class FineTunedPredictor:
 
     def __init__(self, batch_size: int, providers: list[str]):
         self.classes = finetune_files.read_meta()["classes"]
-        self.runner = FeatureRunner(finetune_files.verify(finetune_files.ONNX), providers, batch_size)
+        self.runner = FeatureRunner(finetune_files.verified_bytes(finetune_files.ONNX), providers, batch_size)
 
     def __call__(self, pixels: torch.Tensor, preprocessing: Preprocessing) -> np.ndarray:
         return self.runner(preprocessing.normalize(pixels).numpy())
@@ -132,8 +154,8 @@ def predictor_for(model: str, backbone: backbone_files.Backbone, batch_size: int
         predictor = FineTunedPredictor(batch_size, providers)
         return predictor, predictor.classes
     head = head_files.load(model)
-    check_features_match(head, backbone)
-    return TwoStepPredictor(head, batch_size, providers), head.classes
+    backbone_onnx = check_features_match(head, backbone)
+    return TwoStepPredictor(head, backbone_onnx, batch_size, providers), head.classes
 
 
 def predict(files: list[Path], model: str, top_k: int, batch_size: int = 32) -> list[Prediction]:
@@ -164,10 +186,10 @@ def deploy(model: str) -> Path:
         raise UserError(f"{finetune_files.onnx_path()} is already one standalone ONNX file (normalized float images "
                         "in, probabilities out); --deploy builds one for the heads")
     head = head_files.load(model)
-    if head.arrays is None:
-        layered = [n for n in head_files.trained_names() if head_files.load(n).arrays is not None]
-        raise UserError(f"head {model!r} is a pickled scikit-learn estimator, which has no ONNX form here; "
-                        f"deployable heads: {', '.join(layered) or 'none'} (logistic, linear, mlp)")
+    if head.meta["format"] == head_files.PICKLE:
+        deployable = [n for n in head_files.trained_names() if recorded_meta(n)["format"] != head_files.PICKLE]
+        raise UserError(f"head {model!r} is a pickled scikit-learn estimator (allow_pickle: true), which has no ONNX "
+                        f"form; deployable heads: {', '.join(deployable) or 'none'}")
     backbone = backbone_files.load()
     check_features_match(head, backbone)
     preprocessing = backbone.preprocessing.with_bit_depth(manifest.read_bit_depth())  # recorded in its metadata

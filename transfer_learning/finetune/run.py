@@ -82,7 +82,7 @@ def init_head(name: str | None) -> head_files.Head | None:
     head = head_files.load(name)
     if head.arrays is None:
         layered = [n for n in head_files.trained_names() if head_files.load(n).arrays is not None]
-        raise UserError(f"finetune.init_head: {name!r} is a pickled scikit-learn estimator, not layers a network can "
+        raise UserError(f"finetune.init_head: {name!r} is a scikit-learn estimator, not a stack of layers a network can "
                         f"start from; valid: {', '.join(layered) or 'none'} (heads of type logistic, linear, mlp) "
                         "or null for a fresh head")
     return head

@@ -1,10 +1,11 @@
-"""models/heads/<name>/: a trained head as files that load without unpickling code, where that is possible.
+"""models/heads/<name>/: a trained head as files that load without unpickling code.
 
 Logistic, linear and MLP heads are the same thing once trained: standardize, then Linear layers with ReLU
 between, then softmax. They are saved as `weights.npz` (mean, scale, w0, b0, w1, b1, ...; loaded with
-allow_pickle=False) plus `head.json`, and run with numpy alone. A generic scikit-learn estimator can only be
-saved as a pickle (`model.pkl`): load heads only from a source you trust. Either file's sha256 is in head.json
-and checked before the file is read, so a corrupt or swapped file is refused, never served.
+allow_pickle=False) plus `head.json`, and run with numpy alone. A scikit-learn estimator (`type: sklearn`) is
+saved as `head.onnx` (standardization included, heads/sklearn_onnx.py) and run with ONNX Runtime on the CPU. Only
+an estimator skl2onnx cannot convert, in a head with `allow_pickle: true`, is saved as a pickle (`model.pkl`).
+The file's sha256 is in head.json and checked before the file is read, so a corrupt or swapped file is refused.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from transfer_learning.common.atomic import atomic_write, atomic_write_text
 from transfer_learning.common.errors import UserError
 from transfer_learning.common.hashing import sha256_bytes
 
@@ -27,8 +29,9 @@ if TYPE_CHECKING:  # annotations only: loading and scoring a saved head does not
     from transfer_learning.params import HeadSpec
 
 HEADS_DIR = Path("models/heads")
-LAYERS, PICKLE = "layers", "pickle"
-FILE_OF_FORMAT = {LAYERS: "weights.npz", PICKLE: "model.pkl"}
+LAYERS, ONNX, PICKLE = "layers", "onnx", "pickle"
+FILE_OF_FORMAT = {LAYERS: "weights.npz", ONNX: "head.onnx", PICKLE: "model.pkl"}
+ONNX_ROWS_PER_RUN = 1024
 RESTORE = "run `dvc checkout models/heads` to restore the committed heads, or `dvc repro train_heads` to retrain"
 
 
@@ -70,9 +73,18 @@ def layers_of(fitted: FittedHead) -> list[tuple[np.ndarray, np.ndarray]] | None:
     return None
 
 
-def save(fitted: FittedHead, classes: list[str], fingerprint: str, directory: Path = HEADS_DIR) -> Path:
-    out = directory / fitted.name
-    out.mkdir(parents=True, exist_ok=True)
+@dataclass
+class SavedForm:
+    """A head's files before they are written: head.json's dict and the bytes of its model file."""
+
+    name: str
+    meta: dict[str, Any]
+    blob: bytes
+
+
+def saved_form(fitted: FittedHead, classes: list[str], fingerprint: str) -> SavedForm:
+    """Layers, else ONNX, else (with allow_pickle only) a pickle; fails naming heads.<name>.estimator when an
+    estimator has no ONNX form and pickling it was not allowed."""
     meta: dict[str, Any] = {
         "name": fitted.name,
         "type": fitted.spec.type,
@@ -95,12 +107,32 @@ def save(fitted: FittedHead, classes: list[str], fingerprint: str, directory: Pa
         blob = buffer.getvalue()
         meta |= {"format": LAYERS, "layers": len(layers)}
     else:
-        blob = pickle.dumps({"scaler": fitted.scaler, "estimator": fitted.estimator}, protocol=5)
-        meta |= {"format": PICKLE}
-    (out / FILE_OF_FORMAT[meta["format"]]).write_bytes(blob)
+        from transfer_learning.heads.sklearn_onnx import NoConverter, to_onnx_head
+        try:
+            blob = to_onnx_head(fitted.estimator, fitted.scaler.mean_, fitted.scaler.scale_, meta["class_indices"],
+                                len(classes))
+            meta |= {"format": ONNX, "probabilistic": hasattr(fitted.estimator, "predict_proba")}
+        except NoConverter as error:
+            if not getattr(fitted.spec, "allow_pickle", False):
+                raise UserError(f"heads.{fitted.name}.estimator: {error}, so it cannot be saved without pickling; "
+                                f"choose an estimator skl2onnx supports, or set heads.{fitted.name}.allow_pickle: "
+                                "true to save it as a pickle (load it only from a source you trust)") from None
+            blob = pickle.dumps({"scaler": fitted.scaler, "estimator": fitted.estimator}, protocol=5)
+            meta |= {"format": PICKLE}
     meta["sha256"] = sha256_bytes(blob)
-    (out / "head.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return SavedForm(fitted.name, meta, blob)
+
+
+def write(form: SavedForm, directory: Path = HEADS_DIR) -> Path:
+    out = directory / form.name
+    with atomic_write(out / FILE_OF_FORMAT[form.meta["format"]], "wb") as handle:
+        handle.write(form.blob)
+    atomic_write_text(out / "head.json", json.dumps(form.meta, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def save(fitted: FittedHead, classes: list[str], fingerprint: str, directory: Path = HEADS_DIR) -> Path:
+    return write(saved_form(fitted, classes, fingerprint), directory)
 
 
 @dataclass
@@ -110,7 +142,9 @@ class Head:
     name: str
     meta: dict
     arrays: dict[str, np.ndarray] | None = None
-    model: Any = None
+    model: Any = None  # the unpickled {"scaler", "estimator"} of a head saved with allow_pickle
+    onnx_bytes: bytes | None = None
+    _session: Any = field(default=None, repr=False)
 
     @property
     def classes(self) -> list[str]:
@@ -118,15 +152,26 @@ class Head:
 
     @property
     def probabilistic(self) -> bool:
+        if self.onnx_bytes is not None:
+            return self.meta["probabilistic"]
         return self.arrays is not None or hasattr(self.model["estimator"], "predict_proba")
 
     @property
     def layers(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        assert self.arrays is not None, f"head {self.name} is a pickled estimator, not layers"
+        assert self.arrays is not None, f"head {self.name} is a {self.meta['format']} head, not layers"
         return [(self.arrays[f"w{i}"], self.arrays[f"b{i}"]) for i in range(self.meta["layers"])]
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         """Probabilities (or decision scores for estimators without predict_proba), N × len(classes)."""
+        if self.onnx_bytes is not None:  # the graph already has one column per dataset class
+            if self._session is None:
+                import onnxruntime as ort
+                self._session = ort.InferenceSession(self.onnx_bytes, providers=["CPUExecutionProvider"])
+            session, x = self._session, np.asarray(features, np.float32)
+            # in chunks: skl2onnx's kNN graph holds a rows × train-rows distance matrix
+            chunks = [session.run(None, {session.get_inputs()[0].name: x[start:start + ONNX_ROWS_PER_RUN]})[0]
+                      for start in range(0, len(x), ONNX_ROWS_PER_RUN)]
+            return np.concatenate(chunks).astype(np.float64) if chunks else np.zeros((0, len(self.classes)))
         if self.arrays is not None:
             x = (features.astype(np.float32) - self.arrays["mean"]) / self.arrays["scale"]
             layers = self.layers
@@ -163,10 +208,12 @@ def load(name: str, directory: Path = HEADS_DIR) -> Head:
         blob = path.read_bytes()
     except FileNotFoundError:
         raise UserError(f"{path} is missing: {RESTORE}") from None
-    if sha256_bytes(blob) != expected:  # checked before numpy or pickle reads a byte of it
+    if sha256_bytes(blob) != expected:  # checked before numpy, ONNX Runtime or pickle reads a byte of it
         raise UserError(f"{path} does not match the sha256 in {meta_path} (corrupt or changed since train_heads "
                         f"wrote it): {RESTORE}")
     if meta["format"] == LAYERS:
         with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
             return Head(name, meta, arrays={k: npz[k] for k in npz.files})
-    return Head(name, meta, model=pickle.loads(blob))
+    if meta["format"] == ONNX:
+        return Head(name, meta, onnx_bytes=blob)
+    return Head(name, meta, model=pickle.loads(blob))  # only written for a head with allow_pickle: true

@@ -13,16 +13,33 @@ from transfer_learning.common.errors import UserError
 from transfer_learning.features.split_files import read_split
 from transfer_learning.heads import files as head_files
 from transfer_learning.heads.selection import estimator_and_grid, fit_head
-from transfer_learning.params import HeadSpec
+from transfer_learning.heads.sklearn_onnx import has_converter
+from transfer_learning.params import HeadSpec, SklearnHead
 
 log = logging.getLogger("train_heads")
+
+
+def check_saveable(name: str, spec: SklearnHead, estimator) -> None:
+    """Before any training: an estimator skl2onnx has no converter for needs allow_pickle (a converter that exists
+    but fails on the fitted estimator is reported when it is saved, still before the old heads are replaced)."""
+    if has_converter(estimator):
+        return
+    if spec.allow_pickle:
+        log.warning("head %s: skl2onnx has no converter for %s; saving it as a pickle (heads.%s.allow_pickle: true)",
+                    name, type(estimator).__name__, name)
+        return
+    raise UserError(f"heads.{name}.estimator: skl2onnx has no converter for {type(estimator).__name__}, so this "
+                    f"head cannot be saved as ONNX; choose an estimator skl2onnx supports, or set "
+                    f"heads.{name}.allow_pickle: true to save it as a pickle (load it only from a source you trust)")
 
 
 def train_heads(heads: dict[str, HeadSpec]) -> dict:
     """Every head of params.yaml `heads` trained, selected on val and saved; returns metrics/heads.json's dict."""
     started = time.perf_counter()
     for name, spec in heads.items():  # every spec checked before any training
-        estimator_and_grid(name, spec)
+        estimator, _ = estimator_and_grid(name, spec)
+        if spec.type == "sklearn":
+            check_saveable(name, spec, estimator)
     train, val = read_split("train"), read_split("val").plain()
     if train.fingerprint != val.fingerprint:
         raise UserError("data/features/train.h5 and val.h5 come from different extract runs: run `dvc repro extract`")
@@ -31,12 +48,14 @@ def train_heads(heads: dict[str, HeadSpec]) -> dict:
              len(heads), len(train), augmented, len(val))
 
     fitted_heads = [fit_head(name, spec, train, val) for name, spec in heads.items()]
-    # every head is trained: only now are the old ones replaced (a head removed from params leaves no stale files)
+    forms = [head_files.saved_form(fitted, train.classes, train.fingerprint) for fitted in fitted_heads]
+    # every head is trained and converted: only now are the old ones replaced (a head removed from params leaves
+    # no stale files)
     shutil.rmtree(head_files.HEADS_DIR, ignore_errors=True)
     metrics = {}
-    for fitted in fitted_heads:
+    for fitted, form in zip(fitted_heads, forms):
         name, spec = fitted.name, fitted.spec
-        folder = head_files.save(fitted, train.classes, train.fingerprint)
+        folder = head_files.write(form)
         metrics[name] = {
             "type": spec.type,
             "val_accuracy": round(fitted.val_accuracy, 6),
@@ -45,7 +64,7 @@ def train_heads(heads: dict[str, HeadSpec]) -> dict:
             "train_rows": fitted.train_rows,
             **fitted.details,
         }
-        log.info("head %s (%s): val accuracy %.4f with %s in %.1f s -> %s", name, spec.type, fitted.val_accuracy,
-                 fitted.chosen or "its params", fitted.seconds, folder)
+        log.info("head %s (%s): val accuracy %.4f with %s in %.1f s -> %s (%s)", name, spec.type,
+                 fitted.val_accuracy, fitted.chosen or "its params", fitted.seconds, folder, form.meta["format"])
     log.info("%d head(s) trained in %.1f s", len(metrics), time.perf_counter() - started)
     return metrics
