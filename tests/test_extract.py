@@ -2,18 +2,17 @@
 import json
 import logging
 import os
-import random
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
 from PIL import Image
 
 from stages import export, extract, prepare
@@ -21,8 +20,12 @@ from tests.conftest import DIGITS_PER_CLASS, REPO, write_digits
 from transfer_learning.backbone import files as backbone_files
 from transfer_learning.backbone.anatomy import PooledFeatures
 from transfer_learning.common.errors import UserError
+from transfer_learning.common.hashing import sha256_file
+from transfer_learning.data import manifest
 from transfer_learning.features import split_files
 from transfer_learning.features.split_files import SplitRows, write_split
+from transfer_learning.features.fingerprint import fingerprint
+from transfer_learning.features.store import KILL_AFTER_COMMITS
 from transfer_learning.features.runtime import CPU, CUDA, FeatureRunner, provider_options, providers_to_try
 
 # CUDA (TF32 off) vs CPU, both fp32: only kernels and summation order differ (typically ~1e-5 of the scale).
@@ -198,8 +201,8 @@ def test_cuda_extraction_equals_cpu_and_shares_its_rows(workdir, onnxruntime_cud
     assert (metrics()["computed"], metrics()["reused"]) == (0, 60)
 
 
-def run_extract(cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def run_extract(cwd: Path, **env_vars: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **env_vars}
     return subprocess.Popen([sys.executable, "-m", "stages.extract"], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -215,13 +218,9 @@ def test_sigkill_then_resume_gives_the_uninterrupted_features(exported, tmp_path
     finally:
         os.chdir(REPO)
     store = work / "store"
-    process = run_extract(work)
-    deadline = time.monotonic() + 120
-    while not list(store.glob("*/segment-*.h5")) and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    time.sleep(random.uniform(0, 1.5))
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process = run_extract(work, **{KILL_AFTER_COMMITS: "1"})  # SIGKILLs itself right after its first commit
+    process.communicate(timeout=300)
+    assert process.returncode == -signal.SIGKILL
     committed = sum(h5py.File(f, "r").attrs["rows"] for f in store.glob("*/*.h5"))
     total = len((work / "data/prepared/manifest.csv").read_text().splitlines()) - 1
     assert 0 < committed < total, "the kill should land mid-run"
@@ -252,7 +251,7 @@ def test_two_extracts_on_one_store_at_once(exported, tmp_path):
         shutil.copytree(exported, work)
         text = (work / "params.yaml").read_text().replace("store: store", f"store: {shared_store}")
         (work / "params.yaml").write_text(text)
-        write_digits(work / "images", 200, start=DIGITS_PER_CLASS)  # long enough that the runs overlap
+        write_digits(work / "images", 20, start=DIGITS_PER_CLASS)
         os.chdir(work)
         try:
             prepare.main()
@@ -260,12 +259,28 @@ def test_two_extracts_on_one_store_at_once(exported, tmp_path):
             os.chdir(REPO)
         works.append(work)
     total = len((works[0] / "data/prepared/manifest.csv").read_text().splitlines()) - 1
-    processes = [run_extract(w) for w in works]
-    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    os.chdir(works[0])
+    try:
+        preprocessing = backbone_files.load().preprocessing.with_bit_depth(manifest.read_bit_depth())
+        features_fp = fingerprint(sha256_file(backbone_files.ONNX), preprocessing.to_json(), "float32")
+    finally:
+        os.chdir(REPO)
+    # the test holds the store's lock while both start, so both must wait, whatever the timing; then one
+    # computes everything and the other, waiting for it, reuses everything
+    held = FileLock(str(shared_store / features_fp) + ".lock")
+    shared_store.mkdir()
+    with held:
+        processes = [run_extract(w) for w in works]
+        seen = [[], []]
+        for process, lines in zip(processes, seen):
+            while not any("in use by another process; waiting" in line for line in lines):
+                line = process.stdout.readline()
+                assert line, "extract ended without waiting for the lock:\n" + "".join(lines)
+                lines.append(line)
+    outputs = ["".join(lines) + p.communicate(timeout=300)[0] for p, lines in zip(processes, seen)]
     assert [p.returncode for p in processes] == [0, 0], outputs
     results = [json.loads((w / "metrics/extract.json").read_text()) for w in works]
     assert sorted(r["computed"] for r in results) == [0, total]  # the second waited, then reused everything
-    assert any("in use by another process; waiting" in out for out in outputs)
     for split in ("train", "val", "test"):
         with h5py.File(works[0] / f"data/features/{split}.h5") as a, h5py.File(works[1] / f"data/features/{split}.h5") as b:
             np.testing.assert_array_equal(a["features"][:], b["features"][:])

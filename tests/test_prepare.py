@@ -276,19 +276,6 @@ def test_class_folder_without_images_fails_before_any_output(project, content):
     assert not Path("data/prepared").exists() and not METRICS.exists()
 
 
-def test_parallel_decoding_leaves_the_global_warning_filters_alone(project):
-    """decode() guards against bombs with warnings.catch_warnings, which is not thread-safe, and prepare decodes
-    in a thread pool: interleaved enter/exit leaks the 'error' filter into the process-wide list (and, in the
-    opposite window, lets a warning-sized bomb through unguarded)."""
-    root = project.root / "photos"
-    for c in range(2):
-        for i in range(200):
-            rgb(root / "ab"[c] / f"{i}.png", seed=c * 1000 + i, size=64)
-    before = list(warnings.filters)
-    run_prepare(project, source="photos")
-    assert list(warnings.filters) == before
-
-
 # ---------------------------------------------------------------- CSV source
 
 
