@@ -1,5 +1,5 @@
 """finetune: models/backbone + an init head from train_heads -> models/finetune/ (model.onnx, model.pt, meta.json,
-test_scores.npz) + metrics/finetune.json + plots/finetune/history.csv.
+test_scores.npz) + metrics/finetune.json + plots/finetune/ (dvclive curves).
 
 LP-FT: the head starts as the linear probe trained on cached features (finetune.init_head), then the last
 `finetune.unfreeze` blocks and the head train together at low learning rates (transfer_learning/finetune/).

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -41,5 +42,7 @@ class DvcRepo:
         return result
 
     def dvc(self, *args: str, check: bool = True) -> str:
+        started = time.perf_counter()
         result = self.run(sys.executable, "-m", "dvc", *args, check=check)
+        print(f"dvc {' '.join(args)}: {time.perf_counter() - started:.1f} s")  # shown with -s or on failure
         return result.stdout + result.stderr

@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -131,6 +133,51 @@ def test_an_interrupted_run_resumes_from_its_last_epoch_and_ends_where_an_uninte
     assert [r["val_loss"] for r in again.history] == [r["val_loss"] for r in outcome.history]
     for key, value in reference.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def curve_files(history: list[dict], folder: Path) -> dict[str, bytes]:
+    """What write_curves makes of `history` in `folder`: {path under plots/finetune: bytes}."""
+    folder.mkdir()
+    with contextlib.chdir(folder):
+        finetune_run.write_curves(history)
+        return {str(f.relative_to(finetune_run.PLOTS_DIR)): f.read_bytes()
+                for f in sorted(finetune_run.PLOTS_DIR.rglob("*")) if f.is_file()}
+
+
+def read_curve(path: Path) -> list[tuple[int, float]]:
+    header, *rows = path.read_text().splitlines()
+    assert header == f"step\t{path.stem}"
+    return [(int(step), float(value)) for step, value in (row.split("\t") for row in rows)]
+
+
+def test_the_dvclive_curves_of_a_resumed_run_are_those_of_an_uninterrupted_one(tmp_path):
+    params = FinetuneParams(epochs=3, batch_size=4, patience=5)
+    torch.manual_seed(0)
+    state = {k: v.clone() for k, v in tiny_net(1).state_dict().items()}
+
+    def run(checkpoint: Path, on_epoch_end=None):
+        net = tiny_net(1)
+        net.load_state_dict(state)
+        return fit(net, tensor_inputs(12, 0), tensor_inputs(6, 1), params, 0, checkpoint, torch.device("cpu"),
+                   on_epoch_end=on_epoch_end)
+
+    def kill_after_epoch_1(epoch: int) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    uninterrupted = run(tmp_path / "a.pt")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b.pt", kill_after_epoch_1)
+    resumed = run(tmp_path / "b.pt")
+    assert resumed.resumed_from == 1
+    files = curve_files(uninterrupted.history, tmp_path / "uninterrupted")
+    assert curve_files(resumed.history, tmp_path / "resumed") == files
+    assert set(files) == {"metrics.json", *(f"plots/metrics/{c}.tsv" for c in finetune_run.CURVES)}
+    folder = tmp_path / "uninterrupted" / finetune_run.PLOTS_DIR / "plots/metrics"
+    for curve in finetune_run.CURVES:  # step = epoch; epoch 0 (before any update) has val curves only
+        expected = [(r["epoch"], r[curve]) for r in uninterrupted.history if r[curve] is not None]
+        assert read_curve(folder / f"{curve}.tsv") == expected
+        assert [step for step, _ in expected] == ([0, 1, 2, 3] if curve.startswith("val") else [1, 2, 3])
 
 
 def test_a_checkpoint_of_another_network_is_not_resumed(tmp_path):
@@ -400,8 +447,13 @@ def test_lp_ft_starts_exactly_where_the_init_head_is(project_with_heads):
     assert np.array([r.top[0][0] for r in results])[clear].tolist() == \
         [classes[i] for i in probabilities.argmax(1)[clear]]
     assert np.allclose([r.top[0][1] for r in results], probabilities.max(1), atol=1e-4)
-    history = Path("plots/finetune/history.csv").read_text().splitlines()
-    assert history[0] == "epoch,train_loss,val_loss,train_accuracy,val_accuracy" and len(history) == 3
+    checkpoint = Path("store/finetune", metrics["run_fingerprint"], "checkpoint.pt")
+    history = torch.load(checkpoint, weights_only=True)["history"]
+    assert [r["epoch"] for r in history] == [0, 1]
+    for curve in finetune_run.CURVES:
+        assert read_curve(Path("plots/finetune/plots/metrics", f"{curve}.tsv")) == \
+            [(r["epoch"], r[curve]) for r in history if r[curve] is not None]
+    assert json.loads(Path("plots/finetune/metrics.json").read_text())["step"] == 1
 
 
 def test_the_cached_prefix_gives_the_full_forward_result(project_with_heads):
@@ -497,5 +549,41 @@ def test_disabling_finetune_removes_the_model_from_evaluate(project_with_heads):
     assert not finetune_files.trained()
     assert json.loads(Path("metrics/finetune.json").read_text()) == {
         "skipped": True, "run_fingerprint": None, "prefix_fingerprint": None}
+    for curve in finetune_run.CURVES:  # the trained run's curves are gone; the files stay, with no rows
+        assert read_curve(Path("plots/finetune/plots/metrics", f"{curve}.tsv")) == []
     evaluate.main()
     assert "finetune" not in json.loads(Path("metrics/evaluate.json").read_text())
+
+
+def test_a_skipped_run_gives_dvc_plots_show_empty_curves_not_a_warning(tmp_path):
+    from tests.dvc_repo import DvcRepo
+    from transfer_learning.heads.train import write_curves as write_head_curves
+
+    repo = DvcRepo(tmp_path)
+    with contextlib.chdir(tmp_path):
+        finetune_run.skip()  # finetune.enabled: false, the default
+        write_head_curves([])  # params with no head trained by epochs
+    targets = ["plots/finetune/plots/metrics", "plots/heads/plots/metrics"]  # evaluate's confusion files: not made
+    result = repo.run(sys.executable, "-m", "dvc", "plots", "show", "--json", *targets)
+    assert result.stderr == ""  # no "failed to load", no warning
+    shown = json.loads(result.stdout)
+    assert "errors" not in shown or not shown["errors"], shown["errors"]
+    assert {name.split("::")[-1] for name in shown["data"]} == {
+        *(f"plots/finetune/plots/metrics/{c}.tsv" for c in finetune_run.CURVES),
+        "plots/heads/plots/metrics/train_loss.tsv", "plots/heads/plots/metrics/val_loss.tsv"}
+    assert all(plot == [] or plot[0]["content"]["data"]["values"] == [] for plot in shown["data"].values())
+    assert any((tmp_path / "plots/finetune").iterdir())  # a stage output that DVC would call empty otherwise
+
+
+def test_in_a_git_repository_without_a_commit_the_curves_are_the_same_files(tmp_path, caplog):
+    """dvclive 3.49 fails there (it reads the git HEAD): the curves are written in its format without it."""
+    history = [{"epoch": 0, "train_loss": None, "train_accuracy": None, "val_loss": 0.9, "val_accuracy": 0.5},
+               {"epoch": 1, "train_loss": 0.7, "train_accuracy": 0.6, "val_loss": 0.8, "val_accuracy": 0.55}]
+    with_dvclive = curve_files(history, tmp_path / "plain")
+    assert "dvclive cannot run" not in caplog.text
+    (tmp_path / "fresh").mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path / "fresh", check=True)
+    assert curve_files(history, tmp_path / "fresh" / "work") == with_dvclive
+    assert "dvclive cannot run here (Empty git repo)" in caplog.text
+    assert json.loads(with_dvclive["metrics.json"]) == {"train_loss": 0.7, "val_loss": 0.8, "train_accuracy": 0.6,
+                                                        "val_accuracy": 0.55, "step": 1}

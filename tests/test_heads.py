@@ -420,3 +420,41 @@ def test_a_binary_decision_function_head_scores_minus_s_and_s_in_onnx(project):
     assert head.meta["format"] == head_files.ONNX and not head.probabilistic
     np.testing.assert_allclose(scores[:, :2], np.stack([-decision, decision], axis=1), atol=1e-5)
     assert np.isneginf(scores[:, 2:]).all()
+
+
+def read_curve(path: Path) -> list[tuple[int, float]]:
+    header, *rows = path.read_text().splitlines()
+    assert header == f"step\t{path.stem}"
+    return [(int(step), float(value)) for step, value in (row.split("\t") for row in rows)]
+
+
+def test_torch_heads_write_their_per_epoch_curves_with_dvclive(features):
+    from transfer_learning.heads.train import CURVES_DIR, write_curves
+
+    train, val = splits()
+    heads = load_params_with(heads={n: FAST_HEADS[n] for n in ("logreg", "linear", "mlp")}).heads
+    fitted = [fit_head(name, spec, train, val) for name, spec in heads.items()]
+    write_curves(fitted)
+    folder = CURVES_DIR / "plots" / "metrics"
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.tsv")) == [
+        "linear/train_loss.tsv", "linear/val_loss.tsv", "mlp/train_loss.tsv", "mlp/val_loss.tsv"]  # no logreg
+    for head in fitted[1:]:
+        history = head.estimator.history_
+        assert [r["epoch"] for r in history] == list(range(1, head.details["epochs_run"] + 1))
+        for curve in ("train_loss", "val_loss"):  # step = epoch, the values the head trained with
+            assert read_curve(folder / head.name / f"{curve}.tsv") == [(r["epoch"], r[curve]) for r in history]
+        val_losses = [r["val_loss"] for r in history]
+        assert val_losses.index(min(val_losses)) + 1 == head.details["best_epoch"]  # the kept epoch is the best
+        assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+    # the stage: the curves of the heads in params only, nothing stale
+    load_params_with(heads={"logreg": FAST_HEADS["logreg"], "linear": FAST_HEADS["linear"]})
+    train_heads.main()
+    epochs_run = json.loads(Path("metrics/heads.json").read_text())["linear"]["epochs_run"]
+    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.tsv")) == [
+        "linear/train_loss.tsv", "linear/val_loss.tsv"]
+    assert [step for step, _ in read_curve(folder / "linear/val_loss.tsv")] == list(range(1, epochs_run + 1))
+    load_params_with(heads={"logreg": FAST_HEADS["logreg"]})
+    train_heads.main()
+    assert sorted(p.name for p in folder.iterdir()) == ["train_loss.tsv", "val_loss.tsv"]  # for dvc.yaml's plots
+    assert read_curve(folder / "val_loss.tsv") == []  # entry: the files, with no rows

@@ -1,5 +1,5 @@
 """The finetune stage's work: models/backbone + an init head from train_heads -> models/finetune/ (model.onnx,
-model.pt, meta.json, test_scores.npz), plots/finetune/history.csv and the metrics.
+model.pt, meta.json, test_scores.npz), the per-epoch curves in plots/finetune/ (dvclive) and the metrics.
 
 LP-FT: the head starts as the linear probe trained on cached features (finetune.init_head), then the last
 `finetune.unfreeze` blocks and the head train together at low learning rates. When the frozen prefix sees no
@@ -8,7 +8,6 @@ With finetune.enabled false (the default) the stage only records that it was ski
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
@@ -23,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from transfer_learning.backbone import files as backbone_files
 from transfer_learning.backbone import onnx_export
+from transfer_learning.common import curves
 from transfer_learning.common.atomic import atomic_write, atomic_write_text
 from transfer_learning.common.errors import UserError
 from transfer_learning.common.hashing import sha256_bytes, sha256_file
@@ -50,6 +50,7 @@ log = logging.getLogger("finetune")
 for noisy in ("onnx_ir", "onnxscript"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
 PLOTS_DIR = Path("plots/finetune")
+CURVES = ("train_loss", "val_loss", "train_accuracy", "val_accuracy")
 WORKERS = 2
 PREFIX_BATCH = 64
 SEED = 0  # the fresh head's init, the shuffling, the augmentation, dropout
@@ -60,8 +61,7 @@ def skip() -> dict:
     shutil.rmtree(FINETUNE_DIR, ignore_errors=True)
     FINETUNE_DIR.mkdir(parents=True)
     (FINETUNE_DIR / "skipped.json").write_text(json.dumps({"enabled": False}) + "\n")
-    shutil.rmtree(PLOTS_DIR, ignore_errors=True)
-    PLOTS_DIR.mkdir(parents=True)
+    write_curves([])  # the curves' files with no rows: no "plots/finetune is empty" from DVC
     print("finetune.enabled is false: skipped")
     return {"skipped": True, "run_fingerprint": None, "prefix_fingerprint": None}
 
@@ -198,16 +198,11 @@ def export_onnx(net: FineTuneNet, onnx_file: Path, run_dir: Path, preprocessing,
     return max_abs_diff, data
 
 
-def write_history(history: list[dict]) -> None:
-    shutil.rmtree(PLOTS_DIR, ignore_errors=True)
-    PLOTS_DIR.mkdir(parents=True)
-    columns = ["epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy"]
-    with open(PLOTS_DIR / "history.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(columns)
-        for record in history:
-            writer.writerow(["" if record[c] is None else round(record[c], 6) if c != "epoch" else record[c]
-                             for c in columns])
+def write_curves(history: list[dict]) -> None:
+    """plots/finetune/ (dvclive): a curve per epoch, step = epoch; epoch 0, before any update, has the val curves
+    only. Its metrics.json holds the last epoch; metrics/finetune.json the best one."""
+    curves.write_curves(PLOTS_DIR, ((r["epoch"], c, r[c]) for r in history for c in CURVES if r[c] is not None),
+                        empty=CURVES)
 
 
 @dataclass
@@ -310,8 +305,8 @@ def finetune(params: Params) -> dict:
 
 def write_outputs(params: Params, setup: Setup, outcome, checkpoint: Path, backbone: backbone_files.Backbone,
                   preprocessing, classes: list[str], test: LabelledImages) -> float:
-    """models/finetune/ (the verified ONNX export, the state dict, test scores, meta.json last) and the history
-    plot; returns the ONNX export's largest difference from torch."""
+    """models/finetune/ (the verified ONNX export, the state dict, test scores, meta.json last) and the curves;
+    returns the ONNX export's largest difference from torch."""
     net = setup.net
     shutil.rmtree(FINETUNE_DIR, ignore_errors=True)
     FINETUNE_DIR.mkdir(parents=True)
@@ -335,5 +330,5 @@ def write_outputs(params: Params, setup: Setup, outcome, checkpoint: Path, backb
     probabilities = test_probabilities(onnx_model, test, preprocessing, params.extract.providers)
     finetune_files.write_test_scores(test.keys(), probabilities)
     finetune_files.write_meta(meta)  # last: with the sha256 of the files above
-    write_history(outcome.history)
+    write_curves(outcome.history)
     return max_abs_diff

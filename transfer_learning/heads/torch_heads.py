@@ -1,7 +1,8 @@
 """Linear and MLP heads in torch, as scikit-learn classifiers, so that one selection path serves every head.
 
 AdamW with a cosine schedule; after every epoch the loss on the validation set decides early stopping, and the
-weights of the best epoch are kept. Seeded: the same data and seed give the same weights on CPU.
+weights of the best epoch are kept. Seeded: the same data and seed give the same weights on CPU. `history_` holds
+every epoch's mean train loss (over its batches, in train mode) and val loss: train_heads plots it.
 """
 from __future__ import annotations
 
@@ -66,20 +67,24 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         optimizer = torch.optim.AdamW(self.module_.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.epochs * steps_per_epoch)
         best_loss, best_state, since_best = float("inf"), None, 0
-        self.best_epoch_, self.epochs_run_ = 0, 0
+        self.best_epoch_, self.epochs_run_, self.history_ = 0, 0, []
         for epoch in range(1, self.epochs + 1):
             self.module_.train()
             order = torch.randperm(len(x), generator=generator).to(run_on)
+            train_loss = torch.zeros((), device=run_on)  # summed on the device: no sync per batch
             for start in range(0, len(x), self.batch_size):
                 batch = order[start:start + self.batch_size]
                 optimizer.zero_grad(set_to_none=True)
-                loss_fn(self.module_(x[batch]), t[batch]).backward()
+                loss = loss_fn(self.module_(x[batch]), t[batch])
+                loss.backward()
                 optimizer.step()
                 schedule.step()
+                train_loss += loss.detach() * len(batch)
             self.module_.eval()
             with torch.inference_mode():
                 val_loss = loss_fn(self.module_(vx), vt).item() if len(vt) else 0.0
             self.epochs_run_ = epoch
+            self.history_.append({"epoch": epoch, "train_loss": train_loss.item() / len(x), "val_loss": val_loss})
             if val_loss < best_loss:
                 best_loss, since_best, self.best_epoch_ = val_loss, 0, epoch
                 best_state = {k: v.detach().clone() for k, v in self.module_.state_dict().items()}

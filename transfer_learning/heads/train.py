@@ -1,4 +1,5 @@
-"""The train_heads stage's work: data/features/{train,val}.h5 -> models/heads/<name>/ and the metrics.
+"""The train_heads stage's work: data/features/{train,val}.h5 -> models/heads/<name>/, the torch heads' training
+curves in plots/heads/ and the metrics.
 
 Every head in params.yaml `heads` chooses its hyperparameters on val (heads/selection.py) and is saved by
 heads/files.py. Train rows include the augmented views when extract.augment_views > 0.
@@ -8,15 +9,28 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from pathlib import Path
 
+from transfer_learning.common import curves
 from transfer_learning.common.errors import UserError
 from transfer_learning.features.split_files import read_split
 from transfer_learning.heads import files as head_files
+from transfer_learning.heads.files import FittedHead
 from transfer_learning.heads.selection import estimator_and_grid, fit_head
 from transfer_learning.heads.sklearn_onnx import has_converter
 from transfer_learning.params import HeadSpec, SklearnHead
 
 log = logging.getLogger("train_heads")
+CURVES_DIR = Path("plots/heads")
+CURVES = ("train_loss", "val_loss")
+
+
+def write_curves(fitted_heads: list[FittedHead]) -> None:
+    """plots/heads/ (dvclive): <head>/train_loss and <head>/val_loss per epoch (step = epoch) for every head trained
+    by epochs (linear, mlp: the chosen grid point); with no such head, train_loss and val_loss with no rows."""
+    curves.write_curves(CURVES_DIR, ((r["epoch"], f"{fitted.name}/{curve}", r[curve])
+                                     for fitted in fitted_heads for r in getattr(fitted.estimator, "history_", [])
+                                     for curve in CURVES), empty=CURVES)
 
 
 def check_saveable(name: str, spec: SklearnHead, estimator) -> None:
@@ -66,5 +80,6 @@ def train_heads(heads: dict[str, HeadSpec]) -> dict:
         }
         log.info("head %s (%s): val accuracy %.4f with %s in %.1f s -> %s (%s)", name, spec.type,
                  fitted.val_accuracy, fitted.chosen or "its params", fitted.seconds, folder, form.meta["format"])
+    write_curves(fitted_heads)
     log.info("%d head(s) trained in %.1f s", len(metrics), time.perf_counter() - started)
     return metrics
