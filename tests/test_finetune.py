@@ -536,7 +536,8 @@ def test_nothing_damaged_is_used_the_checkpoint_the_kept_export_and_the_model_fi
 
 def test_init_head_must_be_a_network_head(project_with_heads):
     set_params(finetune={"enabled": True, "init_head": "knn"})
-    with pytest.raises(UserError, match=r"finetune.init_head: 'knn' is a pickled .* valid: logreg"):
+    with pytest.raises(UserError, match=r"finetune.init_head: 'knn' is a scikit-learn estimator, "
+                                        r"not a stack of layers .* valid: logreg"):
         finetune.main()
 
 
