@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -112,3 +113,24 @@ def workdir(exported, tmp_path, monkeypatch) -> Path:
     shutil.copytree(exported, work)
     monkeypatch.chdir(work)
     return work
+
+
+@pytest.fixture
+def mount_small_disk(tmp_path):
+    """`mount_small_disk("1M")` -> a folder on a real tmpfs of that size, so that writes fail with the kernel's own
+    ENOSPC (mounting needs root, as CI and this machine run tests; skipped where it is refused)."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        folder = tmp_path / f"small-disk-{len(mounted)}"
+        folder.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a {size} tmpfs here: {result.stderr.strip() or result.returncode}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 
 import pytest
 
@@ -11,18 +10,8 @@ from transfer_learning.common.errors import UserError
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A real 64 KiB tmpfs, so writes fail with the kernel's own ENOSPC."""
-    folder = tmp_path / "small"
-    folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip() or mounted.returncode}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", str(folder)], check=True)
+def small_disk(mount_small_disk):
+    return mount_small_disk("64k")
 
 
 def test_the_target_changes_only_when_the_block_completes(tmp_path):

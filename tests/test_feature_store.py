@@ -331,18 +331,8 @@ def test_non_finite_rows_are_refused_not_stored(tmp_path):
 # a full disk -------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def small_disk(tmp_path):
-    """A real 1 MB file system (tmpfs; needs root, as CI and this machine run tests)."""
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mount)],
-                            capture_output=True, text=True)
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
+def small_disk(mount_small_disk):
+    return mount_small_disk("1M")
 
 
 FILL_THE_DISK = """

@@ -473,7 +473,6 @@ def test_the_cached_prefix_gives_the_full_forward_result(project_with_heads):
         results.append((outcome, {k: v.clone() for k, v in net.head.state_dict().items()}))
     (full, full_head), (fast, fast_head) = results
     assert np.allclose([r["val_loss"] for r in full.history], [r["val_loss"] for r in fast.history], atol=1e-4)
-    assert fast.history[-1]["train_loss"] != full.history[0]["val_loss"]  # it trained
     assert fast.history[1]["val_loss"] != fast.history[0]["val_loss"]  # the first epoch's updates moved the model
     for key in full_head:
         assert torch.allclose(full_head[key], fast_head[key], atol=1e-4), key
