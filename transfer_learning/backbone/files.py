@@ -17,7 +17,7 @@ from torchvision.models import get_model
 from transfer_learning.backbone.anatomy import Anatomy
 from transfer_learning.common.atomic import atomic_write_text
 from transfer_learning.common.errors import UserError
-from transfer_learning.common.hashing import sha256_bytes, sha256_file
+from transfer_learning.common.hashing import read_verified, sha256_file
 from transfer_learning.data.images import Preprocessing
 
 BACKBONE_DIR = Path("models/backbone")
@@ -50,14 +50,8 @@ class Backbone:
 
 def verified_weights(expected: str) -> bytes:
     """The bytes of weights.pt once their sha256 is the one in meta.json."""
-    try:
-        data = WEIGHTS.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{WEIGHTS} is missing: run `dvc checkout {BACKBONE_DIR}` or `dvc repro download`") from None
-    if sha256_bytes(data) != expected:
-        raise UserError(f"{WEIGHTS} does not match the sha256 in {META} (damaged or replaced since download): "
-                        f"restore it with `dvc checkout {BACKBONE_DIR}` or rebuild it with `dvc repro download`")
-    return data
+    return read_verified(WEIGHTS, expected, META, f"restore it with `dvc checkout {BACKBONE_DIR}` or rebuild it "
+                         "with `dvc repro download`")
 
 
 def save(model: nn.Module, meta: dict) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 
 from transfer_learning.common.atomic import atomic_write_text
 from transfer_learning.common.errors import UserError
-from transfer_learning.common.hashing import sha256_bytes, sha256_file
+from transfer_learning.common.hashing import read_verified, sha256_file
 
 FINETUNE_DIR = Path("models/finetune")
 MODEL_NAME = "finetune"
@@ -54,22 +54,10 @@ def write_meta(meta: dict, directory: Path = FINETUNE_DIR) -> None:
 
 def verified_bytes(name: str, directory: Path = FINETUNE_DIR) -> bytes:
     """The bytes of models/finetune/<name>, checked against the sha256 in meta.json."""
-    path = directory / name
     digests = read_meta(directory).get("sha256")
-    expected = digests.get(name) if isinstance(digests, dict) else None
-    data = path.read_bytes() if path.is_file() else None
-    if expected is None or data is None or sha256_bytes(data) != expected:
-        what = ("is missing" if data is None else "has no sha256 in meta.json" if expected is None
-                else f"does not match the sha256 in {directory / 'meta.json'} (changed or damaged since fine-tuning)")
-        raise UserError(f"{path} {what}: run `dvc repro finetune` (or `dvc checkout {directory}` to restore "
-                        "the committed files)")
-    return data
-
-
-def verify(name: str, directory: Path = FINETUNE_DIR) -> Path:
-    """The path of models/finetune/<name> once its sha256 matches meta.json."""
-    verified_bytes(name, directory)
-    return directory / name
+    return read_verified(directory / name, digests.get(name) if isinstance(digests, dict) else None,
+                         directory / "meta.json", f"run `dvc repro finetune` (or `dvc checkout {directory}` to "
+                         "restore the committed files)")
 
 
 def write_test_scores(keys: list[str], probabilities: np.ndarray, directory: Path = FINETUNE_DIR) -> None:

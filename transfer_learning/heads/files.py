@@ -20,7 +20,7 @@ import numpy as np
 
 from transfer_learning.common.atomic import atomic_write, atomic_write_text
 from transfer_learning.common.errors import UserError
-from transfer_learning.common.hashing import sha256_bytes
+from transfer_learning.common.hashing import read_verified, sha256_bytes
 
 if TYPE_CHECKING:  # annotations only: loading and scoring a saved head does not import scikit-learn
     from sklearn.base import BaseEstimator
@@ -204,13 +204,7 @@ def load(name: str, directory: Path = HEADS_DIR) -> Head:
         path, expected = folder / FILE_OF_FORMAT[meta["format"]], meta["sha256"]
     except (ValueError, KeyError, TypeError) as error:
         raise UserError(f"{meta_path} is damaged or from an older version ({error!r}): {RESTORE}") from None
-    try:
-        blob = path.read_bytes()
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing: {RESTORE}") from None
-    if sha256_bytes(blob) != expected:  # checked before numpy, ONNX Runtime or pickle reads a byte of it
-        raise UserError(f"{path} does not match the sha256 in {meta_path} (corrupt or changed since train_heads "
-                        f"wrote it): {RESTORE}")
+    blob = read_verified(path, expected, meta_path, RESTORE)  # before numpy, ONNX Runtime or pickle reads a byte
     if meta["format"] == LAYERS:
         with np.load(io.BytesIO(blob), allow_pickle=False) as npz:
             return Head(name, meta, arrays={k: npz[k] for k in npz.files})
