@@ -26,12 +26,15 @@ $(FASHION_MNIST):
 run: setup
 	dvc repro
 
-# pytest-xdist, one worker per core: on 2 cores the whole suite takes 7 min instead of 9 (measured)
+# pytest-xdist, one worker per core, and one BLAS/OpenMP thread per worker (and per stage it starts): with two
+# threads in each of two workers on two cores, OpenBLAS threads spin waiting for a core the other worker holds (a
+# logistic head's fit measured 9 s instead of 0.3 s)
+TEST_ENV := OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 test: setup
-	$(PY) -m pytest -q -n auto --dist worksteal -m "slow or not slow" tests
+	$(TEST_ENV) $(PY) -m pytest -q -n auto --dist worksteal -m "slow or not slow" tests
 
 test-fast: setup
-	$(PY) -m pytest -q -n auto --dist worksteal -m "not slow" tests
+	$(TEST_ENV) $(PY) -m pytest -q -n auto --dist worksteal -m "not slow" tests
 
 bench: setup
 	$(PY) benchmarks/extract_throughput.py

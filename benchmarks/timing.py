@@ -49,5 +49,22 @@ def repeat(run: Callable[[], object], reps: int = 5, warmup: int = 1) -> Timing:
     return Timing(tuple(seconds))
 
 
+def interleaved(runs: dict[str, Callable[[], object]], reps: int = 5, warmup: int = 1) -> dict[str, Timing]:
+    """Like `repeat` for several sides at once, their repetitions taken in turn (A B C A B C ...), so that a load
+    that comes and goes on a shared machine falls on every side alike."""
+    if reps < 5:
+        raise ValueError(f"reps={reps}: a benchmark here takes at least 5 repetitions")
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            seconds[name].append(time.perf_counter() - started)
+    return {name: Timing(tuple(values)) for name, values in seconds.items()}
+
+
 def ratio_line(label: str, ratio: float, ours: Timing, baseline: Timing) -> str:
     return f"{label}: {ratio:.2f}  (ours {ours}; baseline {baseline})"

@@ -1,5 +1,6 @@
 """evaluate: data/features/test.h5 + models/heads + models/finetune -> metrics/evaluate.json,
-plots/confusion/<model>.csv, reports/confusion/<model>.png, reports/summary.md.
+plots/confusion/<model>.csv, reports/confusion/<model>.png, reports/summary.md, and metrics/heads.json (the
+heads' records in metrics/heads/<name>.json, gathered).
 
 The best model is the best on val; test accuracy is reported beside it and chooses nothing
 (transfer_learning/evaluate/run.py).
@@ -11,8 +12,8 @@ from transfer_learning.params import load_params
 
 
 def main() -> None:
-    params = load_params(resolve_estimators=False, resolve_backbone=False).evaluate
-    write_metrics("evaluate", evaluate(params.models))
+    params = load_params(resolve_estimators=False, resolve_backbone=False)
+    write_metrics("evaluate", evaluate(params.evaluate.models, list(params.heads)))
 
 
 if __name__ == "__main__":

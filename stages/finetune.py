@@ -3,17 +3,24 @@ test_scores.npz) + metrics/finetune.json + plots/finetune/ (dvclive curves).
 
 LP-FT: the head starts as the linear probe trained on cached features (finetune.init_head), then the last
 `finetune.unfreeze` blocks and the head train together at low learning rates (transfer_learning/finetune/).
-With finetune.enabled false (the default) the stage only records that it was skipped.
+finetune.nproc (x nnodes) above 1 trains data-parallel in torchrun's workers; this stage waits for them.
+With finetune.enabled false (the default) the stage only records that it was skipped, without importing torch.
 """
 from transfer_learning.common.errors import run_main
 from transfer_learning.common.metrics import write_metrics
-from transfer_learning.finetune.run import finetune
+from transfer_learning.finetune.files import skip
 from transfer_learning.params import load_params
 
 
 def main() -> None:
-    # backbone.* is not checked against torchvision: a disabled run must cost next to nothing (see finetune())
+    # backbone.* is not checked against torchvision: a disabled run must cost next to nothing (it runs after every
+    # heads edit, train_heads and evaluate being its neighbours in the DAG)
     params = load_params(resolve_estimators=False, resolve_backbone=False)
+    if not params.finetune.enabled:
+        write_metrics("finetune", skip())
+        return
+    from transfer_learning.finetune.launch import finetune
+
     write_metrics("finetune", finetune(params))
 
 

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
+import subprocess
 import sys
 import typing
 from pathlib import Path
@@ -229,15 +231,15 @@ def test_trusted_modules_must_be_module_names(project):
 
 
 @pytest.mark.parametrize("name", ["../../escaped", "/tmp/abs", "a/b", ".", "..", "with space", "", "tab\tname",
-                                  "finetune", "Finetune", "best", "all"])
+                                  "finetune", "Finetune", "best", "all", "v1.2", "...x"])
 def test_bad_head_names_fail_naming_the_head(project, name):
     message = invalid(project, heads={name: {"type": "logistic"}})
     assert f"heads.{name}: " in message
     assert "letters, digits" in message or "is reserved" in message
 
 
-@pytest.mark.parametrize("name", ["v1.2", "my-head_2", "LOGREG2", "...x"])
-def test_head_names_of_letters_digits_dot_dash_underscore_validate(project, name):
+@pytest.mark.parametrize("name", ["v1-2", "my-head_2", "LOGREG2", "_x"])
+def test_head_names_of_letters_digits_dash_underscore_validate(project, name):
     project.params(heads={name: {"type": "logistic"}})
     assert name in load_params().heads
 
@@ -480,3 +482,51 @@ def test_the_validate_stage_writes_the_same_bytes_for_every_valid_params(project
     project.params(backbone={"cutt": 14})
     with pytest.raises(UserError, match="backbone.cutt: unknown key"):
         validate.main()
+
+
+def test_the_catalog_lists_what_the_libraries_offer():
+    """validate checks arch, weights, estimators and providers against common/catalog.py's cached listings: they
+    are what torchvision, scikit-learn and ONNX Runtime give when imported."""
+    import onnxruntime
+    import torchvision
+    from sklearn.utils.discovery import all_estimators
+    from torchvision.models import get_model_weights
+
+    from transfer_learning.common import catalog
+
+    models = catalog.torchvision_models()
+    assert models["archs"] == torchvision.models.list_models(module=torchvision.models)
+    assert models["weights"]["resnet18"] == [w.name for w in get_model_weights("resnet18")]
+    classifiers = catalog.sklearn_classifiers()
+    assert list(classifiers) == [name for name, _ in all_estimators(type_filter="classifier")]
+    knn = classifiers["KNeighborsClassifier"]
+    assert {"sklearn.neighbors", "sklearn.neighbors._classification"} <= set(knn["modules"])
+    assert knn["public"] == "sklearn.neighbors.KNeighborsClassifier" and knn["fails"] is None
+    assert "estimators" in classifiers["StackingClassifier"]["fails"]
+    assert catalog.onnxruntime_providers() == onnxruntime.get_all_providers()
+
+
+def test_a_damaged_catalog_file_is_listed_again(tmp_path, monkeypatch, caplog):
+    from transfer_learning.common import catalog
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    providers = catalog.onnxruntime_providers()
+    (path,) = (tmp_path / "transfer_learning").glob("onnxruntime-*.json")
+    saved = path.read_text()
+    path.write_text(saved.replace('"CPUExecutionProvider"', '"CPUExecutionProviderX"'))  # a changed listing
+    assert catalog.onnxruntime_providers() == providers
+    assert "does not match its recorded sha256" in caplog.text and path.read_text() == saved
+    path.write_bytes(path.read_bytes()[:40])  # truncated
+    assert catalog.onnxruntime_providers() == providers
+    assert "is damaged" in caplog.text and path.read_text() == saved
+
+
+def test_validate_imports_neither_torch_nor_sklearn_nor_onnxruntime(project):
+    """It runs on every params edit: the listings come from the cache (warmed here by load_params)."""
+    load_params()
+    probe = ("import sys; from stages import validate; validate.main(); "
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision', 'sklearn', 'onnxruntime'}))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=project.root, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

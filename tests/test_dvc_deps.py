@@ -51,16 +51,26 @@ def is_docstring_only(path: Path) -> bool:
     return all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) for node in body)
 
 
-STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+def stage_definitions() -> dict[str, dict]:
+    """dvc.yaml's stages; a `foreach` stage by its `do` block (its deps are the same for every item: ${key} only
+    appears in data paths and params)."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    return {name: stage.get("do", stage) for name, stage in stages.items()}
+
+
+STAGES = stage_definitions()
 
 
 def stage_script(stage: dict) -> Path:
-    return ROOT / (stage["cmd"].split()[-1].replace(".", "/") + ".py")
+    module = stage["cmd"].split()[stage["cmd"].split().index("-m") + 1]
+    return ROOT / (module.replace(".", "/") + ".py")
 
 
 def code_deps(stage: dict) -> list[Path]:
     deps = [ROOT / (d if isinstance(d, str) else next(iter(d))) for d in stage.get("deps", [])]
-    return [d for d in deps if d.relative_to(ROOT).parts[0] in PACKAGES]
+    deps = [d for d in deps if d.relative_to(ROOT).parts[0] in PACKAGES]
+    assert not any("${" in str(d) for d in deps), "a code dep that depends on the foreach item"
+    return deps
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))
@@ -101,3 +111,8 @@ def test_the_closure_follows_lazy_imports():
 def test_the_closure_follows_imports_under_type_checking():
     closure = {str(p.relative_to(ROOT)) for p in import_closure(ROOT / "transfer_learning/heads/files.py")}
     assert "transfer_learning/params.py" in closure  # only under `if TYPE_CHECKING:`
+
+
+def test_a_foreach_stage_is_read_by_its_do_block():
+    assert STAGES["train_heads"]["cmd"] == "python -m stages.train_heads ${key}"
+    assert stage_script(STAGES["train_heads"]) == ROOT / "stages/train_heads.py"

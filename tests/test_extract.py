@@ -84,6 +84,38 @@ def test_features_are_the_torch_backbone_on_the_weights_preprocessing(workdir):
     np.testing.assert_array_equal(read_split("test")["features"], test["features"])
 
 
+def test_extract_rows_are_a_per_image_reference_bit_for_bit(exported, tmp_path, monkeypatch):
+    """extract's fast path (grey images resized as one plane, the lookup-table normalize into a reused buffer,
+    workers) must not change a single feature value: each image decoded to RGB, resized and normalized on its own
+    as extract did before, batched alike, through the same session gives the very same float32 bits. Grey, RGB and palette files in mixed
+    batches, one batch short."""
+    from transfer_learning.features.extract import compute
+    from transfer_learning.features.store import FeatureStore, store_key
+    from transfer_learning.features.views import ViewRequest
+
+    monkeypatch.chdir(exported)
+    rng = np.random.default_rng(0)
+    colour = [tmp_path / "rgb.png", tmp_path / "palette.png"]
+    Image.fromarray(rng.integers(0, 256, (30, 20, 3), dtype=np.uint8)).save(colour[0])
+    Image.fromarray(rng.integers(0, 256, (12, 40, 3), dtype=np.uint8)).convert("P").save(colour[1])
+    paths = [Path(row.path) for row in manifest.read()[:9]] + colour
+    paths.insert(3, paths.pop())  # the palette file mid-batch
+    requests = {store_key(sha256_file(p), "0"): ViewRequest(str(p), sha256_file(p), 0) for p in paths}
+    backbone = backbone_files.load()
+    preprocessing = backbone.preprocessing.with_bit_depth(manifest.read_bit_depth())
+    runner = FeatureRunner(backbone_files.ONNX.read_bytes(), [CPU], 4)
+    with FeatureStore(tmp_path / "store", "0" * 64, 1280) as store:
+        compute(store, requests, runner, preprocessing, 4, workers=1)
+        store.commit()
+        rows = np.concatenate(list(store.gather(list(requests))))
+
+    pixels = preprocessing.pixels()  # extract's arithmetic before the fast path, one RGB image at a time
+    images = torch.cat([preprocessing.normalize(pixels(Image.open(p).convert("RGB"))[None]) for p in paths]).numpy()
+    expected = np.concatenate([runner(images[i:i + 4]) for i in range(0, len(images), 4)])
+    assert Image.open(paths[0]).mode == "L" and rows.shape == (11, 1280)
+    np.testing.assert_array_equal(rows.view(np.uint32), expected.view(np.uint32))
+
+
 def test_new_images_cost_only_their_own_extraction(workdir):
     extract.main()
     write_digits(workdir / "images", 1, start=DIGITS_PER_CLASS)  # one new image per class

@@ -28,6 +28,7 @@ from transfer_learning.common.errors import UserError
 from transfer_learning.common.hashing import sha256_file
 from transfer_learning.deploy import predict
 from transfer_learning.features.split_files import read_plain_keys, read_split
+from transfer_learning.finetune import curves as finetune_curves
 from transfer_learning.finetune import files as finetune_files
 from transfer_learning.finetune import run as finetune_run
 from transfer_learning.finetune.data import AugmentedImages, augmentation, split_images
@@ -139,9 +140,9 @@ def curve_files(history: list[dict], folder: Path) -> dict[str, bytes]:
     """What write_curves makes of `history` in `folder`: {path under plots/finetune: bytes}."""
     folder.mkdir()
     with contextlib.chdir(folder):
-        finetune_run.write_curves(history)
-        return {str(f.relative_to(finetune_run.PLOTS_DIR)): f.read_bytes()
-                for f in sorted(finetune_run.PLOTS_DIR.rglob("*")) if f.is_file()}
+        finetune_curves.write_curves(history)
+        return {str(f.relative_to(finetune_curves.PLOTS_DIR)): f.read_bytes()
+                for f in sorted(finetune_curves.PLOTS_DIR.rglob("*")) if f.is_file()}
 
 
 def read_curve(path: Path) -> list[tuple[int, float]]:
@@ -172,9 +173,9 @@ def test_the_dvclive_curves_of_a_resumed_run_are_those_of_an_uninterrupted_one(t
     assert resumed.resumed_from == 1
     files = curve_files(uninterrupted.history, tmp_path / "uninterrupted")
     assert curve_files(resumed.history, tmp_path / "resumed") == files
-    assert set(files) == {"metrics.json", *(f"plots/metrics/{c}.tsv" for c in finetune_run.CURVES)}
-    folder = tmp_path / "uninterrupted" / finetune_run.PLOTS_DIR / "plots/metrics"
-    for curve in finetune_run.CURVES:  # step = epoch; epoch 0 (before any update) has val curves only
+    assert set(files) == {"metrics.json", *(f"plots/metrics/{c}.tsv" for c in finetune_curves.CURVES)}
+    folder = tmp_path / "uninterrupted" / finetune_curves.PLOTS_DIR / "plots/metrics"
+    for curve in finetune_curves.CURVES:  # step = epoch; epoch 0 (before any update) has val curves only
         expected = [(r["epoch"], r[curve]) for r in uninterrupted.history if r[curve] is not None]
         assert read_curve(folder / f"{curve}.tsv") == expected
         assert [step for step, _ in expected] == ([0, 1, 2, 3] if curve.startswith("val") else [1, 2, 3])
@@ -416,9 +417,30 @@ def project_with_heads(heads_trained, tmp_path, monkeypatch) -> Path:
     return work
 
 
-def test_lp_ft_starts_exactly_where_the_init_head_is(project_with_heads):
-    set_params(finetune={"enabled": True, "unfreeze": 1, "epochs": 1, "batch_size": 8, "augment": NO_AUGMENT})
-    finetune.main()
+# the stage's run that the tests below start from: LP-FT of the last block over the cached prefix, one epoch
+FINETUNED = {"enabled": True, "unfreeze": 1, "epochs": 1, "batch_size": 8, "augment": NO_AUGMENT}
+
+
+@pytest.fixture(scope="module")
+def finetuned(heads_trained, tmp_path_factory) -> Path:
+    """heads_trained with the finetune stage run once (FINETUNED): its ONNX export is the costly part, paid once."""
+    root = tmp_path_factory.mktemp("finetuned") / "project"
+    shutil.copytree(heads_trained, root)
+    with contextlib.chdir(root):
+        set_params(finetune=FINETUNED)
+        finetune.main()
+    return root
+
+
+@pytest.fixture
+def project_finetuned(finetuned, tmp_path, monkeypatch) -> Path:
+    work = tmp_path / "work"
+    shutil.copytree(finetuned, work)
+    monkeypatch.chdir(work)
+    return work
+
+
+def test_lp_ft_starts_exactly_where_the_init_head_is(project_finetuned):
     metrics = json.loads(Path("metrics/finetune.json").read_text())
     head = head_files.load("logreg")
     # exact on the CPU; under fp16 autocast on CUDA one borderline val image may flip
@@ -450,7 +472,7 @@ def test_lp_ft_starts_exactly_where_the_init_head_is(project_with_heads):
     checkpoint = Path("store/finetune", metrics["run_fingerprint"], "checkpoint.pt")
     history = torch.load(checkpoint, weights_only=True)["history"]
     assert [r["epoch"] for r in history] == [0, 1]
-    for curve in finetune_run.CURVES:
+    for curve in finetune_curves.CURVES:
         assert read_curve(Path("plots/finetune/plots/metrics", f"{curve}.tsv")) == \
             [(r["epoch"], r[curve]) for r in history if r[curve] is not None]
     assert json.loads(Path("plots/finetune/metrics.json").read_text())["step"] == 1
@@ -458,7 +480,7 @@ def test_lp_ft_starts_exactly_where_the_init_head_is(project_with_heads):
 
 def test_the_cached_prefix_gives_the_full_forward_result(project_with_heads):
     backbone = backbone_files.load()
-    params = FinetuneParams(epochs=2, batch_size=8, lr_backbone=1e-3, augment=NO_AUGMENT)
+    params = FinetuneParams(epochs=1, batch_size=8, lr_backbone=1e-3, augment=NO_AUGMENT)
     head = head_files.load("logreg")
     train, val = split_images("train"), split_images("val")
     results = []
@@ -478,9 +500,7 @@ def test_the_cached_prefix_gives_the_full_forward_result(project_with_heads):
         assert torch.allclose(full_head[key], fast_head[key], atol=1e-4), key
 
 
-def test_nothing_damaged_is_used_the_checkpoint_the_kept_export_and_the_model_files(project_with_heads, caplog):
-    set_params(finetune={"enabled": True, "unfreeze": 0, "epochs": 1, "batch_size": 8, "augment": NO_AUGMENT})
-    finetune.main()
+def test_nothing_damaged_is_used_the_checkpoint_the_kept_export_and_the_model_files(project_finetuned, caplog):
     keys = read_plain_keys("test")
     first = finetune_files.read_test_scores(keys)
     [checkpoint] = Path("store/finetune").glob("*/checkpoint.pt")
@@ -540,16 +560,14 @@ def test_init_head_must_be_a_network_head(project_with_heads):
         finetune.main()
 
 
-def test_disabling_finetune_removes_the_model_from_evaluate(project_with_heads):
-    set_params(finetune={"enabled": True, "unfreeze": 0, "epochs": 1, "batch_size": 8, "augment": NO_AUGMENT})
-    finetune.main()
+def test_disabling_finetune_removes_the_model_from_evaluate(project_finetuned):
     assert finetune_files.trained()
     set_params(finetune={"enabled": False})
     finetune.main()
     assert not finetune_files.trained()
     assert json.loads(Path("metrics/finetune.json").read_text()) == {
         "skipped": True, "run_fingerprint": None, "prefix_fingerprint": None}
-    for curve in finetune_run.CURVES:  # the trained run's curves are gone; the files stay, with no rows
+    for curve in finetune_curves.CURVES:  # the trained run's curves are gone; the files stay, with no rows
         assert read_curve(Path("plots/finetune/plots/metrics", f"{curve}.tsv")) == []
     evaluate.main()
     assert "finetune" not in json.loads(Path("metrics/evaluate.json").read_text())
@@ -561,7 +579,7 @@ def test_a_skipped_run_gives_dvc_plots_show_empty_curves_not_a_warning(tmp_path)
 
     repo = DvcRepo(tmp_path)
     with contextlib.chdir(tmp_path):
-        finetune_run.skip()  # finetune.enabled: false, the default
+        finetune_files.skip()  # finetune.enabled: false, the default
         write_head_curves([])  # params with no head trained by epochs
     targets = ["plots/finetune/plots/metrics", "plots/heads/plots/metrics"]  # evaluate's confusion files: not made
     result = repo.run(sys.executable, "-m", "dvc", "plots", "show", "--json", *targets)
@@ -569,7 +587,7 @@ def test_a_skipped_run_gives_dvc_plots_show_empty_curves_not_a_warning(tmp_path)
     shown = json.loads(result.stdout)
     assert "errors" not in shown or not shown["errors"], shown["errors"]
     assert {name.split("::")[-1] for name in shown["data"]} == {
-        *(f"plots/finetune/plots/metrics/{c}.tsv" for c in finetune_run.CURVES),
+        *(f"plots/finetune/plots/metrics/{c}.tsv" for c in finetune_curves.CURVES),
         "plots/heads/plots/metrics/train_loss.tsv", "plots/heads/plots/metrics/val_loss.tsv"}
     assert all(plot == [] or plot[0]["content"]["data"]["values"] == [] for plot in shown["data"].values())
     assert any((tmp_path / "plots/finetune").iterdir())  # a stage output that DVC would call empty otherwise

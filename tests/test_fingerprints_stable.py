@@ -36,6 +36,17 @@ RUN_FRESH_HEAD = "db7c295645170680fa10df4c61333c9eb61c380e657c66b555f69ff3a04ab8
 
 def test_extract_feature_fingerprint():
     assert fingerprint(SHA_A, PREPROCESSING.to_json(), "float32") == EXTRACT
+    assert fingerprint(SHA_A, PREPROCESSING.to_json(), "float32", "fp32") == EXTRACT
+
+
+EXTRACT_INT8 = "2102a2246f1b52deffafd518fd87b4dc34b1d818f55731382965000b9e3246a8"
+EXTRACT_FP16 = "6c6fc7c939603cff740b23d01b4851714315dd3cb1cb1426ef04009139ea14aa"
+
+
+def test_extract_feature_fingerprint_at_reduced_precision():
+    """SHA_A stands for the converted model's sha256 (the bytes run), as extract passes it."""
+    assert fingerprint(SHA_A, PREPROCESSING.to_json(), "float32", "int8") == EXTRACT_INT8
+    assert fingerprint(SHA_A, PREPROCESSING.to_json(), "float32", "fp16") == EXTRACT_FP16
 
 
 def test_finetune_prefix_fingerprint():

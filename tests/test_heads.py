@@ -356,12 +356,37 @@ def test_evaluate_keeps_its_old_outputs_when_a_model_fails_to_load(features):
     outputs = [*Path("plots/confusion").iterdir(), *Path("reports/confusion").iterdir(), Path("reports/summary.md"),
                Path("metrics/evaluate.json")]
     before = {path: path.read_bytes() for path in outputs}
-    assert len(before) == 6
+    assert len(before) == 7  # 2 CSVs, 2 PNGs and their index, the summary, the metrics
     weights = head_files.HEADS_DIR / "mlp" / "weights.npz"  # evaluated after logreg
     flip_byte(weights, data_offset(weights, "w1.npy") + 128 + 4)
     with pytest.raises(UserError, match="mlp/weights.npz does not match"):
         evaluate.main()
     assert {path: path.read_bytes() for path in outputs} == before
+
+
+def test_evaluate_draws_only_the_confusion_images_that_changed(features, caplog):
+    caplog.set_level("INFO")
+    heads = {"logreg": FAST_HEADS["logreg"], "knn": FAST_HEADS["knn"]}
+    run_stages(heads=heads)
+    images = Path("reports/confusion")
+    drawn = {path.name: path.read_bytes() for path in images.glob("*.png")}
+    assert sorted(drawn) == ["knn.png", "logreg.png"] and "2 drawn (knn, logreg)" in caplog.text
+
+    load_params_with(heads={**heads, "logreg": FAST_HEADS["mlp"]})  # one head edited: other predictions
+    train_heads.main(["logreg"])
+    evaluate.main()
+    assert "1 drawn (logreg), 1 unchanged and kept" in caplog.text
+    assert (images / "knn.png").read_bytes() == drawn["knn.png"] != (images / "logreg.png").read_bytes()
+
+    flip_byte(images / "knn.png", len(drawn["knn.png"]) // 2)  # a damaged image is drawn again, the same bytes
+    evaluate.main()
+    assert "knn.png does not match the sha256 recorded when it was drawn" in caplog.text
+    assert "1 drawn (knn), 1 unchanged and kept" in caplog.text
+    assert (images / "knn.png").read_bytes() == drawn["knn.png"]
+
+    load_params_with(heads={"knn": FAST_HEADS["knn"]})  # a head removed: its image goes
+    evaluate.main()
+    assert sorted(p.name for p in images.iterdir()) == ["index.json", "knn.png"]
 
 
 def test_head_json_records_the_digest_of_its_weights(features):
@@ -447,14 +472,52 @@ def test_torch_heads_write_their_per_epoch_curves_with_dvclive(features):
         assert val_losses.index(min(val_losses)) + 1 == head.details["best_epoch"]  # the kept epoch is the best
         assert history[-1]["train_loss"] < history[0]["train_loss"]
 
-    # the stage: the curves of the heads in params only, nothing stale
+    # the stage: one dvclive folder per head (each head's own stage output), of the heads in params only, nothing
+    # stale, and no dvclive summary in the folder dvc.yaml plots whole
     load_params_with(heads={"logreg": FAST_HEADS["logreg"], "linear": FAST_HEADS["linear"]})
     train_heads.main()
     epochs_run = json.loads(Path("metrics/heads.json").read_text())["linear"]["epochs_run"]
-    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.tsv")) == [
-        "linear/train_loss.tsv", "linear/val_loss.tsv"]
-    assert [step for step, _ in read_curve(folder / "linear/val_loss.tsv")] == list(range(1, epochs_run + 1))
+    assert sorted(p.relative_to(CURVES_DIR).as_posix() for p in CURVES_DIR.rglob("*") if p.is_file()) == [
+        "linear/plots/metrics/linear/train_loss.tsv", "linear/plots/metrics/linear/val_loss.tsv",
+        "logreg/plots/metrics/train_loss.tsv", "logreg/plots/metrics/val_loss.tsv"]
+    linear = CURVES_DIR / "linear/plots/metrics/linear"
+    assert [step for step, _ in read_curve(linear / "val_loss.tsv")] == list(range(1, epochs_run + 1))
     load_params_with(heads={"logreg": FAST_HEADS["logreg"]})
     train_heads.main()
-    assert sorted(p.name for p in folder.iterdir()) == ["train_loss.tsv", "val_loss.tsv"]  # for dvc.yaml's plots
-    assert read_curve(folder / "val_loss.tsv") == []  # entry: the files, with no rows
+    logreg = CURVES_DIR / "logreg/plots/metrics"
+    assert sorted(p.relative_to(CURVES_DIR).as_posix() for p in CURVES_DIR.rglob("*") if p.is_file()) == [
+        "logreg/plots/metrics/train_loss.tsv", "logreg/plots/metrics/val_loss.tsv"]  # for dvc.yaml's plots:
+    assert read_curve(logreg / "val_loss.tsv") == []  # the files, with no rows
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_evaluate_scores_are_scikit_learns_metrics(seed):
+    """evaluate's numpy metrics give scikit-learn's numbers: ties in the scores, a class never predicted and one
+    never true, a decision-function head's -inf columns."""
+    from sklearn import metrics
+
+    from transfer_learning.evaluate.scoring import score
+
+    rng = np.random.default_rng(seed)
+    n_classes = 10
+    labels = rng.integers(0, n_classes - 1, 200)  # the last class never true
+    raw = rng.integers(0, 4, (200, n_classes)).astype(np.float64)  # many ties
+    raw[:, 3] = -1  # a class never predicted
+    probabilities = raw.clip(min=0) + 0.5
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    decision = raw.copy()
+    decision[:, 7:] = -np.inf
+    everything = np.arange(n_classes)
+    for scores, probabilistic in ((probabilities, True), (decision, False)):
+        got = score(labels, scores, probabilistic)
+        predicted = scores.argmax(axis=1)
+        finite = np.where(np.isfinite(scores), scores, np.finfo(np.float64).min)
+        expected = {
+            "accuracy": metrics.accuracy_score(labels, predicted),
+            "balanced_accuracy": metrics.balanced_accuracy_score(labels, predicted),
+            "macro_f1": metrics.f1_score(labels, predicted, labels=everything, average="macro", zero_division=0),
+            "top5_accuracy": metrics.top_k_accuracy_score(labels, finite, k=5, labels=everything),
+        }
+        if probabilistic:
+            expected["log_loss"] = metrics.log_loss(labels, y_proba=scores, labels=everything)
+        assert got == {name: round(float(value), 6) for name, value in expected.items()}

@@ -330,3 +330,45 @@ def test_extract_gives_a_12_bit_tiff_copy_the_features_of_its_original(workdir):
         assert cosine(auto[original], auto[copy]) > 0.999, path
         assert cosine(forced[original], forced[copy]) < 0.9, path
         np.testing.assert_array_equal(forced[original], auto[original])  # 8-bit files: the rule changes nothing
+
+
+# ---------------------------------------------------------------- extract's fast path: the same bytes, less work
+
+IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+
+
+@pytest.mark.parametrize("size", [(28, 28), (40, 17), (300, 200), (10, 50)])
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_grey_images_resized_as_one_plane_give_the_bytes_of_their_rgb_copy(size, interpolation):
+    """Up- and downscaling, odd and portrait sizes, a crop larger than one side (padding): bit for bit."""
+    grey = np.random.default_rng(sum(size)).integers(0, 256, size[::-1], dtype=np.uint8)
+    data = encoded(Image.fromarray(grey), "PNG")
+    ours = Preprocessing(resize=36, crop=32, interpolation=interpolation, **IMAGENET)
+    kept = ours.decode(data, keep_grey=True)
+    assert kept.mode == "L"
+    one_plane = ours.pixels()(kept)
+    assert one_plane.shape[0] == 1
+    assert torch.equal(one_plane.expand(3, -1, -1), ours.pixels()(ours.decode(data)))
+
+
+def test_the_plain_view_of_a_grey_file_is_its_rgb_copys_view(tmp_path):
+    rng = np.random.default_rng(1)
+    grey, rgb = tmp_path / "grey.png", tmp_path / "rgb.png"
+    grey.write_bytes(encoded(Image.fromarray(rng.integers(0, 256, (20, 30), dtype=np.uint8)), "PNG"))
+    rgb.write_bytes(encoded(Image.open(grey).convert("RGB"), "PNG"))
+    ours = Preprocessing(resize=36, crop=32, interpolation="bilinear", **IMAGENET)
+    dataset = ViewDataset([ViewRequest(str(p), sha256_bytes(p.read_bytes()), 0) for p in (grey, rgb)], ours)
+    (from_grey, _), (from_rgb, _) = dataset[0], dataset[1]
+    assert from_grey.shape == from_rgb.shape == (3, 32, 32)
+    assert torch.equal(from_grey, from_rgb)
+
+
+def test_lookup_normalize_is_normalize_bit_for_bit():
+    """Every uint8 value in every channel, into a reused buffer larger than the batch."""
+    ours = Preprocessing(resize=16, crop=16, interpolation="bilinear", **IMAGENET)
+    batch = torch.from_numpy(np.random.default_rng(2).permutation(np.arange(3 * 3 * 16 * 16) % 256)
+                             .astype(np.uint8).reshape(3, 3, 16, 16))
+    out = np.full((5, 3, 16, 16), np.nan, np.float32)
+    looked_up = images.LookupNormalize(ours)(batch.numpy(), out)
+    assert looked_up.shape == (3, 3, 16, 16)
+    np.testing.assert_array_equal(looked_up.view(np.uint32), ours.normalize(batch).numpy().view(np.uint32))

@@ -109,7 +109,10 @@ def test_package_init_files_hold_only_a_docstring():
 def test_every_dvc_stage_has_its_script():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
-        assert stage["cmd"] == f"python -m stages.{name}", name
+        if "foreach" in stage:  # one stage per item: the item is the script's argument
+            assert stage["do"]["cmd"] == f"python -m stages.{name} ${{key}}", name
+        else:
+            assert stage["cmd"] == f"python -m stages.{name}", name
         assert (ROOT / "stages" / f"{name}.py") in STAGE_SCRIPTS, name
 
 

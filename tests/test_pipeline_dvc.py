@@ -79,7 +79,8 @@ def test_experiments_reuse_features_and_rerun_only_what_changed(tmp_path):
     params["heads"] = QUICK_HEADS
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = repo.dvc("repro")
-    for stage in ("prepare", "download", "export", "extract", "train_heads", "advise", "finetune", "evaluate"):
+    head_stages = [f"train_heads@{name}" for name in QUICK_HEADS]  # dvc.yaml: one stage per head
+    for stage in ("prepare", "download", "export", "extract", *head_stages, "advise", "finetune", "evaluate"):
         assert f"Running stage '{stage}'" in out
     extract_metrics = tmp_path / "metrics" / "extract.json"
     assert json.loads(extract_metrics.read_text())["computed"] == 60
@@ -91,20 +92,26 @@ def test_experiments_reuse_features_and_rerun_only_what_changed(tmp_path):
     repo.run("git", "add", "-A")
     repo.run("git", "commit", "-qm", "baseline")
 
-    params["heads"]["logreg"]["C"] = [0.1]  # an edit of heads.* in params.yaml
+    params["heads"]["logreg"]["C"] = [0.1]  # an edit of heads.* in params.yaml, and a head removed
+    del params["heads"]["knn"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = repo.dvc("status")
-    assert "train_heads" in status and "extract" not in status and "evaluate" not in status  # evaluate: via outs
+    assert "train_heads@logreg" in status and "train_heads@mlp" not in status
+    assert "extract" not in status and "evaluate" in status  # evaluate: its param `heads`, which heads there are
     out = repo.dvc("repro")
-    assert "Running stage 'train_heads'" in out and "Running stage 'evaluate'" in out
-    for stage in ("prepare", "download", "export", "extract"):
-        assert f"Stage '{stage}' didn't change, skipping" in out
+    assert "Running stage 'train_heads@logreg'" in out and "Running stage 'evaluate'" in out
+    for stage in ("prepare", "download", "export", "extract", "train_heads@mlp"):
+        assert f"Stage '{stage}' didn't change, skipping" in out  # the other heads are not retrained
     assert "finetune.enabled is false: skipped" in out  # it depends on models/heads: a no-op when disabled
-    assert json.loads((tmp_path / "metrics/heads.json").read_text())["logreg"]["params"] == {"C": 0.1}
+    heads = json.loads((tmp_path / "metrics/heads.json").read_text())
+    assert heads["logreg"]["params"] == {"C": 0.1} and set(heads) == {"logreg", "mlp"}
+    assert (tmp_path / "models/heads/knn").is_dir()  # the removed head's stage output stays, and is not evaluated:
+    assert set(json.loads((tmp_path / "metrics/evaluate.json").read_text())) == {"logreg", "mlp", "best"}
     repo.run("git", "checkout", "params.yaml")
 
     out = repo.dvc("exp", "run", "-S", "heads.logreg.C=[0.1,1]")
-    assert "Stage 'extract' didn't change, skipping" in out and "Running stage 'train_heads'" in out
+    assert "Stage 'extract' didn't change, skipping" in out and "Running stage 'train_heads@logreg'" in out
+    assert "Stage 'train_heads@mlp' didn't change, skipping" in out
 
     out = repo.dvc("exp", "run", "extract", "-S", "data.val_fraction=0.25")  # a new split, no new image
     assert "Running stage 'prepare'" in out and "Running stage 'extract'" in out
@@ -114,6 +121,10 @@ def test_experiments_reuse_features_and_rerun_only_what_changed(tmp_path):
     assert "Running stage 'extract'" in out
     assert f"60 reused from the store {tmp_path / 'data' / 'feature-store'}" in out and ", 0 to compute" in out
 
+    # back to the baseline (params, dvc.lock, outputs): each experiment below changes one thing on it, so a queued
+    # knn edit re-runs the knn head and evaluate, not every stage downstream of the new split above
+    repo.run("git", "checkout", "--", ".")
+    repo.dvc("checkout")
     for k in (1, 5):
         repo.dvc("exp", "run", "--queue", "-S", f"heads.knn.grid.n_neighbors=[{k}]")
     repo.dvc("exp", "run", "--run-all", "-j", "1")  # waits for the queue; exits 0 even if one failed, so:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import re
-import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -25,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from transfer_learning.common import catalog
 from transfer_learning.common.errors import UserError
 
 PARAMS_FILE = Path("params.yaml")
@@ -147,10 +147,7 @@ class BackboneParams(Section):
             if self.weights_path:
                 raise ValueError("weights_path: set, but weights is none: name the weights the file holds")
             return self
-        from torchvision.models import get_model_weights
-
-        enum = get_model_weights(self.arch)
-        valid = [w.name for w in enum]
+        valid = catalog.torchvision_models()["weights"][self.arch]
         if self.weights != "DEFAULT" and self.weights not in valid:
             raise ValueError(
                 f"weights: {self.weights!r} does not exist for {self.arch}; valid: {', '.join(valid)}, DEFAULT or none"
@@ -165,6 +162,30 @@ class ExportParams(Section):
     atol: Annotated[Float, Field(gt=0)] = 1.0e-4
 
 
+# extract.ray.address, besides local and auto: the head's GCS address or a Ray Client address
+RAY_HOST_PORT = re.compile(r"(?:ray://)?(?P<host>\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})")
+RAY_ADDRESSES = "local, auto, <head host>:<port> (`ray start --head` prints it, usually port 6379) or ray://<head>:10001"
+
+
+class RayParams(Section):
+    """extract.ray: where and how wide extract.engine: ray runs (transfer_learning/features/ray_engine.py)."""
+    address: str = "local"  # local | auto | <head>:6379 | ray://<head>:10001
+    actors: Annotated[int, Field(ge=1)] = 2
+    batch_size: Annotated[int, Field(ge=1)] = 64
+    # 0.5: with 2 actors at 1 CPU on a 2-core machine the actors hold every CPU and the image readers never run
+    # (the run hangs); ONNX Runtime's threads are not bounded by this number anyway, it only reserves room
+    num_cpus_per_actor: Annotated[Float, Field(gt=0)] = 0.5
+    # auto: 1 GPU per actor when the cluster has GPUs, else 0 (CPU actors); fractions share a GPU between actors
+    num_gpus_per_actor: Union[Literal["auto"], Annotated[Float, Field(ge=0)]] = "auto"
+
+    @field_validator("address")
+    @classmethod
+    def _ray_address(cls, address: str) -> str:
+        if address in ("local", "auto") or RAY_HOST_PORT.fullmatch(address):
+            return address
+        raise ValueError(f"{address!r} is not a Ray cluster address; valid: {RAY_ADDRESSES}")
+
+
 class ExtractParams(Section):
     providers: list[str] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     batch_size: Annotated[int, Field(ge=1)] = 64
@@ -172,6 +193,12 @@ class ExtractParams(Section):
     store: str = "data/feature-store"
     dtype: Literal["float32", "float16"] = "float32"
     augment_views: Annotated[int, Field(ge=0, le=999)] = 0
+    engine: Literal["local", "ray"] = "local"
+    ray: RayParams = RayParams()
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"  # transfer_learning/features/quantize.py
+    calibration_images: Annotated[int, Field(ge=1)] = 64  # int8: train images the quantization is calibrated on
+    calibration_seed: int = 0
+    calibration_method: Literal["MinMax", "Percentile", "Entropy"] = "MinMax"
 
     @field_validator("store")
     @classmethod
@@ -194,9 +221,7 @@ class ExtractParams(Section):
     @field_validator("providers")
     @classmethod
     def _known_providers(cls, providers: list[str]) -> list[str]:
-        import onnxruntime
-
-        known = onnxruntime.get_all_providers()
+        known = catalog.onnxruntime_providers()
         unknown = [p for p in providers if p not in known]
         if unknown or not providers:
             raise ValueError(f"unknown ONNX Runtime provider(s) {unknown}; valid: {', '.join(known)}")
@@ -265,7 +290,7 @@ class SklearnHead(Section):
     def _estimator_is_a_classifier(self, info: ValidationInfo) -> SklearnHead:
         try:
             if (info.context or {}).get("resolve_estimators", True):
-                self.new_estimator()
+                self.check_estimator()
             else:
                 self.check_trusted()  # needs no import
         except ValueError as error:
@@ -279,22 +304,43 @@ class SklearnHead(Section):
         raise ValueError(f"{self.estimator!r}: module {module_name!r} is not scikit-learn and not in this head's "
                          f"trusted_modules, so it is not imported; {ESTIMATOR_FORMS}")
 
+    def _sklearn_own(self) -> bool:
+        module_name = self.estimator.rpartition(".")[0]
+        return module_name.partition(".")[0] in ("", "sklearn") and not _under(module_name, self.trusted_modules)
+
+    def _listed_sklearn_classifier(self) -> dict[str, Any]:
+        """scikit-learn's own classifier the estimator names, looked up in the catalog of scikit-learn's classifiers
+        (common/catalog.py: no import of scikit-learn, nor of the path given). ValueError says what is valid."""
+        module_name, _, class_name = self.estimator.rpartition(".")
+        classifiers = catalog.sklearn_classifiers()
+        found = classifiers.get(class_name)
+        if found is not None and (not module_name or module_name in found["modules"]):
+            return found
+        if found is not None:
+            raise ValueError(f"{self.estimator!r}: scikit-learn's {class_name} is not in {module_name}; "
+                             f"write {class_name} or {found['public']}")
+        raise ValueError(f"{self.estimator!r} is not a scikit-learn classifier; {ESTIMATOR_FORMS}; "
+                         f"scikit-learn's classifiers: {', '.join(classifiers)}")
+
+    def check_estimator(self) -> None:
+        """What new_estimator checks; for scikit-learn's own classifiers from the catalog, without importing it."""
+        self.check_trusted()
+        if not self._sklearn_own():
+            self.new_estimator()
+            return
+        fails = self._listed_sklearn_classifier()["fails"]
+        if fails is not None:
+            raise ValueError(_construction_failed(self.estimator, fails))
+
     def estimator_class(self) -> type:
         """The class, checked to be a classifier before anything constructs it. ValueError says what is valid."""
         from sklearn.base import ClassifierMixin
 
         self.check_trusted()
         module_name, _, class_name = self.estimator.rpartition(".")
-        if module_name.partition(".")[0] in ("", "sklearn") and not _under(module_name, self.trusted_modules):
-            found = sklearn_classifiers().get(class_name)  # sklearn's own, no import of the path given
-            if found is not None and (not module_name or getattr(sys.modules.get(module_name), class_name, None)
-                                      is found):
-                return found
-            if found is not None:
-                raise ValueError(f"{self.estimator!r}: scikit-learn's {class_name} is not in {module_name}; "
-                                 f"write {class_name} or {_public_path(found)}")
-            raise ValueError(f"{self.estimator!r} is not a scikit-learn classifier; {ESTIMATOR_FORMS}; "
-                             f"scikit-learn's classifiers: {', '.join(sklearn_classifiers())}")
+        if self._sklearn_own():
+            self._listed_sklearn_classifier()
+            return sklearn_classifiers()[class_name]
         try:
             found = getattr(importlib.import_module(module_name), class_name, None)
         except Exception as error:  # a trusted module may fail to import in any way
@@ -310,8 +356,12 @@ class SklearnHead(Section):
         try:
             return found()
         except Exception as error:  # whatever the constructor raises, the user fixes it in params.yaml
-            raise ValueError(f"{self.estimator}() failed: {error}; the estimator must construct without "
-                             "arguments (its settings go under params or grid)") from None
+            raise ValueError(_construction_failed(self.estimator, str(error))) from None
+
+
+def _construction_failed(estimator: str, error: str) -> str:
+    return (f"{estimator}() failed: {error}; the estimator must construct without arguments (its settings go under "
+            "params or grid)")
 
 
 ESTIMATOR_FORMS = ("valid: a scikit-learn classifier by class name or dotted path (KNeighborsClassifier, "
@@ -321,12 +371,6 @@ ESTIMATOR_FORMS = ("valid: a scikit-learn classifier by class name or dotted pat
 
 def _under(module_name: str, packages: list[str]) -> bool:
     return any(module_name == p or module_name.startswith(p + ".") for p in packages)
-
-
-def _public_path(found: type) -> str:
-    """sklearn.neighbors.KNeighborsClassifier rather than its private module sklearn.neighbors._classification."""
-    public = found.__module__.split("._")[0]
-    return f"{public}.{found.__name__}"
 
 
 def sklearn_classifiers() -> dict[str, type]:
@@ -357,6 +401,22 @@ class FinetuneParams(Section):
     patience: Annotated[int, Field(ge=1)] = 2
     cache_prefix: bool = False
     augment: AugmentParams = AugmentParams()
+    # data-parallel training (DDP through torchrun) when nproc * nnodes > 1: processes per node, nodes, and node 0's
+    # host:port that the other nodes join (transfer_learning/finetune/launch.py); not in the run's fingerprint
+    nproc: Annotated[int, Field(ge=1)] = 1
+    nnodes: Annotated[int, Field(ge=1)] = 1
+    rdzv_endpoint: str | None = None
+
+    @model_validator(mode="after")
+    def _processes_fit_the_batch(self) -> FinetuneParams:
+        if self.nnodes > 1 and not re.fullmatch(r"[^\s:]+:\d{1,5}", self.rdzv_endpoint or ""):
+            given = "not set" if self.rdzv_endpoint is None else f"not {self.rdzv_endpoint!r}"
+            raise ValueError(f"rdzv_endpoint: nnodes is {self.nnodes}: give node 0's address as host:port "
+                             f"(e.g. node0.example.org:29400), {given}")
+        if self.batch_size % (self.nproc * self.nnodes):
+            raise ValueError(f"batch_size: {self.batch_size} is not a multiple of the {self.nproc * self.nnodes} "
+                             "training processes (nproc x nnodes): each takes an equal share of every batch")
+        return self
 
 
 class AdviseParams(Section):
@@ -383,13 +443,14 @@ class AdviseParams(Section):
 # naming the best model in metrics/evaluate.json, and evaluate.models' keyword; refused in any letter case, as
 # plots/confusion/<name>.csv would collide on a case-insensitive file system
 RESERVED_MODEL_NAMES = ("finetune", "best", "all")
-HEAD_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+# no '.': dvc.yaml's stage per head declares the param heads.<name>, and DVC reads a dot there as one more level
+HEAD_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def _head_name(name: str) -> str:
-    if not HEAD_NAME.fullmatch(name) or name in (".", ".."):
-        raise ValueError("a head name is letters, digits, '_', '.' and '-' (it names the folder models/heads/<name>), "
-                         "not '.' or '..'")
+    if not HEAD_NAME.fullmatch(name):
+        raise ValueError("a head name is letters, digits, '_' and '-' (it names the folder models/heads/<name> and "
+                         "the DVC stage train_heads@<name>, whose param heads.<name> could not hold a '.')")
     if name.lower() in RESERVED_MODEL_NAMES:
         raise ValueError(f"{name!r} is reserved ({', '.join(RESERVED_MODEL_NAMES)} name other things in "
                          "metrics/evaluate.json, evaluate.models and predict --model): choose another head name")
@@ -401,6 +462,17 @@ HeadName = Annotated[str, AfterValidator(_head_name)]
 
 class EvaluateParams(Section):
     models: Union[Literal["all"], list[str]] = "all"
+
+
+class LayersParams(Section):
+    """The layer sweep (transfer_learning/layers/): the logistic head on every block's pooled features."""
+
+    enabled: bool = False
+    # all, or block numbers as `backbone.cut: N` counts them (1 = the first block); checked against meta.json at run
+    blocks: Union[Literal["all"], Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)]] = "all"
+    C: Annotated[list[Annotated[Float, Field(gt=0)]], Field(min_length=1)] = [0.001, 0.01, 0.1, 1, 10, 100]
+    # blocks whose rows are also stored under `backbone.cut: N`'s own fingerprint (each needs that cut's export)
+    adopt: Literal["best", "all", "none"] = "best"
 
 
 def _default_heads() -> dict[str, Any]:
@@ -423,6 +495,7 @@ class Params(Section):
     finetune: FinetuneParams = FinetuneParams()
     advise: AdviseParams = AdviseParams()
     evaluate: EvaluateParams = EvaluateParams()
+    layers: LayersParams = LayersParams()
 
     @field_validator("heads")
     @classmethod
@@ -447,9 +520,7 @@ class Params(Section):
 
 
 def classification_archs() -> list[str]:
-    import torchvision
-
-    return torchvision.models.list_models(module=torchvision.models)
+    return catalog.torchvision_models()["archs"]
 
 
 def load_params(path: Path | str = PARAMS_FILE, resolve_estimators: bool = True,

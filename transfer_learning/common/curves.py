@@ -17,11 +17,13 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def write_curves(folder: Path, points: Iterable[tuple[int, str, float]], empty: Sequence[str] = ()) -> None:
+def write_curves(folder: Path, points: Iterable[tuple[int, str, float]], empty: Sequence[str] = (),
+                 summary: bool = True) -> None:
     """Replaces `folder` with the curves of `points` (step, curve name, value), in step order per curve. With no
     point at all (a skipped stage), the curves named in `empty` get their files with no rows, without dvclive:
     dvc.yaml plots the folder, and DVC reports a plotted folder that is missing (git keeps no empty one) as an
-    error, an empty output folder with a warning."""
+    error, an empty output folder with a warning. `summary=False` leaves out dvclive's metrics.json (the last
+    step's values), for a folder that dvc.yaml plots whole."""
     shutil.rmtree(folder, ignore_errors=True)
     points = list(points)
     if not points:
@@ -37,15 +39,17 @@ def write_curves(folder: Path, points: Iterable[tuple[int, str, float]], empty: 
         live = Live(str(folder), dvcyaml=False, save_dvc_exp=False)
     except SCMError as error:  # dvclive 3.49 reads the git HEAD, and a repository without a commit has none
         log.warning("dvclive cannot run here (%s): %s written in its format without it", error, folder)
-        _write_without_live(folder, points)
+        _write_without_live(folder, points, with_summary=summary)
         return
     with live:
         for step, name, value in points:
             live.step = step
             live.log_metric(name, value)
+    if not summary:
+        (folder / "metrics.json").unlink(missing_ok=True)
 
 
-def _write_without_live(folder: Path, points: list[tuple[int, str, float]]) -> None:
+def _write_without_live(folder: Path, points: list[tuple[int, str, float]], with_summary: bool = True) -> None:
     from dvclive.plots import Metric
 
     summary: dict = {}
@@ -62,4 +66,5 @@ def _write_without_live(folder: Path, points: list[tuple[int, str, float]]) -> N
     if points:
         summary["step"] = points[-1][0]
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "metrics.json").write_text(json.dumps(summary, indent=4) + "\n")
+    if with_summary:
+        (folder / "metrics.json").write_text(json.dumps(summary, indent=4) + "\n")

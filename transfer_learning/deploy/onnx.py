@@ -102,8 +102,12 @@ def onnx_head_model(head: Head, like: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def build(backbone_onnx: Path, head: Head, preprocessing: Preprocessing) -> onnx.ModelProto:
-    backbone = onnx.load(str(backbone_onnx))
+def build(backbone_onnx: Path | bytes, head: Head, preprocessing: Preprocessing) -> onnx.ModelProto:
+    """`backbone_onnx`: models/backbone.onnx, or the checked bytes of the backbone at extract.precision."""
+    if isinstance(backbone_onnx, bytes):
+        backbone = onnx.load_from_string(backbone_onnx)
+    else:
+        backbone = onnx.load(str(backbone_onnx))
     if head.onnx_bytes is not None:
         head_part = onnx_head_model(head, backbone)
     else:

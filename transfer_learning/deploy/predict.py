@@ -22,6 +22,7 @@ from transfer_learning.common.hashing import sha256_bytes
 from transfer_learning.data import manifest
 from transfer_learning.data.images import IMAGE_EXTENSIONS, BadImage, Preprocessing
 from transfer_learning.deploy import onnx as deploy_onnx
+from transfer_learning.features import quantize
 from transfer_learning.features.fingerprint import fingerprint
 from transfer_learning.features.runtime import FeatureRunner
 from transfer_learning.finetune import files as finetune_files
@@ -101,18 +102,21 @@ def default_model(deployable: bool = False) -> str:
 
 
 def check_features_match(head: head_files.Head, backbone: backbone_files.Backbone) -> bytes:
-    """A head only makes sense on the features it was trained on: same ONNX backbone, preprocessing, dtype.
-    Returns the bytes of models/backbone.onnx that were checked: the ones to run."""
-    dtype = load_params(resolve_estimators=False, resolve_backbone=False).extract.dtype
+    """A head only makes sense on the features it was trained on: same ONNX backbone, preprocessing, dtype,
+    precision. Returns the checked bytes to run: models/backbone.onnx, or its int8/fp16 conversion at
+    extract.precision (the cached file, its sha256 verified, or rebuilt exactly as extract builds it)."""
+    params = load_params(resolve_estimators=False, resolve_backbone=False).extract
     preprocessing = backbone.preprocessing.with_bit_depth(manifest.read_bit_depth())
     try:
         onnx_bytes = backbone_files.ONNX.read_bytes()
     except FileNotFoundError:
         raise UserError(f"{backbone_files.ONNX} is missing: run `dvc repro export`") from None
-    current = fingerprint(sha256_bytes(onnx_bytes), preprocessing.to_json(), dtype)
+    onnx_bytes = quantize.backbone_at_precision(params, onnx_bytes, manifest.read(), preprocessing)
+    current = fingerprint(sha256_bytes(onnx_bytes), preprocessing.to_json(), params.dtype, params.precision)
     if head.meta["features_fingerprint"] != current:
-        raise UserError(f"head {head.name!r} was trained on other features than {backbone_files.ONNX} gives now "
-                        "(the backbone, cut, pooling, preprocessing or dtype changed): run `dvc repro`")
+        raise UserError(f"head {head.name!r} was trained on other features than {backbone_files.ONNX} gives now at "
+                        f"extract.precision {params.precision} (the backbone, cut, pooling, preprocessing, dtype or "
+                        "precision changed): run `dvc repro`")
     return onnx_bytes
 
 
@@ -191,9 +195,9 @@ def deploy(model: str) -> Path:
         raise UserError(f"head {model!r} is a pickled scikit-learn estimator (allow_pickle: true), which has no ONNX "
                         f"form; deployable heads: {', '.join(deployable) or 'none'}")
     backbone = backbone_files.load()
-    check_features_match(head, backbone)
+    backbone_onnx = check_features_match(head, backbone)
     preprocessing = backbone.preprocessing.with_bit_depth(manifest.read_bit_depth())  # recorded in its metadata
-    return deploy_onnx.write(deploy_onnx.build(backbone_files.ONNX, head, preprocessing), model)
+    return deploy_onnx.write(deploy_onnx.build(backbone_onnx, head, preprocessing), model)
 
 
 def print_text(results: list[Prediction], probabilistic: bool) -> None:

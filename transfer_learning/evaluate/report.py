@@ -3,16 +3,25 @@ reports/summary.md with every model side by side, ranked by val accuracy."""
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from transfer_learning.common.atomic import atomic_write_text
+from transfer_learning.common.hashing import sha256_file
+
+log = logging.getLogger("evaluate")
 
 CONFUSION_PLOTS = Path("plots/confusion")
 CONFUSION_IMAGES = Path("reports/confusion")
 SUMMARY = Path("reports/summary.md")
+# per PNG: the sha256 of what it shows (model name, classes, test labels, predictions) and of its bytes
+IMAGES_INDEX = CONFUSION_IMAGES / "index.json"
+PNG_STYLE = 1  # part of what a PNG shows: a change to write_confusion_png's drawing bumps it
 BEST_KEY = "best"  # metrics/evaluate.json's key naming the best model by val accuracy (no head may take the name)
 COLUMNS = [("accuracy", "test accuracy"), ("balanced_accuracy", "balanced acc."), ("macro_f1", "macro F1"),
            ("top5_accuracy", "top-5"), ("log_loss", "log loss")]
@@ -47,25 +56,72 @@ def write_confusion_csv(name: str, labels: np.ndarray, predicted: np.ndarray, cl
     return path
 
 
-def write_confusion_png(name: str, labels: np.ndarray, predicted: np.ndarray, classes: list[str]) -> Path:
-    import matplotlib
+def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int) -> np.ndarray:
+    """counts[actual, predicted]."""
+    return np.bincount(labels * n_classes + predicted, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import ConfusionMatrixDisplay
+
+def write_confusion_png(name: str, labels: np.ndarray, predicted: np.ndarray, classes: list[str]) -> Path:
+    """scikit-learn's ConfusionMatrixDisplay drawn with matplotlib alone (its figure, no pyplot): counts in the
+    cells, true label down, predicted label across."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     CONFUSION_IMAGES.mkdir(parents=True, exist_ok=True)
     path = CONFUSION_IMAGES / f"{name}.png"
+    counts = confusion_matrix(np.asarray(labels), np.asarray(predicted), len(classes))
     size = min(max(5.0, 0.5 * len(classes) + 2), 30.0)
-    figure, axes = plt.subplots(figsize=(size, size))
-    ConfusionMatrixDisplay.from_predictions(labels, predicted, labels=np.arange(len(classes)),
-                                            display_labels=classes, xticks_rotation="vertical", colorbar=False,
-                                            ax=axes)
-    axes.set_title(name)
+    figure = Figure(figsize=(size, size))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    image = axes.imshow(counts, interpolation="nearest", cmap="viridis")
+    dark, light = image.cmap(0), image.cmap(1.0)
+    middle = (counts.max() + counts.min()) / 2.0
+    for (actual, guess), count in np.ndenumerate(counts):
+        axes.text(guess, actual, str(count), ha="center", va="center", color=light if count < middle else dark)
+    ticks = np.arange(len(classes))
+    axes.set(xticks=ticks, yticks=ticks, xticklabels=classes, yticklabels=classes, ylabel="True label",
+             xlabel="Predicted label", title=name)
+    axes.set_ylim((len(classes) - 0.5, -0.5))
+    axes.tick_params(axis="x", labelrotation=90)
     figure.tight_layout()
     figure.savefig(path, dpi=100, metadata={"Software": None})  # no version stamp: same inputs, same bytes
-    plt.close(figure)
     return path
+
+
+def _shown(name: str, labels: np.ndarray, predicted: np.ndarray, classes: list[str]) -> str:
+    digest = hashlib.sha256(json.dumps([PNG_STYLE, name, classes]).encode())
+    for array in (labels, predicted):
+        digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def write_confusion_pngs(predictions: dict[str, np.ndarray], labels: np.ndarray, classes: list[str]) -> list[str]:
+    """reports/confusion/<model>.png for every model in `predictions` (name -> predicted class per test image);
+    returns the names drawn. A PNG that shows what it would show now, and whose bytes match the sha256 recorded
+    when it was drawn, is kept (matplotlib takes most of evaluate's time, and a one-head edit changes one model);
+    a damaged one is drawn again. Files of other models are removed."""
+    try:
+        index = json.loads(IMAGES_INDEX.read_text())
+    except (OSError, ValueError):
+        index = {}
+    kept, drawn = {}, []
+    for name, predicted in predictions.items():
+        shown, path, entry = _shown(name, labels, predicted, classes), CONFUSION_IMAGES / f"{name}.png", index.get(name)
+        if isinstance(entry, dict) and entry.get("shown") == shown and path.is_file():
+            if sha256_file(path) == entry.get("sha256"):
+                kept[name] = entry
+                continue
+            log.warning("%s does not match the sha256 recorded when it was drawn: drawing it again", path)
+        write_confusion_png(name, labels, predicted, classes)
+        kept[name] = {"shown": shown, "sha256": sha256_file(path)}
+        drawn.append(name)
+    wanted = {f"{name}.png" for name in predictions} | {IMAGES_INDEX.name}
+    for path in CONFUSION_IMAGES.glob("*"):
+        if path.name not in wanted:
+            path.unlink()
+    atomic_write_text(IMAGES_INDEX, json.dumps(kept, indent=2, sort_keys=True) + "\n")
+    return drawn
 
 
 def _number(value: float | None, digits: int = 4) -> str:

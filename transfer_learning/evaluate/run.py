@@ -1,5 +1,6 @@
 """The evaluate stage's work: every trained model on the test split -> plots/confusion/<model>.csv,
-reports/confusion/<model>.png, reports/summary.md and the metrics.
+reports/confusion/<model>.png, reports/summary.md and the metrics; and metrics/heads.json, the heads' records
+gathered from metrics/heads/<name>.json (one train_heads stage per head writes each).
 
 The best model is the best on val, the split every head chose its hyperparameters on (and fine-tuning its
 epoch); test accuracy is reported beside it and chooses nothing. Everything is loaded and scored before any
@@ -18,18 +19,18 @@ from transfer_learning.common.errors import UserError
 from transfer_learning.data.manifest import SPLITS
 from transfer_learning.evaluate.report import (
     BEST_KEY,
-    CONFUSION_IMAGES,
     CONFUSION_PLOTS,
     Evaluated,
     ranked_by_val,
     write_confusion_csv,
-    write_confusion_png,
+    write_confusion_pngs,
     write_summary,
 )
 from transfer_learning.evaluate.scoring import score
 from transfer_learning.features.split_files import read_labels, read_plain_keys, read_split
 from transfer_learning.finetune import files as finetune_files
 from transfer_learning.heads import files as head_files
+from transfer_learning.heads import records as head_records
 
 log = logging.getLogger("evaluate")
 
@@ -61,7 +62,7 @@ def evaluate_finetuned(test, keys: list[str]) -> tuple[Evaluated, np.ndarray]:
             scores.argmax(axis=1))
 
 
-def evaluate_head(name: str, test, heads_metrics: dict) -> tuple[Evaluated, np.ndarray]:
+def evaluate_head(name: str, test, record: dict) -> tuple[Evaluated, np.ndarray]:
     """A head's row of the report, and its predicted class per test image."""
     head = head_files.load(name)
     if head.meta["features_fingerprint"] != test.fingerprint:
@@ -72,30 +73,30 @@ def evaluate_head(name: str, test, heads_metrics: dict) -> tuple[Evaluated, np.n
     chosen = ", ".join(f"{k}={v}" for k, v in {**head.meta["chosen"], **head.meta["details"]}.items()) or "–"
     log.info("%s: test accuracy %.4f", name, metrics["accuracy"])
     return (Evaluated(name, f"{head.meta['type']} head", metrics, head.meta["val_accuracy"], chosen,
-                      heads_metrics.get(name, {}).get("train_seconds")), scores.argmax(axis=1))
+                      record.get("train_seconds")), scores.argmax(axis=1))
 
 
 def _rounded(value: float | None) -> float | None:
     return None if value is None else round(float(value), 6)
 
 
-def evaluate(models: list[str] | str) -> dict:
-    """Every model `models` names (evaluate.models) on the test split -> the confusion plots and images and
-    reports/summary.md; returns metrics/evaluate.json's dict."""
+def evaluate(models: list[str] | str, heads: list[str]) -> dict:
+    """Every model `models` names (evaluate.models; `all`: the `heads` of params.yaml, alphabetically, and the
+    fine-tuned model if there is one) on the test split -> the confusion plots and images, reports/summary.md and
+    metrics/heads.json; returns metrics/evaluate.json's dict. The heads come from params.yaml, not from the folders
+    in models/heads: a head removed from params leaves its stage's old folder behind, which is not evaluated."""
     test = read_split("test").plain()
     if len(test) == 0:
         raise UserError("the test split is empty: set data.test_fraction above 0 to evaluate")
     classes = test.classes
     fine_tuned = [finetune_files.MODEL_NAME] if finetune_files.trained() else []
-    names = chosen_models(models, head_files.trained_names() + fine_tuned)
+    names = chosen_models(models, sorted(heads) + fine_tuned)
     if not names:
         raise UserError("no trained model to evaluate: add a head under `heads` in params.yaml")
 
-    # wall-clock seconds stay out of models/heads, so that retraining identical heads leaves their hash as it was
-    heads_metrics_file = Path("metrics/heads.json")
-    heads_metrics = json.loads(heads_metrics_file.read_text()) if heads_metrics_file.is_file() else {}
+    records = head_records.read_records(sorted(heads))  # train seconds: kept out of models/heads
     evaluated = [evaluate_finetuned(test, read_plain_keys("test")) if name == finetune_files.MODEL_NAME
-                 else evaluate_head(name, test, heads_metrics) for name in names]
+                 else evaluate_head(name, test, records.get(name, {})) for name in names]
     labels_views = {split: read_labels(split) for split in SPLITS}
     counts = {split: np.bincount(labels[views == 0], minlength=len(classes))
               for split, (labels, views) in labels_views.items()}
@@ -103,12 +104,14 @@ def evaluate(models: list[str] | str) -> dict:
     best = ranked_by_val(results)[0]
 
     # everything is computed: only now are the old outputs replaced
-    for folder in (CONFUSION_PLOTS, CONFUSION_IMAGES):  # a model no longer evaluated leaves no stale file
-        shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(CONFUSION_PLOTS, ignore_errors=True)  # a model no longer evaluated leaves no stale file
     for result, predicted in evaluated:
         write_confusion_csv(result.name, test.labels, predicted, classes)
-        write_confusion_png(result.name, test.labels, predicted, classes)
+    drawn = write_confusion_pngs({result.name: predicted for result, predicted in evaluated}, test.labels, classes)
+    log.info("confusion images: %d drawn (%s), %d unchanged and kept", len(drawn), ", ".join(drawn) or "none",
+             len(evaluated) - len(drawn))
     write_summary(results, classes, counts, int(labels_views["train"][1].max(initial=0)))
+    head_records.write_combined(sorted(heads))
     log.info("best on val: %s (val accuracy %.4f, test accuracy %.4f); side by side in reports/summary.md",
              best.name, best.val_accuracy if best.val_accuracy is not None else float("nan"),
              best.metrics["accuracy"])

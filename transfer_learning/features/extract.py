@@ -18,8 +18,9 @@ from transfer_learning.backbone import files as backbone_files
 from transfer_learning.common.errors import UserError
 from transfer_learning.common.hashing import sha256_bytes
 from transfer_learning.data import manifest
-from transfer_learning.data.images import Preprocessing
+from transfer_learning.data.images import LookupNormalize, Preprocessing
 from transfer_learning.data.manifest import SPLITS
+from transfer_learning.features import quantize
 from transfer_learning.features.fingerprint import fingerprint
 from transfer_learning.features.runtime import FeatureRunner
 from transfer_learning.features.split_files import FEATURES_DIR, SplitRows, write_split
@@ -35,7 +36,8 @@ def compute(store: FeatureStore, todo: dict[str, ViewRequest], runner: FeatureRu
     """Runs the backbone over `todo`, committing to the store as it goes; returns the seconds it took."""
     started = time.perf_counter()
     keys = list(todo)
-    normalize = preprocessing.normalize
+    normalize = LookupNormalize(preprocessing)
+    inputs = np.empty((batch_size, 3, preprocessing.crop, preprocessing.crop), np.float32)  # reused every batch
     loader = DataLoader(ViewDataset(list(todo.values()), preprocessing), batch_size=batch_size,
                         num_workers=workers, collate_fn=collate, worker_init_fn=one_thread_worker,
                         prefetch_factor=4 if workers else None)
@@ -44,7 +46,7 @@ def compute(store: FeatureStore, todo: dict[str, ViewRequest], runner: FeatureRu
         for batch, good, errors in loader:
             batch_keys = keys[done:done + len(good) + len(errors)]
             if good:
-                store.add([batch_keys[i] for i in good], runner(normalize(batch).numpy()))
+                store.add([batch_keys[i] for i in good], runner(normalize(batch.numpy(), inputs)))
             done += len(batch_keys)
             bar.update(len(batch_keys))
             if errors:
@@ -63,10 +65,12 @@ def extract(params: ExtractParams) -> dict:
     # the data's rule for high-bit images is part of preprocessing.to_json(), hence of the fingerprint
     preprocessing = backbone.preprocessing.with_bit_depth(manifest.read_bit_depth())
     onnx_bytes = backbone_files.ONNX.read_bytes()  # hashed and run from the same bytes: no re-read in between
+    onnx_bytes = quantize.backbone_at_precision(params, onnx_bytes, rows, preprocessing)  # fp32: the same bytes
     runner = FeatureRunner(onnx_bytes, params.providers, params.batch_size)
     feature_dim = runner.feature_dim or int(
         runner(np.zeros((1, 3, preprocessing.crop, preprocessing.crop), np.float32)).shape[1])
-    features_fingerprint = fingerprint(sha256_bytes(onnx_bytes), preprocessing.to_json(), params.dtype)
+    features_fingerprint = fingerprint(sha256_bytes(onnx_bytes), preprocessing.to_json(), params.dtype,
+                                       params.precision)
 
     per_split: dict[str, SplitRows] = {split: SplitRows([], [], [], []) for split in SPLITS}
     wanted: dict[str, ViewRequest] = {}
@@ -85,7 +89,14 @@ def extract(params: ExtractParams) -> dict:
         todo = {key: request for key, request in wanted.items() if key not in store}
         log.info("%d images, %d rows with views: %d reused from the store %s, %d to compute",
                  len(rows), len(wanted), len(wanted) - len(todo), store.dir, len(todo))
-        seconds = compute(store, todo, runner, preprocessing, params.batch_size, params.workers) if todo else 0.0
+        engine: dict = {"engine": params.engine} | ({"actors": params.ray.actors} if params.engine == "ray" else {})
+        if todo and params.engine == "ray":
+            from transfer_learning.features import ray_engine  # imports Ray (~1.5 s) only when it is used
+
+            seconds, ran = ray_engine.compute(store, todo, onnx_bytes, preprocessing, params)
+            engine |= ran
+        else:
+            seconds = compute(store, todo, runner, preprocessing, params.batch_size, params.workers) if todo else 0.0
         store.commit()
         store.compact()
         for split, split_rows in per_split.items():
@@ -103,6 +114,8 @@ def extract(params: ExtractParams) -> dict:
         "compute_seconds": round(seconds, 2),
         "images_per_s": round(len(todo) / seconds, 1) if seconds else None,
         "provider": runner.provider,
+        "precision": params.precision,
+        **engine,  # engine, and for ray: actors and the actors' provider
         "fingerprint": features_fingerprint,
         "feature_dim": feature_dim,
         "dtype": params.dtype,

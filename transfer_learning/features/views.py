@@ -51,9 +51,9 @@ def view_seed(sha256: str, view: int) -> int:
     return int(sha256[:15], 16) + view
 
 
-def read_image(request: ViewRequest, preprocessing: Preprocessing):
+def read_image(request: ViewRequest, preprocessing: Preprocessing, keep_grey: bool = False):
     """(RGB image, None), or (None, the reason with the path): unreadable, changed since prepare, not decodable.
-    High-bit images are scaled by `preprocessing.bit_depth`, the data's rule."""
+    High-bit images are scaled by `preprocessing.bit_depth`, the data's rule. `keep_grey`: see Preprocessing.decode."""
     try:
         data = Path(request.path).read_bytes()
     except OSError as error:
@@ -61,7 +61,7 @@ def read_image(request: ViewRequest, preprocessing: Preprocessing):
     if sha256_bytes(data) != request.sha256:
         return None, f"{request.path}: changed since prepare (sha256 differs); run `dvc repro` to re-prepare"
     try:
-        return preprocessing.decode(data), None
+        return preprocessing.decode(data, keep_grey), None
     except BadImage as error:
         return None, f"{request.path}: {error}"
 
@@ -81,11 +81,11 @@ class ViewDataset(Dataset):
 
     def __getitem__(self, index: int):
         request = self.requests[index]
-        image, error = read_image(request, self.preprocessing)
+        image, error = read_image(request, self.preprocessing, keep_grey=request.view == 0)
         if error is not None:
             return None, error
         if request.view == 0:
-            return self.plain(image), None
+            return self.plain(image).expand(3, -1, -1), None  # a grey image's one plane, seen as three channels
         torch.manual_seed(view_seed(request.sha256, request.view))
         return self.augment(image), None
 

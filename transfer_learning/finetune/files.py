@@ -9,19 +9,33 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from transfer_learning.common.atomic import atomic_write_text
 from transfer_learning.common.errors import UserError
 from transfer_learning.common.hashing import read_verified, sha256_file
+from transfer_learning.finetune.curves import write_curves
+
+if TYPE_CHECKING:
+    import numpy as np  # imported where used: a skipped stage needs none
 
 FINETUNE_DIR = Path("models/finetune")
 MODEL_NAME = "finetune"
 PROBABILITIES, LOGITS = "probabilities", "logits"
 ONNX, STATE_DICT, TEST_SCORES = "model.onnx", "model.pt", "test_scores.npz"
 DIGESTED = (ONNX, STATE_DICT, TEST_SCORES)
+
+
+def skip() -> dict:
+    """What the stage writes when finetune.enabled is false (no torch imported); metrics/finetune.json's dict."""
+    shutil.rmtree(FINETUNE_DIR, ignore_errors=True)
+    FINETUNE_DIR.mkdir(parents=True)
+    (FINETUNE_DIR / "skipped.json").write_text(json.dumps({"enabled": False}) + "\n")
+    write_curves([])  # the curves' files with no rows: no "plots/finetune is empty" from DVC
+    print("finetune.enabled is false: skipped")
+    return {"skipped": True, "run_fingerprint": None, "prefix_fingerprint": None}
 
 
 def onnx_path(directory: Path = FINETUNE_DIR) -> Path:
@@ -61,11 +75,15 @@ def verified_bytes(name: str, directory: Path = FINETUNE_DIR) -> bytes:
 
 
 def write_test_scores(keys: list[str], probabilities: np.ndarray, directory: Path = FINETUNE_DIR) -> None:
+    import numpy as np
+
     np.savez(directory / TEST_SCORES, keys=np.array(keys), probabilities=probabilities.astype(np.float32))
 
 
 def read_test_scores(keys: list[str], directory: Path = FINETUNE_DIR) -> np.ndarray:
     """The probabilities in the order of `keys` (the test split's rows), from the verified file."""
+    import numpy as np
+
     with np.load(io.BytesIO(verified_bytes(TEST_SCORES, directory)), allow_pickle=False) as saved:
         row = {str(k): i for i, k in enumerate(saved["keys"])}
         missing = [k for k in keys if k not in row]

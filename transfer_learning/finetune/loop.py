@@ -10,6 +10,11 @@ from the last completed epoch. The checkpoint may sit in a store shared with oth
 far as it is checked: the digest must match, and it is read with `torch.load(weights_only=True)` (tensors and
 plain containers, no code). A file that fails either is reported, moved aside (`.rejected-<ns>`) and the run
 starts afresh; a disk error while reading it (an OSError with an errno) stops the run and leaves it in place.
+
+With a process group (torchrun, transfer_learning/finetune/distributed.py) every rank draws the same permutation
+as one process would and takes its share of each batch of `batch_size`: the same global batches, gradients
+averaged over them by DDP, so the same run up to float rounding whatever the number of processes (a run may be
+resumed with another one). Rank 0 alone reads and writes the checkpoint; the others get what it read.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ from tqdm import tqdm
 
 from transfer_learning.common.atomic import atomic_write, atomic_write_text
 from transfer_learning.common.hashing import sha256_bytes
+from transfer_learning.finetune.distributed import Group, rank_share
 from transfer_learning.finetune.model import FineTuneNet
 from transfer_learning.params import FinetuneParams
 
@@ -68,26 +74,33 @@ def schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def evaluate(net: FineTuneNet, inputs: Inputs, device: torch.device) -> tuple[float, float]:
-    """(mean loss, accuracy) in eval mode."""
+def evaluate(net: FineTuneNet, inputs: Inputs, device: torch.device, group: Group | None = None
+             ) -> tuple[float, float]:
+    """(mean loss, accuracy) in eval mode; with a group each rank takes every world-th image and they add up."""
     net.eval()
     loss_sum, correct = 0.0, 0
-    order = list(range(len(inputs.labels)))
+    order = list(range(len(inputs.labels)) if group is None else range(group.rank, len(inputs.labels), group.world))
     start = 0
     with torch.inference_mode():
         for x in inputs.batches(order, 0):
-            y = torch.as_tensor(inputs.labels[start:start + len(x)], device=device)
+            y = torch.as_tensor(inputs.labels[order[start:start + len(x)]], device=device)
             start += len(x)
             with torch.autocast(device.type, enabled=device.type == "cuda"):
                 logits = net(x.to(device), from_prefix=inputs.from_prefix)
             loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
             correct += int((logits.argmax(1) == y).sum())
-    n = max(1, len(order))
+    n = len(order)
+    if group is not None:
+        loss_sum, correct, n = group.sum([loss_sum, correct, n])
+    n = max(1, n)
     return loss_sum / n, correct / n
 
 
 def fit(net: FineTuneNet, train: Inputs, val: Inputs, params: FinetuneParams, seed: int, checkpoint: Path,
-        device: torch.device, on_epoch_end: Callable[[int], None] | None = None) -> Outcome:
+        device: torch.device, on_epoch_end: Callable[[int], None] | None = None, group: Group | None = None
+        ) -> Outcome:
+    """Trains `net` (in one process, or as one rank of `group`: then `train` and `val` give batches of
+    batch_size / world images); `on_epoch_end(epoch)` runs once the epoch's checkpoint is on disk."""
     net.to(device)
     head_params, backbone_params = net.parameter_groups()
     groups = [{"params": head_params, "lr": params.lr_head}]
@@ -102,7 +115,13 @@ def fit(net: FineTuneNet, train: Inputs, val: Inputs, params: FinetuneParams, se
 
     outcome = Outcome()
     best_loss, best_state, since_best, start = math.inf, None, 0, 1
-    saved = _load(checkpoint, net)
+    if group is None:
+        saved = _load(checkpoint, net)
+    else:  # one rank verifies (and moves aside) the file; the others load what it read
+        saved = group.broadcast(_load(checkpoint, net) if group.leader else None)
+        if saved is not None and not group.leader:
+            net.load_state_dict(saved["net"])
+    model = net if group is None else group.wrap(net)
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
         lr_schedule.load_state_dict(saved["schedule"])
@@ -122,7 +141,7 @@ def fit(net: FineTuneNet, train: Inputs, val: Inputs, params: FinetuneParams, se
         if saved["stopped"]:
             start = params.epochs + 1
     else:
-        val_loss, val_accuracy = evaluate(net, val, device)
+        val_loss, val_accuracy = evaluate(net, val, device, group)
         outcome.history.append({"epoch": 0, "train_loss": None, "train_accuracy": None,
                                 "val_loss": val_loss, "val_accuracy": val_accuracy, "seconds": 0.0})
         best_loss, best_state = val_loss, _copy(net)
@@ -132,27 +151,44 @@ def fit(net: FineTuneNet, train: Inputs, val: Inputs, params: FinetuneParams, se
         started = time.perf_counter()
         net.train()
         order = torch.randperm(len(train.labels), generator=shuffle).tolist()
-        loss_sum, correct, seen = 0.0, 0, 0
-        with tqdm(total=len(order), desc=f"finetune epoch {epoch}/{params.epochs}", unit="img", leave=False) as bar:
-            for x in train.batches(order, epoch):
+        if group is not None:
+            order, weights, batch_sizes = rank_share(order, params.batch_size, group.rank, group.world)
+            torch.manual_seed(group.seed(seed, epoch))  # dropout: per rank and epoch, so a resumed run draws alike
+        loss_sum, correct, seen, counted = 0.0, 0, 0, 0
+        with tqdm(total=len(order), desc=f"finetune epoch {epoch}/{params.epochs}", unit="img", leave=False,
+                  disable=group is not None and not group.leader) as bar:
+            for step, x in enumerate(train.batches(order, epoch)):
                 y = torch.as_tensor(train.labels[order[seen:seen + len(x)]], device=device)
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, enabled=device.type == "cuda"):
-                    logits = net(x.to(device), from_prefix=train.from_prefix)
-                    loss = nn.functional.cross_entropy(logits.float(), y)
+                    logits = model(x.to(device), from_prefix=train.from_prefix)
+                    if group is None:
+                        loss = nn.functional.cross_entropy(logits.float(), y)
+                    else:  # the share's sum over the global batch's size (times world: DDP averages the ranks)
+                        w = torch.as_tensor(weights[seen:seen + len(x)], device=device)
+                        weighted = nn.functional.cross_entropy(logits.float(), y, reduction="none") * w
+                        loss = weighted.sum() * (group.world / batch_sizes[step])
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 lr_schedule.step()
-                loss_sum += loss.item() * len(y)
-                correct += int((logits.argmax(1) == y).sum())
+                if group is None:
+                    loss_sum += loss.item() * len(y)
+                    correct += int((logits.argmax(1) == y).sum())
+                    counted += len(y)
+                else:
+                    loss_sum += weighted.sum().item()
+                    correct += int(((logits.argmax(1) == y) * w).sum())
+                    counted += int(w.sum())
                 seen += len(y)
                 bar.update(len(y))
+        if group is not None:
+            loss_sum, correct, counted = group.sum([loss_sum, correct, counted])
         if not math.isfinite(loss_sum):
             raise FloatingPointError(f"the training loss is not finite at epoch {epoch}: lower finetune.lr_head "
                                      f"({params.lr_head}) or finetune.lr_backbone ({params.lr_backbone})")
-        val_loss, val_accuracy = evaluate(net, val, device)
-        record = {"epoch": epoch, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+        val_loss, val_accuracy = evaluate(net, val, device, group)
+        record = {"epoch": epoch, "train_loss": loss_sum / counted, "train_accuracy": correct / counted,
                   "val_loss": val_loss, "val_accuracy": val_accuracy,
                   "seconds": round(time.perf_counter() - started, 2)}
         outcome.history.append(record)
@@ -164,13 +200,16 @@ def fit(net: FineTuneNet, train: Inputs, val: Inputs, params: FinetuneParams, se
         log.info("epoch %d: train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1f s%s", epoch,
                  record["train_loss"], record["train_accuracy"], val_loss, val_accuracy, record["seconds"],
                  " (best)" if since_best == 0 else "")
-        outcome.checkpoint_sha256 = save_checkpoint(checkpoint, {
-            "net": net.state_dict(), "optimizer": optimizer.state_dict(), "schedule": lr_schedule.state_dict(),
-            "scaler": scaler.state_dict(), "shuffle_rng": shuffle.get_state(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-            "history": outcome.history, "best_epoch": outcome.best_epoch, "best_loss": best_loss,
-            "best_state": best_state, "since_best": since_best, "epoch": epoch, "stopped": stopped,
-        }, previous=outcome.checkpoint_sha256)
+        if group is None or group.leader:
+            outcome.checkpoint_sha256 = save_checkpoint(checkpoint, {
+                "net": net.state_dict(), "optimizer": optimizer.state_dict(), "schedule": lr_schedule.state_dict(),
+                "scaler": scaler.state_dict(), "shuffle_rng": shuffle.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                "history": outcome.history, "best_epoch": outcome.best_epoch, "best_loss": best_loss,
+                "best_state": best_state, "since_best": since_best, "epoch": epoch, "stopped": stopped,
+            }, previous=outcome.checkpoint_sha256)
+        if group is not None:
+            group.barrier()  # the others wait while rank 0 writes the checkpoint
         if on_epoch_end is not None:
             on_epoch_end(epoch)
         if stopped:

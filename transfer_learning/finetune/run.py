@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +24,11 @@ from torch.utils.data import DataLoader
 
 from transfer_learning.backbone import files as backbone_files
 from transfer_learning.backbone import onnx_export
-from transfer_learning.common import curves
 from transfer_learning.common.atomic import atomic_write, atomic_write_text
 from transfer_learning.common.errors import UserError
 from transfer_learning.common.hashing import sha256_bytes, sha256_file
 from transfer_learning.data import manifest
+from transfer_learning.data.images import Preprocessing
 from transfer_learning.features.runtime import FeatureRunner
 from transfer_learning.features.store import resolve_store
 from transfer_learning.features.views import ViewDataset, collate
@@ -40,6 +42,8 @@ from transfer_learning.finetune.data import (
     prefix_fingerprint,
     split_images,
 )
+from transfer_learning.finetune.distributed import LAUNCHER_PID, Group
+from transfer_learning.finetune.curves import write_curves
 from transfer_learning.finetune.files import FINETUNE_DIR, LOGITS, PROBABILITIES
 from transfer_learning.finetune.loop import Inputs, fit
 from transfer_learning.finetune.model import FineTuneNet, Probabilities
@@ -49,21 +53,17 @@ from transfer_learning.params import Params
 log = logging.getLogger("finetune")
 for noisy in ("onnx_ir", "onnxscript"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-PLOTS_DIR = Path("plots/finetune")
-CURVES = ("train_loss", "val_loss", "train_accuracy", "val_accuracy")
+# fault injection for the crash tests (fault_hook): after this epoch's checkpoint the stage is SIGKILLed, or a rank
+# fails
+KILL_AFTER_EPOCH = "TRANSFER_LEARNING_KILL_AFTER_EPOCH"
+FAIL_AFTER_EPOCH = "TRANSFER_LEARNING_FAIL_AFTER_EPOCH"
 WORKERS = 2
 PREFIX_BATCH = 64
 SEED = 0  # the fresh head's init, the shuffling, the augmentation, dropout
+# how many processes train, and where: the same run up to float rounding (finetune/loop.py), so a checkpoint is
+# resumed whatever they are
+DISTRIBUTION = {"nproc", "nnodes", "rdzv_endpoint"}
 FINETUNE_VERSION = 2  # bump when a change to the loop makes old checkpoints wrong (2: the fresh head is seeded)
-
-
-def skip() -> dict:
-    shutil.rmtree(FINETUNE_DIR, ignore_errors=True)
-    FINETUNE_DIR.mkdir(parents=True)
-    (FINETUNE_DIR / "skipped.json").write_text(json.dumps({"enabled": False}) + "\n")
-    write_curves([])  # the curves' files with no rows: no "plots/finetune is empty" from DVC
-    print("finetune.enabled is false: skipped")
-    return {"skipped": True, "run_fingerprint": None, "prefix_fingerprint": None}
 
 
 def resolve_unfreeze(unfreeze: int | str) -> int | str:
@@ -93,7 +93,7 @@ def run_fingerprint(params: Params, unfreeze: int | str, bn: str, head: head_fil
     """Everything the training depends on: a checkpoint is resumed only under the same fingerprint."""
     spec = {
         "version": FINETUNE_VERSION,
-        "finetune": {**params.finetune.model_dump(exclude={"enabled"}), "unfreeze": unfreeze, "bn": bn},
+        "finetune": {**params.finetune.model_dump(exclude={"enabled", *DISTRIBUTION}), "unfreeze": unfreeze, "bn": bn},
         "weights": sha256_file(backbone_files.WEIGHTS),
         "cut": params.backbone.cut, "pool": params.backbone.pool,
         "head": None if head is None else hashlib.sha256(
@@ -198,13 +198,6 @@ def export_onnx(net: FineTuneNet, onnx_file: Path, run_dir: Path, preprocessing,
     return max_abs_diff, data
 
 
-def write_curves(history: list[dict]) -> None:
-    """plots/finetune/ (dvclive): a curve per epoch, step = epoch; epoch 0, before any update, has the val curves
-    only. Its metrics.json holds the last epoch; metrics/finetune.json the best one."""
-    curves.write_curves(PLOTS_DIR, ((r["epoch"], c, r[c]) for r in history for c in CURVES if r[c] is not None),
-                        empty=CURVES)
-
-
 @dataclass
 class Setup:
     """The network to train and what decided its shape (recorded in meta.json and the metrics)."""
@@ -238,13 +231,27 @@ def build_net(params: Params, backbone: backbone_files.Backbone, preprocessing, 
     return Setup(net, cut_node, unfreeze, bn, head, trainable)
 
 
-def finetune(params: Params) -> dict:
-    """The finetune stage's work (or only the record that it was skipped); returns metrics/finetune.json's dict."""
-    if not params.finetune.enabled:
-        # train_heads and evaluate are its neighbours in the DAG, so this runs after every heads edit: when
-        # disabled it must cost next to nothing, hence no torchvision check of backbone.* (earlier stages made it)
-        return skip()
-    started = time.perf_counter()
+@dataclass
+class Prepared:
+    """The network and its inputs, with what they were derived from."""
+
+    setup: Setup
+    backbone: backbone_files.Backbone
+    preprocessing: Preprocessing
+    classes: list[str]
+    train: LabelledImages
+    val: LabelledImages
+    test: LabelledImages
+    train_inputs: Inputs
+    val_inputs: Inputs
+    cache_train: bool
+    prefix_fp: str | None  # the store folder of the cached prefix outputs; None: no frozen prefix
+    store: Path
+
+
+def prepare(params: Params, device: torch.device, batch_size: int) -> Prepared:
+    """The net (finetune.unfreeze, init_head, bn) and its inputs in batches of `batch_size`; the frozen prefix's
+    outputs are computed here for the images the store lacks."""
     settings = params.finetune
     backbone = backbone_files.load()
     preprocessing = backbone.preprocessing.with_bit_depth(manifest.read_bit_depth())
@@ -262,20 +269,40 @@ def finetune(params: Params) -> dict:
         log.info("finetune.cache_prefix: true: the frozen prefix sees un-augmented images, finetune.augment is not used")
         augment = None
     store = resolve_store(params.extract.store)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     prefix_fp = prefix_fingerprint(sha256_file(backbone_files.WEIGHTS), net.split.prefix_node or "", preprocessing,
                                    device.type)
-    train_inputs = inputs_for(net, train, augment, cache_train, store, prefix_fp, preprocessing, settings.batch_size,
-                              device)
-    val_inputs = inputs_for(net, val, None, has_prefix, store, prefix_fp, preprocessing, settings.batch_size, device)
+    train_inputs = inputs_for(net, train, augment, cache_train, store, prefix_fp, preprocessing, batch_size, device)
+    val_inputs = inputs_for(net, val, None, has_prefix, store, prefix_fp, preprocessing, batch_size, device)
+    return Prepared(setup, backbone, preprocessing, classes, train, val, test, train_inputs, val_inputs, cache_train,
+                    prefix_fp if has_prefix else None, store)
 
-    run_fp = run_fingerprint(params, setup.unfreeze, setup.bn, setup.head, train, val)
-    checkpoint = store / "finetune" / run_fp / "checkpoint.pt"
-    log.info("training on %s; checkpoint %s", device, checkpoint)
-    outcome = fit(net, train_inputs, val_inputs, settings, seed=SEED, checkpoint=checkpoint, device=device)
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def train(params: Params, group: Group | None = None) -> dict | None:
+    """Trains (alone, or as one rank of `group`) and writes models/finetune/, the curves and the checkpoint; returns
+    the metrics (None on a rank other than 0, which writes nothing)."""
+    started = time.perf_counter()
+    settings = params.finetune
+    device = default_device() if group is None else group.device
+    world = 1 if group is None else group.world
+    prepared = prepare(params, device, settings.batch_size // world)
+    setup, net = prepared.setup, prepared.setup.net
+    run_fp = run_fingerprint(params, setup.unfreeze, setup.bn, setup.head, prepared.train, prepared.val)
+    checkpoint = prepared.store / "finetune" / run_fp / "checkpoint.pt"
+    log.info("training on %s%s; checkpoint %s", device, "" if group is None else f" (rank {group.rank} of {world})",
+             checkpoint)
+    outcome = fit(net, prepared.train_inputs, prepared.val_inputs, settings, seed=SEED, checkpoint=checkpoint,
+                  device=device, on_epoch_end=fault_hook(group), group=group)
+    if group is not None:
+        group.close()  # every rank has trained; rank 0 alone writes the outputs
+        if not group.leader:
+            return None
     net.cpu().eval()
-    max_abs_diff = write_outputs(params, setup, outcome, checkpoint, backbone, preprocessing, classes, test)
-    prefix_used = prefix_fp if has_prefix else None  # the store folder of the cached prefix outputs
+    max_abs_diff = write_outputs(params, setup, outcome, checkpoint, prepared.backbone, prepared.preprocessing,
+                                 prepared.classes, prepared.test)
     best = outcome.history[outcome.best_epoch]
     trained_epochs = [r for r in outcome.history if r["epoch"] > 0]
     log.info("fine-tuned (unfreeze %r): best epoch %d, val accuracy %.4f (%.4f before any update) -> %s",
@@ -284,13 +311,14 @@ def finetune(params: Params) -> dict:
     return {  # the two fingerprints name the store folders this workspace uses (`stages.store gc` keeps them)
         "skipped": False,
         "run_fingerprint": run_fp,
-        "prefix_fingerprint": prefix_used,
+        "prefix_fingerprint": prepared.prefix_fp,
         "unfreeze": setup.unfreeze,
         "trainable_blocks": len(setup.trainable),
         "trainable_params": sum(p.numel() for p in net.parameters() if p.requires_grad),
         "init_head": settings.init_head,
-        "cached_prefix": cache_train,
+        "cached_prefix": prepared.cache_train,
         "device": device.type,
+        "processes": world,
         "epochs_run": len(outcome.history) - 1,
         "best_epoch": outcome.best_epoch,
         "val_accuracy_at_init": outcome.history[0]["val_accuracy"],
@@ -301,6 +329,26 @@ def finetune(params: Params) -> dict:
         "onnx_max_abs_diff": max_abs_diff,
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def fault_hook(group: Group | None):
+    """The crash tests' fault injection, None unless asked for. Once epoch k's checkpoint is on disk:
+    KILL_AFTER_EPOCH=k: rank 0 (or the one process) SIGKILLs the whole stage, the launcher's process group, then
+    itself (a torchrun worker has a session of its own; the other ranks die with their launcher).
+    FAIL_AFTER_EPOCH=k: the last rank raises, as a worker's Python error would."""
+    kill_after, fail_after = os.environ.get(KILL_AFTER_EPOCH), os.environ.get(FAIL_AFTER_EPOCH)
+    if kill_after is None and fail_after is None:
+        return None
+    rank, world = (0, 1) if group is None else (group.rank, group.world)
+
+    def hook(epoch: int) -> None:
+        if fail_after is not None and epoch == int(fail_after) and rank == world - 1:
+            raise RuntimeError(f"{FAIL_AFTER_EPOCH}={epoch}: rank {rank} fails on purpose")
+        if kill_after is not None and epoch == int(kill_after) and rank == 0:
+            os.killpg(os.getpgid(int(os.environ.get(LAUNCHER_PID, os.getpid()))), signal.SIGKILL)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
 
 
 def write_outputs(params: Params, setup: Setup, outcome, checkpoint: Path, backbone: backbone_files.Backbone,

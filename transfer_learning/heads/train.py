@@ -1,8 +1,9 @@
-"""The train_heads stage's work: data/features/{train,val}.h5 -> models/heads/<name>/, the torch heads' training
-curves in plots/heads/ and the metrics.
+"""The train_heads stage's work: data/features/{train,val}.h5 -> models/heads/<name>/, the head's record in
+metrics/heads/<name>.json (heads/records.py) and the torch heads' training curves in plots/heads/<name>/.
 
-Every head in params.yaml `heads` chooses its hyperparameters on val (heads/selection.py) and is saved by
-heads/files.py. Train rows include the augmented views when extract.augment_views > 0.
+dvc.yaml runs one train_heads stage per head (`foreach: ${heads}`, each declaring only `heads.<name>`), so an edit
+to one head retrains that head alone. Every head chooses its hyperparameters on val (heads/selection.py) and is
+saved by heads/files.py. Train rows include the augmented views when extract.augment_views > 0.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from transfer_learning.common.errors import UserError
 from transfer_learning.features.split_files import read_split
 from transfer_learning.heads import files as head_files
 from transfer_learning.heads.files import FittedHead
+from transfer_learning.heads.records import RECORDS_DIR, write_record
 from transfer_learning.heads.selection import estimator_and_grid, fit_head
-from transfer_learning.heads.sklearn_onnx import has_converter
 from transfer_learning.params import HeadSpec, SklearnHead
 
 log = logging.getLogger("train_heads")
@@ -25,17 +26,21 @@ CURVES_DIR = Path("plots/heads")
 CURVES = ("train_loss", "val_loss")
 
 
-def write_curves(fitted_heads: list[FittedHead]) -> None:
-    """plots/heads/ (dvclive): <head>/train_loss and <head>/val_loss per epoch (step = epoch) for every head trained
-    by epochs (linear, mlp: the chosen grid point); with no such head, train_loss and val_loss with no rows."""
-    curves.write_curves(CURVES_DIR, ((r["epoch"], f"{fitted.name}/{curve}", r[curve])
-                                     for fitted in fitted_heads for r in getattr(fitted.estimator, "history_", [])
-                                     for curve in CURVES), empty=CURVES)
+def write_curves(fitted_heads: list[FittedHead], folder: Path = CURVES_DIR) -> None:
+    """`folder` (dvclive's layout): plots/metrics/<head>/train_loss.tsv and val_loss.tsv per epoch (step = epoch) for
+    every head trained by epochs (linear, mlp: the chosen grid point); with no such head, plots/metrics/train_loss.tsv
+    and val_loss.tsv with no rows. No dvclive summary: metrics/heads/<name>.json is the head's summary, and a JSON
+    file in the plotted folder would not be a plot."""
+    curves.write_curves(folder, ((r["epoch"], f"{fitted.name}/{curve}", r[curve])
+                                 for fitted in fitted_heads for r in getattr(fitted.estimator, "history_", [])
+                                 for curve in CURVES), empty=CURVES, summary=False)
 
 
 def check_saveable(name: str, spec: SklearnHead, estimator) -> None:
     """Before any training: an estimator skl2onnx has no converter for needs allow_pickle (a converter that exists
     but fails on the fitted estimator is reported when it is saved, still before the old heads are replaced)."""
+    from transfer_learning.heads.sklearn_onnx import has_converter  # here: only sklearn heads need onnx
+
     if has_converter(estimator):
         return
     if spec.allow_pickle:
@@ -47,10 +52,30 @@ def check_saveable(name: str, spec: SklearnHead, estimator) -> None:
                     f"heads.{name}.allow_pickle: true to save it as a pickle (load it only from a source you trust)")
 
 
-def train_heads(heads: dict[str, HeadSpec]) -> dict:
-    """Every head of params.yaml `heads` trained, selected on val and saved; returns metrics/heads.json's dict."""
+def record_of(fitted: FittedHead) -> dict:
+    """The head's line in metrics/heads.json (wall-clock seconds stay out of models/heads, so that retraining an
+    identical head leaves its hash as it was)."""
+    return {
+        "type": fitted.spec.type,
+        "val_accuracy": round(fitted.val_accuracy, 6),
+        "params": fitted.chosen,
+        "train_seconds": round(fitted.seconds, 2),
+        "train_rows": fitted.train_rows,
+        **fitted.details,
+    }
+
+
+def train_heads(heads: dict[str, HeadSpec], only: list[str] | None = None) -> dict[str, dict]:
+    """The heads of params.yaml `heads` that `only` names (all of them by default) trained, selected on val and
+    saved; returns {name: record}. Every spec is checked and every head trained and converted before any old file
+    is replaced. Training all heads also removes the files of heads no longer in params."""
     started = time.perf_counter()
-    for name, spec in heads.items():  # every spec checked before any training
+    unknown = [name for name in only or [] if name not in heads]
+    if unknown:
+        raise UserError(f"no head {', '.join(map(repr, unknown))} under `heads` in params.yaml; "
+                        f"heads: {', '.join(heads)}")
+    chosen = {name: heads[name] for name in only} if only else heads
+    for name, spec in chosen.items():  # every spec checked before any training
         estimator, _ = estimator_and_grid(name, spec)
         if spec.type == "sklearn":
             check_saveable(name, spec, estimator)
@@ -59,27 +84,23 @@ def train_heads(heads: dict[str, HeadSpec]) -> dict:
         raise UserError("data/features/train.h5 and val.h5 come from different extract runs: run `dvc repro extract`")
     augmented = int((train.views > 0).sum())
     log.info("training %d head(s) on %d train rows (%d of them augmented views), selecting on %d val rows",
-             len(heads), len(train), augmented, len(val))
+             len(chosen), len(train), augmented, len(val))
 
-    fitted_heads = [fit_head(name, spec, train, val) for name, spec in heads.items()]
+    fitted_heads = [fit_head(name, spec, train, val) for name, spec in chosen.items()]
     forms = [head_files.saved_form(fitted, train.classes, train.fingerprint) for fitted in fitted_heads]
-    # every head is trained and converted: only now are the old ones replaced (a head removed from params leaves
-    # no stale files)
-    shutil.rmtree(head_files.HEADS_DIR, ignore_errors=True)
-    metrics = {}
+    # every head is trained and converted: only now are the old files replaced
+    if not only:
+        for folder in (head_files.HEADS_DIR, CURVES_DIR, RECORDS_DIR):
+            shutil.rmtree(folder, ignore_errors=True)
+    records = {}
     for fitted, form in zip(fitted_heads, forms):
-        name, spec = fitted.name, fitted.spec
+        name = fitted.name
+        shutil.rmtree(head_files.HEADS_DIR / name, ignore_errors=True)
         folder = head_files.write(form)
-        metrics[name] = {
-            "type": spec.type,
-            "val_accuracy": round(fitted.val_accuracy, 6),
-            "params": fitted.chosen,
-            "train_seconds": round(fitted.seconds, 2),
-            "train_rows": fitted.train_rows,
-            **fitted.details,
-        }
-        log.info("head %s (%s): val accuracy %.4f with %s in %.1f s -> %s (%s)", name, spec.type,
+        write_curves([fitted], CURVES_DIR / name)
+        records[name] = record_of(fitted)
+        write_record(name, records[name])
+        log.info("head %s (%s): val accuracy %.4f with %s in %.1f s -> %s (%s)", name, fitted.spec.type,
                  fitted.val_accuracy, fitted.chosen or "its params", fitted.seconds, folder, form.meta["format"])
-    write_curves(fitted_heads)
-    log.info("%d head(s) trained in %.1f s", len(metrics), time.perf_counter() - started)
-    return metrics
+    log.info("%d head(s) trained in %.1f s", len(records), time.perf_counter() - started)
+    return records

@@ -1,0 +1,180 @@
+"""extract.engine: ray — real Ray Data, real actors, real ONNX Runtime, into the real HDF5 feature store.
+
+One local Ray cluster serves the whole module (start-up costs seconds): the engine uses a connection the process
+already has. The driver-kill test runs the stage as its own process, which starts and stops its own cluster.
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from stages import extract, prepare
+from tests.conftest import DIGITS_PER_CLASS, REPO, write_digits
+from tests.test_extract import CUDA_VS_CPU_RTOL_OF_SCALE, metrics, read_split, set_params
+from transfer_learning.common.errors import UserError
+from transfer_learning.features.ray_engine import KILL_ACTOR_AT_BATCH, KILL_ACTOR_MARKER, check_fits
+from transfer_learning.features.store import KILL_AFTER_COMMITS
+from transfer_learning.features.runtime import CPU, CUDA
+from transfer_learning.params import ExtractParams
+
+RAY = {"engine": "ray", "ray": {"actors": 2, "batch_size": 8}}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    from transfer_learning.features.ray_cluster import local_cluster_options
+
+    ray.init(**local_cluster_options())
+    yield
+    ray.shutdown()
+
+
+def store_keys(store: Path) -> list[str]:
+    keys = []
+    for path in store.glob("*/*.h5"):
+        with h5py.File(path, "r") as handle:
+            keys += [key.decode() for key in handle["keys"][:]]
+    return keys
+
+
+def features_of_every_split() -> dict:
+    return {split: read_split(split) for split in ("train", "val", "test")}
+
+
+def assert_same_features(a: dict, b: dict) -> None:
+    for split in a:
+        np.testing.assert_array_equal(a[split]["keys"], b[split]["keys"])
+        np.testing.assert_allclose(a[split]["features"], b[split]["features"], rtol=0, atol=1e-6)
+        assert a[split]["attrs"]["fingerprint"] == b[split]["attrs"]["fingerprint"]
+
+
+@pytest.mark.slow
+def test_ray_rows_equal_local_rows_and_each_engine_reuses_the_others(workdir, ray_cluster):
+    set_params(extract={"store": "store-local"})
+    extract.main()
+    local = features_of_every_split()
+    assert metrics()["engine"] == "local" and "actors" not in metrics()
+
+    set_params(extract={"store": "store-ray", **RAY})
+    extract.main()
+    m = metrics()
+    assert (m["engine"], m["actors"], m["computed"], m["reused"]) == ("ray", 2, 60, 0)
+    assert m["fingerprint"] == local["test"]["attrs"]["fingerprint"]
+    assert_same_features(features_of_every_split(), local)
+    assert sorted(store_keys(Path("store-ray"))) == sorted(store_keys(Path("store-local")))
+
+    set_params(extract={"store": "store-local", **RAY})  # ray on the store local filled: nothing to compute
+    extract.main()
+    assert (metrics()["engine"], metrics()["computed"], metrics()["reused"]) == ("ray", 0, 60)
+    set_params(extract={"store": "store-ray", "engine": "local"})  # and local on the store ray filled
+    extract.main()
+    assert (metrics()["engine"], metrics()["computed"], metrics()["reused"]) == ("local", 0, 60)
+    assert_same_features(features_of_every_split(), local)
+
+
+@pytest.mark.slow
+def test_an_actor_killed_mid_run_is_restarted_and_every_row_is_stored_once(workdir, ray_cluster, monkeypatch):
+    marker = workdir / "actor-killed"
+    monkeypatch.setenv(KILL_ACTOR_AT_BATCH, "2")  # an actor SIGKILLs itself at its 2nd batch, once
+    monkeypatch.setenv(KILL_ACTOR_MARKER, str(marker))
+    set_params(extract={**RAY, "ray": {"actors": 2, "batch_size": 4}})
+    extract.main()
+    assert marker.exists(), "no actor was killed: the test proved nothing"
+    assert (metrics()["computed"], metrics()["reused"]) == (60, 0)
+    keys = store_keys(Path("store"))
+    assert len(keys) == len(set(keys)) == 60  # every row exactly once
+    assert all(np.isfinite(read_split(s)["features"]).all() for s in ("train", "val", "test"))
+
+
+def test_an_undecodable_image_fails_with_its_path_and_every_other_row_is_kept(workdir, ray_cluster):
+    set_params(extract=RAY)
+    rows = Path("data/prepared/manifest.csv").read_text().splitlines()
+    victim = rows[-1].split(",")[0]
+    Path(victim).write_bytes(b"not an image any more")
+    with pytest.raises(UserError, match=f"cannot extract 1 image.*{victim}: changed since prepare"):
+        extract.main()
+    Path("data/prepared/manifest.csv").write_text("\n".join(rows[:-1]) + "\n")
+    set_params(extract={"engine": "local"})
+    extract.main()
+    assert (metrics()["computed"], metrics()["reused"]) == (0, 59)  # the ray run stored all the others
+
+
+def test_an_unreachable_address_fails_within_seconds_naming_it(workdir):
+    with socket.socket() as closed:  # a port that was just free: nothing listens on it
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        set_params(extract={**RAY, "ray": {"address": address}})
+        started = time.perf_counter()
+        with pytest.raises(UserError, match=f"extract.ray.address '{address}': no Ray cluster answers"):
+            extract.main()
+        assert time.perf_counter() - started < 15
+
+
+def test_ray_params_are_checked_and_a_pool_too_big_for_the_cluster_is_refused():
+    with pytest.raises(ValueError, match="ray.address\n.*'head' is not a Ray cluster address; valid: local, auto"):
+        ExtractParams(ray={"address": "head"})
+    with pytest.raises(ValueError, match="engine"):
+        ExtractParams(engine="spark")
+    assert ExtractParams(ray={"num_cpus_per_actor": 0.25, "num_gpus_per_actor": 0.5}).ray.num_gpus_per_actor == 0.5
+    # 2 actors at 1 CPU on 2 cores leave nothing for the readers: that run would hang, so it is refused
+    with pytest.raises(UserError, match="needs 3 CPUs, the cluster has 2.*extract.ray.num_cpus_per_actor"):
+        check_fits({"CPU": 2.0}, actors=2, cpus=1.0, gpus=0.0)
+    with pytest.raises(UserError, match="needs 2 GPUs, the cluster has 1"):
+        check_fits({"CPU": 8.0, "GPU": 1.0}, actors=2, cpus=1.0, gpus=1.0)
+    check_fits({"CPU": 2.0}, actors=2, cpus=0.5, gpus=0.0)  # the default fits a 2-core machine
+
+
+@pytest.mark.gpu
+def test_gpu_actors_by_default_on_a_cluster_with_gpus_share_the_cpu_rows(workdir, ray_cluster, onnxruntime_cuda):
+    set_params(extract={"store": "store-cpu", "providers": [CPU]})
+    extract.main()
+    on_cpu = features_of_every_split()
+    set_params(extract={"store": "store-gpu", "engine": "ray", "ray": {"actors": 1}})  # num_gpus_per_actor: auto
+    extract.main()
+    assert (metrics()["provider"], metrics()["computed"]) == (CUDA, 60)
+    for split, cpu_rows in on_cpu.items():
+        gpu_rows = read_split(split)
+        np.testing.assert_array_equal(gpu_rows["keys"], cpu_rows["keys"])
+        np.testing.assert_allclose(gpu_rows["features"], cpu_rows["features"], rtol=0,
+                                   atol=CUDA_VS_CPU_RTOL_OF_SCALE * np.abs(cpu_rows["features"]).max())
+
+
+@pytest.mark.slow
+def test_a_killed_driver_loses_at_most_its_last_commit_and_local_resumes(exported, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(exported, work)
+    write_digits(work / "images", 4, start=DIGITS_PER_CLASS)  # 100 images
+    os.chdir(work)
+    try:
+        prepare.main()
+        set_params(extract={**RAY, "ray": {"batch_size": 8}})
+    finally:
+        os.chdir(REPO)
+    # the store commits at its first add after Ray's start-up (over commit_seconds since it opened): mid-run
+    env = {**os.environ, "PYTHONPATH": str(REPO), KILL_AFTER_COMMITS: "1"}
+    killed = subprocess.run([sys.executable, "-m", "stages.extract"], cwd=work, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    committed = len(store_keys(work / "store"))
+    total = len((work / "data/prepared/manifest.csv").read_text().splitlines()) - 1
+    assert 0 < committed < total, "the kill should land mid-run"
+
+    os.chdir(work)
+    try:
+        set_params(extract={"engine": "local"})  # the local engine resumes what the killed ray run committed
+        extract.main()
+        assert (metrics()["reused"], metrics()["computed"]) == (committed, total - committed)
+    finally:
+        os.chdir(REPO)

@@ -1,0 +1,172 @@
+"""Data-parallel fine-tuning (finetune.nproc > 1): real torchrun workers on the CPU with gloo. Two processes train
+the run one process trains (to float rounding), resume it after a SIGKILL of the whole stage, and fail the stage
+with a worker's own error; and a skipped stage imports no torch."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from transfer_learning.common.errors import UserError
+from transfer_learning.finetune.distributed import rank_share
+from transfer_learning.params import load_params
+
+REPO = Path(__file__).resolve().parents[1]
+# a fresh head (no train_heads needed) on the last block, over the frozen prefix's cached outputs: the epochs are
+# cheap, the processes' start-up is what is measured
+SETTINGS = {"enabled": True, "unfreeze": 1, "init_head": None, "epochs": 3, "batch_size": 8, "patience": 5,
+            "augment": {"random_resized_crop": False, "hflip": False, "color_jitter": 0.0}}
+
+
+def set_finetune(root: Path, **values) -> None:
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["finetune"] = {**params["finetune"], **values}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def run_stage(root: Path, **env) -> subprocess.CompletedProcess:
+    """`python -m stages.finetune` as DVC runs it, in a session of its own (what a kill of "the stage" kills)."""
+    return subprocess.run([sys.executable, "-m", "stages.finetune"], cwd=root, capture_output=True, text=True,
+                          timeout=300, start_new_session=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", **env})
+
+
+def processes_in(root: Path) -> list[int]:
+    """Live processes whose working directory is `root` (the stage, torchrun's agent, the workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if Path(os.readlink(entry / "cwd")) == root and (entry / "stat").read_text().split()[2] != "Z":
+                    found.append(int(entry.name))
+    return found
+
+
+def checkpoint_of(root: Path) -> Path:
+    [checkpoint] = (root / "store/finetune").glob("*/checkpoint.pt")
+    return checkpoint
+
+
+@pytest.mark.slow
+def test_two_processes_resume_after_a_sigkill_fail_with_a_workers_error_and_match_one_process(exported, tmp_path):
+    import torch
+
+    from transfer_learning.finetune import run
+    from transfer_learning.finetune.loop import fit
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    shutil.copytree(exported, two)
+    set_finetune(two, **SETTINGS, nproc=2)
+    started = time.perf_counter()
+    killed = run_stage(two, TRANSFER_LEARNING_KILL_AFTER_EPOCH="1")
+    killed_seconds = time.perf_counter() - started
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    deadline = time.monotonic() + 20
+    while processes_in(two) and time.monotonic() < deadline:  # the workers die with their launcher
+        time.sleep(0.2)
+    assert processes_in(two) == []
+    checkpoint = checkpoint_of(two)
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 1
+    # the frozen prefix's outputs: computed once, by the launcher (train and val images), only read by the ranks
+    computed = [int(n) for n in re.findall(r"(\d+) to compute", killed.stderr)]
+    assert [n for n in computed if n] == [36, 12] and len(computed) > 2, killed.stderr[-3000:]
+
+    failed = run_stage(two, TRANSFER_LEARNING_FAIL_AFTER_EPOCH="2")  # rank 1 raises once epoch 2 is saved
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    assert failed.stderr.strip().splitlines()[-1] == (
+        "error: fine-tuning failed in rank 1 of 2 (exit code 1): RuntimeError: TRANSFER_LEARNING_FAIL_AFTER_EPOCH=2: "
+        "rank 1 fails on purpose; the epochs done so far are in the checkpoint: a re-run resumes from it")
+    assert "epoch 1 of 3 done" in failed.stderr  # it had resumed
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 2  # nothing written is lost
+
+    started = time.perf_counter()
+    resumed = run_stage(two)
+    resumed_seconds = time.perf_counter() - started
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    together = json.loads((two / "metrics/finetune.json").read_text())
+    assert together["resumed_from_epoch"] == 2 and together["processes"] == 2 and together["epochs_run"] == 3
+    assert json.loads((two / "models/finetune/meta.json").read_text())["best_epoch"] == together["best_epoch"]
+
+    # one process on the same data and epochs (the loop alone: the stage's outputs are checked above)
+    shutil.copytree(exported, one)
+    shutil.copytree(two / "store", one / "store", ignore=shutil.ignore_patterns("finetune"), dirs_exist_ok=True)
+    set_finetune(one, **SETTINGS)
+    started = time.perf_counter()
+    with contextlib.chdir(one):
+        params = load_params(resolve_estimators=False, resolve_backbone=False)
+        prepared = run.prepare(params, run.default_device(), params.finetune.batch_size)
+        alone = fit(prepared.setup.net, prepared.train_inputs, prepared.val_inputs, params.finetune, run.SEED,
+                    tmp_path / "alone.pt", run.default_device())
+        setup = prepared.setup
+        assert run.run_fingerprint(params, setup.unfreeze, setup.bn, setup.head, prepared.train, prepared.val) == \
+            together["run_fingerprint"]  # nproc is not in it: either may resume the other's checkpoint
+    alone_seconds = time.perf_counter() - started
+    best = alone.history[alone.best_epoch]
+    assert abs(together["val_accuracy"] - best["val_accuracy"]) <= 0.01
+    # the same run to float rounding (fp16 autocast on CUDA: within its own rounding)
+    rtol = 1e-2 if torch.cuda.is_available() else 1e-4
+    history = torch.load(checkpoint, weights_only=True)["history"]
+    for curve in ("train_loss", "val_loss", "train_accuracy", "val_accuracy"):
+        np.testing.assert_allclose([r[curve] or 0 for r in history], [r[curve] or 0 for r in alone.history],
+                                   rtol=rtol, atol=1e-6, err_msg=curve)
+    print(f"\nval accuracy: nproc 1 {best['val_accuracy']:.4f}, nproc 2 {together['val_accuracy']:.4f}; nproc 2 "
+          f"epochs 0-1 with the prefix: {killed_seconds:.1f} s, epoch 3 and the outputs: {resumed_seconds:.1f} s; "
+          f"nproc 1 in-process, 3 epochs with the prefix, no outputs: {alone_seconds:.1f} s")
+
+
+def test_each_rank_takes_its_share_of_every_batch_and_the_last_one_is_evened_out():
+    order = [7, 3, 9, 0, 5, 1, 8, 2, 6, 4, 10]  # 11 images, batches of 4: 4, 4, 3
+    shares = [rank_share(order, 4, rank, 2) for rank in (0, 1)]
+    for mine, weights, sizes in shares:
+        assert sizes == [4, 4, 3] and len(mine) == len(weights) == 6  # 2 images per batch each: the same steps
+    (mine0, weights0, _), (mine1, weights1, _) = shares
+    for step in range(3):
+        batch = order[4 * step:4 * step + 4]
+        counted = [i for i, w in zip(mine0[2 * step:2 * step + 2] + mine1[2 * step:2 * step + 2],
+                                     weights0[2 * step:2 * step + 2] + weights1[2 * step:2 * step + 2]) if w]
+        assert sorted(counted) == sorted(batch)  # together the ranks take the batch one process takes, once each
+    assert weights1[-1] == 0.0 and sum(weights0 + weights1) == len(order)
+
+
+def test_process_counts_are_checked_against_the_batch_and_the_endpoint(project):
+    project.params(finetune={"nproc": 3, "batch_size": 8})
+    with pytest.raises(UserError, match=r"finetune.batch_size: 8 is not a multiple of the 3 training processes"):
+        load_params(resolve_estimators=False, resolve_backbone=False)
+    project.params(finetune={"nnodes": 2, "batch_size": 8})
+    with pytest.raises(UserError, match=r"finetune.*rdzv_endpoint: nnodes is 2: .*host:port .*not set"):
+        load_params(resolve_estimators=False, resolve_backbone=False)
+    project.params(finetune={"nproc": 0})
+    with pytest.raises(UserError, match=r"finetune.nproc"):
+        load_params(resolve_estimators=False, resolve_backbone=False)
+
+
+def test_multi_node_args_name_node_0_and_this_nodes_rank(project):
+    from transfer_learning.finetune.launch import torchrun_args
+
+    project.params(finetune={"nproc": 2, "nnodes": 3, "rdzv_endpoint": "node0:29400", "batch_size": 12})
+    args = torchrun_args(load_params(resolve_estimators=False, resolve_backbone=False), 2, Path("r.json"))
+    assert " ".join(args) == ("--nproc-per-node 2 --nnodes 3 --max-restarts 0 --rdzv-backend static "
+                              "--rdzv-endpoint node0:29400 --node-rank 2 -m transfer_learning.finetune.worker "
+                              "--result r.json")
+
+
+def test_a_skipped_stage_imports_no_torch(project):
+    probe = ("import sys; from stages import finetune; finetune.main(); "
+             "print(sorted(m for m in ('torch', 'torchvision', 'numpy', 'onnx') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=project.root, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"
+    assert json.loads((project.root / "metrics/finetune.json").read_text())["skipped"] is True
+    assert (project.root / "models/finetune/skipped.json").is_file()

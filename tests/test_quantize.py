@@ -1,0 +1,130 @@
+"""extract.precision: int8 (ORT static quantization, cached and verified) and fp16 (CUDA), with real ORT, HDF5 and
+images (the digits project of `exported`, MobileNetV2)."""
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+
+from stages import extract, train_heads
+from tests.test_extract import metrics, set_params
+from transfer_learning.backbone import files as backbone_files
+from transfer_learning.backbone.onnx_export import cpu_session
+from transfer_learning.common.errors import UserError
+from transfer_learning.deploy.onnx import PIXELS, PROBABILITIES
+from transfer_learning.deploy import predict
+from transfer_learning.features import quantize
+from transfer_learning.features.split_files import read_split
+from transfer_learning.heads import files as head_files
+from transfer_learning.params import load_params
+
+INT8 = {"precision": "int8", "calibration_images": 6}
+CALIBRATED, REUSED = "int8 model: calibrated", "int8 model: reused"
+
+
+def features_and_labels() -> dict:
+    return {split: (read_split(split).features, read_split(split).labels) for split in ("train", "val", "test")}
+
+
+def held_out_accuracy(splits: dict) -> float:
+    """A logistic head fitted on train, scored on val + test (24 images)."""
+    (x, y), held = splits["train"], [splits["val"], splits["test"]]
+    head = LogisticRegression(C=1.0, max_iter=2000).fit(x, y)
+    return float(np.mean(np.concatenate([head.predict(f) == labels for f, labels in held])))
+
+
+def test_int8_rows_differ_from_fp32_but_a_logistic_head_lands_close(workdir, caplog):
+    extract.main()
+    fp32 = features_and_labels()
+    fp32_fingerprint = metrics()["fingerprint"]
+    assert metrics()["precision"] == "fp32"
+
+    set_params(extract=INT8)
+    with caplog.at_level(logging.INFO):
+        extract.main()
+    assert CALIBRATED in caplog.text
+    assert metrics()["precision"] == "int8" and metrics()["computed"] == 60  # its own store folder
+    assert metrics()["fingerprint"] != fp32_fingerprint
+    int8 = features_and_labels()
+    a, b = fp32["test"][0], int8["test"][0]
+    assert not np.allclose(a, b, atol=1e-3)
+    cosine = np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cosine.min() > 0.8
+    # 24 held-out images: a head on int8 rows may miss at most 2 more than the one on fp32 rows
+    assert held_out_accuracy(int8) >= held_out_accuracy(fp32) - 2 / 24
+
+    set_params(extract={"precision": "fp32"})
+    extract.main()
+    assert metrics()["computed"] == 0 and metrics()["fingerprint"] == fp32_fingerprint
+
+
+def test_the_quantized_model_is_reused_and_a_damaged_one_is_moved_aside_and_rebuilt(workdir, caplog):
+    set_params(extract=INT8)
+    with caplog.at_level(logging.INFO):
+        extract.main()
+        assert caplog.text.count(CALIBRATED) == 1
+        first = metrics()["fingerprint"]
+        caplog.clear()
+        extract.main()
+    assert REUSED in caplog.text and CALIBRATED not in caplog.text  # no second calibration
+    assert metrics()["computed"] == 0
+
+    [cached] = Path("store", quantize.QUANTIZED_DIR).glob("*.onnx")
+    data = bytearray(cached.read_bytes())
+    data[len(data) // 2] ^= 0x01  # a flipped bit in the middle of the weights
+    cached.write_bytes(bytes(data))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        extract.main()
+    assert "moved aside" in caplog.text and CALIBRATED in caplog.text
+    assert len(list(cached.parent.glob("*.onnx.rejected-*"))) == 1
+    assert quantize.reusable(cached) is not None  # the rebuilt file matches its recorded sha256
+    # same calibration, same bytes: the rows computed before are still served
+    assert metrics()["fingerprint"] == first and metrics()["computed"] == 0
+
+
+def test_a_bad_precision_names_extract_precision_and_the_choices(project):
+    project.params(extract={"precision": "int4"})
+    with pytest.raises(UserError, match=r"extract\.precision[\s\S]*fp32[\s\S]*int8"):
+        load_params(resolve_estimators=False, resolve_backbone=False)
+
+
+def test_fp16_on_the_cpu_provider_is_refused_with_the_choices_for_this_machine(workdir):
+    set_params(extract={"precision": "fp16", "providers": ["CPUExecutionProvider"]})
+    with pytest.raises(UserError, match=r"extract\.precision: fp16 needs the CUDA provider.*valid choices on this "
+                                        r"machine: fp32, int8"):
+        extract.main()
+    assert not Path("metrics/extract.json").exists()
+
+
+@pytest.mark.gpu
+def test_fp16_on_cuda_gives_rows_close_to_fp32(workdir, onnxruntime_cuda):
+    set_params(extract={"providers": ["CUDAExecutionProvider"]})
+    extract.main()
+    fp32 = read_split("test").features
+    set_params(extract={"precision": "fp16", "providers": ["CUDAExecutionProvider"]})
+    extract.main()
+    assert metrics()["precision"] == "fp16" and metrics()["computed"] == 60
+    fp16 = read_split("test").features
+    np.testing.assert_allclose(fp16, fp32, atol=2e-2 * float(np.abs(fp32).max()))
+
+
+@pytest.mark.slow
+def test_predict_runs_the_int8_model_the_head_was_trained_on(workdir):
+    set_params(extract=INT8, heads={"logreg": {"type": "logistic", "C": [1.0]}})
+    extract.main()
+    train_heads.main()
+    test = read_split("test")
+    results = predict.predict([Path(p) for p in test.paths], "logreg", top_k=1)
+    expected = head_files.load("logreg").scores(test.features)
+    got = np.array([score for result in results for _, score in result.top])
+    np.testing.assert_allclose(got, expected.max(axis=1), atol=1e-4)
+    deployed = cpu_session(predict.deploy("logreg"))  # the standalone file carries the int8 backbone too
+    pixels = torch.stack([predict.load_pixels(Path(p), backbone_files.load().preprocessing) for p in test.paths[:4]])
+    np.testing.assert_allclose(deployed.run([PROBABILITIES], {PIXELS: pixels.numpy()})[0], expected[:4], atol=1e-4)
+
+    set_params(extract={"precision": "fp32"})  # features of another precision than the head's
+    with pytest.raises(UserError, match="extract.precision fp32"):
+        predict.predict([Path(test.paths[0])], "logreg", top_k=1)

@@ -1,0 +1,1 @@
+"""The layer sweep: which block's features suit this data (params section `layers`)."""
