@@ -26,6 +26,9 @@ def write_plot(blocks: list[dict]) -> None:
 
 def write_skipped() -> None:
     LAYERS_DIR.mkdir(parents=True, exist_ok=True)
+    # a file in the folder: DVC warns on every default run about an empty output otherwise
+    atomic_write_text(LAYERS_DIR / "README.txt", "The layer sweep's ONNX exports, kept (digest-checked) between "
+                                                 "sweeps. Empty until `layers.enabled: true`.\n")
     write_plot([])
     write_metrics("layers", {"enabled": False})
     REPORT.parent.mkdir(parents=True, exist_ok=True)
