@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -29,16 +28,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from timing import ratio_line, repeat  # noqa: E402
+from stage_process import run_stage  # noqa: E402
 
 DEFAULT_IMAGES = 3000
-
-
-def run_stage(project: Path, stage: str) -> None:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=project, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if result.returncode != 0:
-        raise SystemExit(f"stages.{stage} failed in {project}:\n{result.stderr}")
 
 
 def set_params(project: Path, per_class: int, engine: str = "local", actors: int = 2) -> None:

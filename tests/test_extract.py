@@ -243,7 +243,7 @@ def run_extract(cwd: Path, **env_vars: str) -> subprocess.Popen:
 def test_sigkill_then_resume_gives_the_uninterrupted_features(exported, tmp_path):
     work = tmp_path / "work"
     shutil.copytree(exported, work)
-    write_digits(work / "images", 200, start=DIGITS_PER_CLASS)  # all of digits: several commits' worth
+    write_digits(work / "images", 120, start=DIGITS_PER_CLASS)  # ~1,260 images: more than 5 s of work (a commit)
     os.chdir(work)
     try:
         prepare.main()
