@@ -23,11 +23,10 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from transfer_learning.common.errors import UserError
-from transfer_learning.data.images import Preprocessing
+from transfer_learning.data.images import LookupNormalize, Preprocessing
 from transfer_learning.features.ray_cluster import ray_cluster
 from transfer_learning.features.runtime import FeatureRunner
 from transfer_learning.features.store import FeatureStore
@@ -66,10 +65,10 @@ class BackboneActor:
                  feature_dim: int, use_gpu: bool, kill_at_batch: int = 0, kill_marker: str = ""):
         import ray
 
-        one_thread_worker(0)  # torch only normalizes here; its idle threads would spin on ONNX Runtime's cores
         # use_gpu False: CPU even on a GPU node, as extract.ray.num_gpus_per_actor: 0 asks
         self.runner = FeatureRunner(ray.get(onnx), providers, batch_size, gpu_present=None if use_gpu else False)
-        self.normalize = preprocessing.normalize
+        self.normalize = LookupNormalize(preprocessing)  # extract's own normalization: the same bits, no torch
+        self.inputs = np.empty((batch_size, 3, preprocessing.crop, preprocessing.crop), np.float32)
         self.feature_dim = feature_dim
         self.batches = 0
         self.kill_at_batch, self.kill_marker = kill_at_batch, kill_marker
@@ -83,7 +82,10 @@ class BackboneActor:
         good = batch["error"] == ""
         features = np.zeros((len(good), self.feature_dim), np.float32)
         if good.any():
-            features[good] = self.runner(self.normalize(torch.from_numpy(batch["pixels"][good])).numpy())
+            pixels = batch["pixels"][good]
+            if len(pixels) > len(self.inputs):
+                self.inputs = np.empty((len(pixels), *self.inputs.shape[1:]), np.float32)
+            features[good] = self.runner(self.normalize(pixels, self.inputs))
         busy = time.perf_counter() - started
         return {"key": batch["key"], "features": features, "error": batch["error"],
                 "provider": np.array([self.runner.provider] * len(good), dtype=object),
