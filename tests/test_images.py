@@ -12,6 +12,7 @@ import yaml
 from PIL import Image
 
 from transfer_learning.common.hashing import sha256_bytes
+from transfer_learning.data import decode as decoding
 from transfer_learning.data import images
 from transfer_learning.data.images import Preprocessing
 from transfer_learning.features.views import ViewDataset, ViewRequest, read_image
@@ -42,7 +43,7 @@ def twelve_bit(pixels: np.ndarray) -> np.ndarray:
 
 
 def gray(data: bytes, bit_depth) -> np.ndarray:
-    out = np.asarray(images.decode(data, bit_depth))
+    out = np.asarray(decoding.decode(data, bit_depth))
     assert out.shape[2] == 3 and (out[..., 0] == out[..., 2]).all()
     return out[..., 0].astype(int)
 
@@ -147,7 +148,7 @@ def tiff_of(samples: np.ndarray, **options) -> bytes:
 
 
 def rgb(data: bytes, bit_depth) -> np.ndarray:
-    out = images.decode(data, bit_depth)
+    out = decoding.decode(data, bit_depth)
     assert out.mode == "RGB"
     return np.asarray(out).astype(int)
 
@@ -225,8 +226,8 @@ def test_a_tiff_compression_tifffile_cannot_read_falls_back_to_pil_with_a_warnin
     data = lzw_tiff_of(samples)
     pil = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
     assert np.array_equal(pil, samples >> 8)  # a real LZW file: PIL reads it, to the top 8 bits
-    images._WARNED.clear()
-    with caplog.at_level("WARNING", logger=images.__name__):
+    decoding._WARNED.clear()
+    with caplog.at_level("WARNING", logger=decoding.__name__):
         assert np.array_equal(rgb(data, "auto"), pil)
         rgb(data, "auto")
     warnings = [r.getMessage() for r in caplog.records if "16-bit colour TIFF" in r.getMessage()]
@@ -235,8 +236,8 @@ def test_a_tiff_compression_tifffile_cannot_read_falls_back_to_pil_with_a_warnin
 
 def test_a_broken_16_bit_colour_file_is_a_bad_image():
     for data in (png_of(twelve_bit(COLOUR)), tiff_of(twelve_bit(COLOUR), compression="zlib")):
-        with pytest.raises(images.BadImage, match="not a decodable image"):
-            images.decode(data[:-40], "auto")
+        with pytest.raises(decoding.BadImage, match="not a decodable image"):
+            decoding.decode(data[:-40], "auto")
 
 
 # ---------------------------------------------------------------- the rule travels in Preprocessing

@@ -7,6 +7,8 @@ import io
 import json
 import os
 import struct
+import subprocess
+import sys
 import warnings
 import zlib
 from collections import Counter
@@ -17,8 +19,9 @@ import pytest
 from PIL import Image
 
 from stages import prepare
+from tests.conftest import REPO
 from transfer_learning.common.errors import UserError
-from transfer_learning.data import images
+from transfer_learning.data import decode as decoding
 from transfer_learning.data import manifest
 
 MANIFEST = Path("data/prepared/manifest.csv")
@@ -155,8 +158,8 @@ def test_crafted_png_is_a_decompression_bomb_for_pil(tmp_path):
     assert path.stat().st_size < 200
     with pytest.raises(Image.DecompressionBombError):
         Image.open(path)
-    with pytest.raises(images.BadImage, match="decompression bomb"):
-        images.decode(path.read_bytes(), "auto")
+    with pytest.raises(decoding.BadImage, match="decompression bomb"):
+        decoding.decode(path.read_bytes(), "auto")
 
 
 def test_crafted_warning_sized_bomb_is_refused_too(tmp_path):
@@ -167,8 +170,8 @@ def test_crafted_warning_sized_bomb_is_refused_too(tmp_path):
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with pytest.raises(Image.DecompressionBombWarning):
             Image.open(io.BytesIO(data))
-    with pytest.raises(images.BadImage, match="decompression bomb"):
-        images.decode(data, "auto")
+    with pytest.raises(decoding.BadImage, match="decompression bomb"):
+        decoding.decode(data, "auto")
 
 
 def test_folder_source_accepts_every_mode_and_rejects_broken_files(project):
@@ -191,7 +194,7 @@ def test_folder_source_accepts_every_mode_and_rejects_broken_files(project):
     for row in rows:
         assert row["sha256"] == hashlib.sha256(Path(row["path"]).read_bytes()).hexdigest()
         assert row["split"] in ("train", "val", "test")
-        assert images.decode(Path(row["path"]).read_bytes(), "auto").mode == "RGB"
+        assert decoding.decode(Path(row["path"]).read_bytes(), "auto").mode == "RGB"
 
     rejected = read_rejected()
     assert set(rejected) == {rel(p) for p in bad}
@@ -209,7 +212,7 @@ def test_to_rgb_scales_16_bit_instead_of_clipping(mode):
     order = ">u2" if mode == "I;16B" else "<u2"
     image = Image.frombytes(mode, (4, 1), pixels.astype(order).tobytes())
     assert image.mode == mode
-    out = images.to_rgb(image, "auto")
+    out = decoding.to_rgb(image, "auto")
     assert out.mode == "RGB"
     channel = np.asarray(out)[0, :, 0]
     assert channel[0] == 255 and abs(int(channel[1]) - 128) <= 1 and channel[2] == 0
@@ -223,7 +226,7 @@ def test_16_bit_png_file_decodes_scaled():
     flat = np.full((4, 4), 32768, dtype=np.uint16)
     data = encoded(Image.fromarray(flat), "PNG")
     assert Image.open(io.BytesIO(data)).mode == "I;16"
-    out = np.asarray(images.decode(data, "auto"))
+    out = np.asarray(decoding.decode(data, "auto"))
     assert out.shape == (4, 4, 3) and abs(int(out.max()) - 128) <= 1 and abs(int(out.min()) - 128) <= 1
 
 
@@ -424,6 +427,16 @@ def test_builtin_digits(project):
     assert metrics()["classes"] == 10 and metrics()["images"] == 200
 
 
+def test_fashion_mnist_classes_and_files_are_torchvisions():
+    """prepare names the classes and checks the extracted files without importing torchvision: the same lists."""
+    from torchvision.datasets import FashionMNIST
+
+    from transfer_learning.data import sources
+
+    assert list(sources.FASHION_MNIST_CLASSES) == FashionMNIST.classes
+    assert set(sources.FASHION_MNIST_FILES) == {Path(url).stem for url, _ in FashionMNIST.resources}
+
+
 @pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="dataset-fashion-mnist missing")
 def test_builtin_fashion_mnist(project):
     rows = run_prepare(project, source="fashion-mnist", per_class=10)
@@ -436,7 +449,7 @@ def test_builtin_fashion_mnist(project):
         assert Path("data/prepared/images") in path.parents
         with Image.open(path) as image:
             assert image.size == (28, 28)
-        assert images.decode(path.read_bytes(), "auto").size == (28, 28)
+        assert decoding.decode(path.read_bytes(), "auto").size == (28, 28)
     assert metrics()["rejected"] == 0
 
 
@@ -603,3 +616,15 @@ def test_train_split_with_one_class_fails_naming_the_classes(project):
     message = str(caught.value)
     assert "data.source: ds/list.csv" in message and "train split (cat)" in message
     assert manifest.read() == []
+
+
+def test_prepare_does_not_import_torch(project, three_classes):
+    """It re-runs on every data edit; decoding is PIL and numpy (data/decode.py), torch is for the backbone."""
+    project.params(data={"source": "photos", "per_class": None})
+    probe = ("import sys; from stages import prepare; prepare.main(); "
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision'}))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=project.root, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert len(read_manifest()) == 120

@@ -28,7 +28,8 @@ from torch import nn
 from tqdm import tqdm
 
 from transfer_learning.common.errors import UserError
-from transfer_learning.data.images import BadImage, Preprocessing
+from transfer_learning.data.decode import BadImage
+from transfer_learning.data.images import Preprocessing
 from transfer_learning.data.manifest import Row, read_bit_depth
 from transfer_learning.params import AdviseParams
 

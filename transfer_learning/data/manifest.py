@@ -13,8 +13,8 @@ import numpy as np
 from transfer_learning.common.atomic import atomic_write, atomic_write_text
 from transfer_learning.common.errors import UserError
 
-if TYPE_CHECKING:  # images imports torch, which the readers of a manifest need not load
-    from transfer_learning.data.images import BitDepth
+if TYPE_CHECKING:
+    from transfer_learning.data.decode import BitDepth
 
 PREPARED = Path("data/prepared")
 MANIFEST = PREPARED / "manifest.csv"
@@ -110,7 +110,7 @@ def read_classes(path: Path = CLASSES) -> list[str]:
 
 def read_bit_depth(path: Path = DECODING) -> BitDepth:
     """The rule prepare recorded for high-bit images (data.bit_depth); stages set it on their Preprocessing."""
-    from transfer_learning.data.images import BIT_DEPTHS, is_bit_depth
+    from transfer_learning.data.decode import BIT_DEPTHS, is_bit_depth
 
     if not path.is_file():
         raise UserError(f"{path} not found: run `dvc repro prepare` first")

@@ -23,7 +23,7 @@ from transfer_learning.common.errors import UserError
 from transfer_learning.common.hashing import sha256_bytes
 from transfer_learning.data import manifest
 from transfer_learning.data import sources
-from transfer_learning.data.images import BadImage, BitDepth, decode
+from transfer_learning.data.decode import BadImage, BitDepth, decode
 from transfer_learning.params import DataParams
 
 log = logging.getLogger("prepare")

@@ -20,7 +20,9 @@ from transfer_learning.backbone import files as backbone_files
 from transfer_learning.common.errors import UserError
 from transfer_learning.common.hashing import sha256_bytes
 from transfer_learning.data import manifest
-from transfer_learning.data.images import IMAGE_EXTENSIONS, BadImage, Preprocessing
+from transfer_learning.data.decode import BadImage
+from transfer_learning.data.formats import IMAGE_EXTENSIONS
+from transfer_learning.data.images import Preprocessing
 from transfer_learning.deploy import onnx as deploy_onnx
 from transfer_learning.features import quantize
 from transfer_learning.features.fingerprint import fingerprint
