@@ -32,7 +32,7 @@ run: setup
 # logistic head's fit measured 9 s instead of 0.3 s)
 TEST_ENV := OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 test: setup
-	$(TEST_ENV) $(PY) -m pytest -q -n 3 --dist worksteal -m "slow or not slow" tests
+	$(TEST_ENV) $(PY) -m pytest -q -n 3 --dist load -m "slow or not slow" tests
 
 test-fast: setup
 	$(TEST_ENV) $(PY) -m pytest -q -n auto --dist worksteal -m "not slow" tests

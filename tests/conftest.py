@@ -13,6 +13,7 @@ import yaml
 from PIL import Image
 from sklearn.datasets import load_digits
 
+pytest_plugins = ["tests.longest_first", "pytester"]
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 

@@ -1,0 +1,57 @@
+"""Longest tests first, so that `make test`'s xdist workers (`--dist load`, which hands tests out round-robin in
+collection order) start the few long end-to-end tests at once instead of finishing on one of them alone.
+
+Each run records every test's duration (setup + call + teardown) in pytest's cache; the next run sorts by it. With
+no record (a fresh clone, as in CI), `@pytest.mark.slow` tests go first. Only the order changes, never what runs.
+"""
+from __future__ import annotations
+
+import pytest
+
+CACHE_KEY = "transfer_learning/test-seconds"
+UNRECORDED_SLOW_SECONDS = 60.0
+
+
+def recorded(config: pytest.Config) -> dict[str, float]:
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None and CACHE_KEY in workerinput:
+        return workerinput[CACHE_KEY]  # the controller's copy: every xdist worker must collect the same order
+    cache = getattr(config, "cache", None)
+    return cache.get(CACHE_KEY, {}) if cache is not None else {}
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    seconds = recorded(config)
+
+    def expected(item: pytest.Item) -> float:
+        if item.nodeid in seconds:
+            return seconds[item.nodeid]
+        return UNRECORDED_SLOW_SECONDS if item.get_closest_marker("slow") else 0.0
+
+    items.sort(key=expected, reverse=True)  # stable: ties keep the files' order
+
+
+class DurationRecorder:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self.seconds[report.nodeid] = self.seconds.get(report.nodeid, 0.0) + report.duration
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        cache = getattr(session.config, "cache", None)
+        if cache is not None and self.seconds:
+            cache.set(CACHE_KEY, {**recorded(session.config), **self.seconds})
+
+
+class SameOrderOnEveryWorker:
+    def pytest_configure_node(self, node) -> None:  # pytest-xdist's hook, on the controller, once per worker
+        node.workerinput[CACHE_KEY] = recorded(node.config)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):  # the controller sees every worker's reports; workers record nothing
+        config.pluginmanager.register(DurationRecorder(), "longest-first-recorder")
+        if config.pluginmanager.hasplugin("xdist"):  # its hook is unknown to pytest without xdist
+            config.pluginmanager.register(SameOrderOnEveryWorker(), "longest-first-xdist")

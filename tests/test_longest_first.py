@@ -1,0 +1,18 @@
+"""make test's scheduling (tests/longest_first.py): the next run starts with the tests that took longest."""
+
+
+def test_the_next_run_starts_with_the_longest_recorded_test(pytester):
+    pytester.makeconftest("pytest_plugins = ['tests.longest_first']")
+    pytester.makepyfile(test_quick="def test_quick():\n    pass\n",
+                        test_long="import time\n\ndef test_long():\n    time.sleep(0.3)\n")
+
+    def order() -> list[str]:
+        result = pytester.runpytest("-v")
+        result.assert_outcomes(passed=2)
+        return [line.split("::")[0] for line in result.outlines if "PASSED" in line]
+
+    assert order() == ["test_long.py", "test_quick.py"]  # no record yet: the files' order (long < quick)
+    pytester.makepyfile(test_long="def test_long():\n    pass\n",
+                        test_quick="import time\n\ndef test_quick():\n    time.sleep(0.3)\n")
+    order()  # records quick as the long one now
+    assert order() == ["test_quick.py", "test_long.py"]
