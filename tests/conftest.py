@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from filelock import FileLock
 from PIL import Image
 from sklearn.datasets import load_digits
 
@@ -91,12 +93,26 @@ def write_digits(folder: Path, per_class: int, start: int = 0) -> None:
             Image.fromarray((digits.images[i] * 15).astype(np.uint8)).save(path)
 
 
-@pytest.fixture(scope="session")
-def exported(tmp_path_factory) -> Path:
-    """A project with prepared digits (a folder source), MobileNetV2 downloaded and exported, once."""
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build) -> Path:
+    """`build(folder)` run once per test run, not once per xdist worker: the first worker that needs the folder
+    builds it under a lock in the folder the workers' temp folders share, the others wait and use it. Tests only
+    read it (or copy it, as `workdir` does)."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # pytest-of-<user>/pytest-<n>/, shared by gw0, gw1, ...
+    root, built = base / name, base / f"{name}.built"
+    with FileLock(base / f"{name}.lock"):
+        if not built.is_file():
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            build(root)
+            built.touch()
+    return root
+
+
+def build_exported(root: Path) -> None:
     from stages import download, export, prepare
 
-    root = tmp_path_factory.mktemp("exported")
     with contextlib.chdir(root):
         write_digits(root / "images", DIGITS_PER_CLASS)
         Project(root).params(data={"source": "images", "per_class": None, "val_fraction": 0.2, "test_fraction": 0.2},
@@ -104,7 +120,12 @@ def exported(tmp_path_factory) -> Path:
         prepare.main()
         download.main()
         export.main()
-    return root
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory) -> Path:
+    """A project with prepared digits (a folder source), MobileNetV2 downloaded and exported, once per test run."""
+    return built_once(tmp_path_factory, "exported", build_exported)
 
 
 @pytest.fixture

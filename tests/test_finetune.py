@@ -22,6 +22,7 @@ from torch import nn
 from torchvision.models import get_model
 
 from stages import evaluate, extract, finetune, train_heads
+from tests.conftest import built_once
 from transfer_learning.backbone import files as backbone_files
 from transfer_learning.backbone.anatomy import anatomy
 from transfer_learning.common.errors import UserError
@@ -400,13 +401,14 @@ def set_params(**sections) -> None:
 
 @pytest.fixture(scope="module")
 def heads_trained(exported, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("finetune") / "project"
-    shutil.copytree(exported, root)
-    with contextlib.chdir(root):
-        set_params(heads=HEADS, finetune={"init_head": "logreg"})
-        extract.main()
-        train_heads.main()
-    return root
+    def build(root: Path) -> None:
+        shutil.copytree(exported, root, dirs_exist_ok=True)
+        with contextlib.chdir(root):
+            set_params(heads=HEADS, finetune={"init_head": "logreg"})
+            extract.main()
+            train_heads.main()
+
+    return built_once(tmp_path_factory, "finetune-heads-trained", build)
 
 
 @pytest.fixture
@@ -424,12 +426,13 @@ FINETUNED = {"enabled": True, "unfreeze": 1, "epochs": 1, "batch_size": 8, "augm
 @pytest.fixture(scope="module")
 def finetuned(heads_trained, tmp_path_factory) -> Path:
     """heads_trained with the finetune stage run once (FINETUNED): its ONNX export is the costly part, paid once."""
-    root = tmp_path_factory.mktemp("finetuned") / "project"
-    shutil.copytree(heads_trained, root)
-    with contextlib.chdir(root):
-        set_params(finetune=FINETUNED)
-        finetune.main()
-    return root
+    def build(root: Path) -> None:
+        shutil.copytree(heads_trained, root, dirs_exist_ok=True)
+        with contextlib.chdir(root):
+            set_params(finetune=FINETUNED)
+            finetune.main()
+
+    return built_once(tmp_path_factory, "finetuned", build)
 
 
 @pytest.fixture

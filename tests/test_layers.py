@@ -17,7 +17,7 @@ import torch
 from torchvision.models import get_model
 
 from stages import export, extract, layers, prepare
-from tests.conftest import REPO, Project, write_digits
+from tests.conftest import REPO, Project, built_once, write_digits
 from transfer_learning.backbone import files as backbone_files
 from transfer_learning.backbone.anatomy import anatomy
 from transfer_learning.common.errors import UserError
@@ -58,17 +58,19 @@ def swept(tmp_path_factory) -> Path:
     """A project with 40 prepared digits, the tiny backbone, and one sweep of blocks 2 and 5."""
     import contextlib
 
-    root = tmp_path_factory.mktemp("swept")
-    with contextlib.chdir(root):
-        write_digits(root / "images", 4)
-        Project(root).params(data={"source": "images", "per_class": None, "val_fraction": 0.25, "test_fraction": 0.25},
-                             backbone={"arch": "resnet18", "weights": "none"},
-                             extract={"batch_size": 16, "workers": 0, "store": "store"},
-                             layers={"enabled": True, "blocks": SWEPT, "C": [0.1, 1], "adopt": "best"})
-        prepare.main()
-        save_tiny_backbone()
-        layers.main()
-    return root
+    def build(root: Path) -> None:
+        with contextlib.chdir(root):
+            write_digits(root / "images", 4)
+            Project(root).params(data={"source": "images", "per_class": None, "val_fraction": 0.25,
+                                       "test_fraction": 0.25},
+                                 backbone={"arch": "resnet18", "weights": "none"},
+                                 extract={"batch_size": 16, "workers": 0, "store": "store"},
+                                 layers={"enabled": True, "blocks": SWEPT, "C": [0.1, 1], "adopt": "best"})
+            prepare.main()
+            save_tiny_backbone()
+            layers.main()
+
+    return built_once(tmp_path_factory, "swept", build)
 
 
 @pytest.fixture

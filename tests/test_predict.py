@@ -14,7 +14,7 @@ import torch
 
 from stages import evaluate, extract, train_heads
 from stages import predict as predict_cli
-from tests.conftest import REPO
+from tests.conftest import REPO, built_once
 from transfer_learning.backbone import files as backbone_files
 from transfer_learning.backbone.onnx_export import cpu_session
 from transfer_learning.common.errors import UserError
@@ -35,16 +35,17 @@ def trained(exported, tmp_path_factory) -> Path:
     """`exported` (digits PNGs, MobileNetV2) with features extracted, heads trained and evaluated, once."""
     import yaml
 
-    root = tmp_path_factory.mktemp("trained") / "project"
-    shutil.copytree(exported, root)
-    with contextlib.chdir(root):
-        params = yaml.safe_load(Path("params.yaml").read_text())
-        params["heads"] = HEADS
-        Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        extract.main()
-        train_heads.main()
-        evaluate.main()
-    return root
+    def build(root: Path) -> None:
+        shutil.copytree(exported, root, dirs_exist_ok=True)
+        with contextlib.chdir(root):
+            params = yaml.safe_load(Path("params.yaml").read_text())
+            params["heads"] = HEADS
+            Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+            extract.main()
+            train_heads.main()
+            evaluate.main()
+
+    return built_once(tmp_path_factory, "predict-trained", build)
 
 
 @pytest.fixture
