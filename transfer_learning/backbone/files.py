@@ -15,7 +15,7 @@ from torch import nn
 from torchvision.models import get_model
 
 from transfer_learning.backbone.anatomy import Anatomy
-from transfer_learning.common.atomic import atomic_write_text
+from transfer_learning.common.atomic import atomic_path, atomic_write_text
 from transfer_learning.common.errors import UserError
 from transfer_learning.common.hashing import read_verified, sha256_file
 from transfer_learning.data.images import Preprocessing
@@ -55,11 +55,11 @@ def verified_weights(expected: str) -> bytes:
 
 
 def save(model: nn.Module, meta: dict) -> None:
-    """weights.pt, then meta.json with its sha256. Saved to the path, not through a buffer: torch names the
-    archive inside after the file, and the same bytes as before keep the fine-tune fingerprints (which hash
-    weights.pt) and so their checkpoints valid."""
-    BACKBONE_DIR.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), WEIGHTS)
+    """weights.pt, then meta.json with its sha256. Saved to a file named weights.pt, not through a buffer: torch
+    names the archive inside after the file, and the same bytes as before keep the fine-tune fingerprints (which
+    hash weights.pt) and so their checkpoints valid."""
+    with atomic_path(WEIGHTS) as tmp:
+        torch.save(model.state_dict(), tmp)
     atomic_write_text(META, json.dumps({**meta, WEIGHTS_DIGEST: sha256_file(WEIGHTS)}, indent=2) + "\n")
 
 

@@ -33,6 +33,33 @@ def atomic_write(path: Path | str, mode: str = "w", **open_options) -> Iterator[
     _fsync_dir(path.parent)
 
 
+@contextmanager
+def atomic_path(path: Path | str) -> Iterator[Path]:
+    """`with atomic_path(path) as tmp: torch.save(state, tmp)` - for writers that take a file name. `tmp` has the
+    target's own name, inside a private folder beside it: torch.save names the archive inside the file after the
+    file, so the bytes are those a direct save gives. The target changes only if the block completes."""
+    path = Path(path)
+    folder = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = folder / path.name
+    try:
+        shutil.rmtree(folder, ignore_errors=True)  # left by a killed run that had this pid
+        folder.mkdir(parents=True)
+        yield tmp
+        descriptor = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.replace(tmp, path)
+    except BaseException as error:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(path, error) from None
+        raise
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    _fsync_dir(path.parent)
+
+
 def disk_full(path: Path, error: OSError) -> UserError:
     """The error to show when `path` could not be written for lack of space (its old content is unchanged)."""
     try:

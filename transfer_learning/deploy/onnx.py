@@ -16,8 +16,9 @@ import onnx
 from onnx import TensorProto, compose, helper, numpy_helper, version_converter
 
 from transfer_learning.backbone.onnx_export import INPUT, OUTPUT, cpu_session
-from transfer_learning.data.images import Preprocessing
+from transfer_learning.common.atomic import atomic_path
 from transfer_learning.common.errors import UserError
+from transfer_learning.data.images import Preprocessing
 from transfer_learning.heads.files import Head
 from transfer_learning.heads.sklearn_onnx import INPUT as HEAD_INPUT
 from transfer_learning.heads.sklearn_onnx import OUTPUT as HEAD_OUTPUT
@@ -130,14 +131,8 @@ def build(backbone_onnx: Path | bytes, head: Head, preprocessing: Preprocessing)
 
 
 def write(model: onnx.ModelProto, name: str, directory: Path = DEPLOY_DIR) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.onnx"
-    tmp = path.with_suffix(".onnx.part")
-    onnx.save(model, str(tmp))
-    try:
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
         cpu_session(tmp)  # fails here, not at the user's, if ONNX Runtime cannot load it
-    except Exception:
-        tmp.unlink()
-        raise
-    tmp.replace(path)
     return path
