@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from transfer_learning.common.atomic import atomic_write_text
+from transfer_learning.common.atomic import atomic_write, atomic_write_text
 from transfer_learning.common.errors import UserError
 from transfer_learning.common.hashing import read_verified, sha256_file
 from transfer_learning.finetune.curves import write_curves
@@ -32,7 +32,7 @@ def skip() -> dict:
     """What the stage writes when finetune.enabled is false (no torch imported); metrics/finetune.json's dict."""
     shutil.rmtree(FINETUNE_DIR, ignore_errors=True)
     FINETUNE_DIR.mkdir(parents=True)
-    (FINETUNE_DIR / "skipped.json").write_text(json.dumps({"enabled": False}) + "\n")
+    atomic_write_text(FINETUNE_DIR / "skipped.json", json.dumps({"enabled": False}) + "\n")
     write_curves([])  # the curves' files with no rows: no "plots/finetune is empty" from DVC
     print("finetune.enabled is false: skipped")
     return {"skipped": True, "run_fingerprint": None, "prefix_fingerprint": None}
@@ -77,7 +77,8 @@ def verified_bytes(name: str, directory: Path = FINETUNE_DIR) -> bytes:
 def write_test_scores(keys: list[str], probabilities: np.ndarray, directory: Path = FINETUNE_DIR) -> None:
     import numpy as np
 
-    np.savez(directory / TEST_SCORES, keys=np.array(keys), probabilities=probabilities.astype(np.float32))
+    with atomic_write(directory / TEST_SCORES, "wb") as handle:
+        np.savez(handle, keys=np.array(keys), probabilities=probabilities.astype(np.float32))
 
 
 def read_test_scores(keys: list[str], directory: Path = FINETUNE_DIR) -> np.ndarray:
