@@ -31,6 +31,15 @@ class DvcRepo:
         self.run("git", "add", "-A")
         self.run("git", "commit", "-qm", "init")
 
+    @classmethod
+    def copy_of(cls, source: Path, root: Path) -> DvcRepo:
+        """A copy of the repository at `source` (git history, DVC cache and workspace) at `root`."""
+        shutil.copytree(source, root, symlinks=True)
+        repo = cls.__new__(cls)
+        repo.root = root
+        repo.env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        return repo
+
     def set_params(self, **params) -> None:
         (self.root / "params.yaml").write_text(yaml.safe_dump(merged(DEFAULT_PARAMS, params), sort_keys=False))
 

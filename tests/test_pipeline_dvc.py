@@ -1,59 +1,18 @@
-"""The pipeline as a user drives it: `dvc repro` in a real git + DVC repository."""
+"""The pipeline as a user drives it: `dvc repro` and `dvc exp run` in a real git + DVC repository.
+
+One test runs the whole pipeline once (the committed baseline) and then each use below on a copy of it: one test
+rather than four sharing a fixture, because pytest-xdist would start the four on three workers at once, two of them
+idle until the baseline is built."""
 import json
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.conftest import merged
 from tests.dvc_repo import DvcRepo
-
-
-@pytest.mark.slow
-def test_repro_runs_then_skips_and_params_scope_reruns(tmp_path):
-    repo = DvcRepo(tmp_path, data={"per_class": 8})
-    out = repo.dvc("repro", "prepare", "export")
-    for stage in ("validate", "prepare", "download", "export"):
-        assert f"Running stage '{stage}'" in out
-
-    again = repo.dvc("repro", "prepare", "export")
-    assert "Running stage" not in again
-    for stage in ("validate", "prepare", "download", "export"):
-        assert f"Stage '{stage}' didn't change, skipping" in again
-
-    # a typo in a key no stage reads by name: everything is cached, and still validate stops the repro, fast
-    repo.set_params(data={"per_class": 8}, backbone={"cutt": 14})
-    started = time.perf_counter()
-    out = repo.dvc("repro", "export", check=False)
-    seconds = time.perf_counter() - started
-    assert "backbone.cutt: unknown key" in out and "Running stage 'validate'" in out
-    assert "Running stage" not in out.replace("Running stage 'validate'", "")
-    print(f"dvc repro export on a params typo failed in {seconds:.1f} s")
-    assert seconds < 20
-
-    # a valid edit no stage reads (a comment): validate re-runs, its output is the same, nothing else runs
-    repo.set_params(data={"per_class": 8})
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text("# a comment\n" + params_file.read_text())
-    out = repo.dvc("repro", "prepare", "export")
-    assert "Running stage 'validate'" in out
-    for stage in ("prepare", "download", "export"):
-        assert f"Stage '{stage}' didn't change, skipping" in out
-
-    metrics = json.loads(repo.run(sys.executable, "-m", "dvc", "metrics", "show", "--json").stdout)
-    files = metrics[""]["data"]
-    assert files["metrics/prepare.json"]["data"]["images"] == 80
-    assert files["metrics/export.json"]["data"]["feature_dim"] == 1280
-
-    repo.set_params(data={"per_class": 9})  # a data edit re-runs prepare only
-    out = repo.dvc("repro", "prepare", "export")
-    assert "Running stage 'prepare'" in out
-    assert "Stage 'download' didn't change, skipping" in out
-    assert "Stage 'export' didn't change, skipping" in out
-
-    repo.set_params(data={"per_class": 9}, backbone={"pool": "max"})  # a pool edit re-exports, no download
-    status = repo.dvc("status", "download", "export")  # what repro would run (an export costs 10 s)
-    assert "export:" in status and "backbone.pool" in status and "download:" not in status
 
 
 @pytest.mark.slow
@@ -71,26 +30,86 @@ QUICK_HEADS = {
 }
 
 
-@pytest.mark.slow
-def test_experiments_reuse_features_and_rerun_only_what_changed(tmp_path):
-    repo = DvcRepo(tmp_path, data={"per_class": 6, "val_fraction": 0.2, "test_fraction": 0.2})
-    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+def build_baseline(root: Path) -> None:
+    """The whole pipeline once on 60 images with the quick heads, committed: what the experiments below start from."""
+    repo = DvcRepo(root, data={"per_class": 6, "val_fraction": 0.2, "test_fraction": 0.2})
+    params = yaml.safe_load((root / "params.yaml").read_text())
     params["heads"] = QUICK_HEADS
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = repo.dvc("repro")
     head_stages = [f"train_heads@{name}" for name in QUICK_HEADS]  # dvc.yaml: one stage per head
     for stage in ("prepare", "download", "export", "extract", *head_stages, "advise", "finetune", "evaluate"):
         assert f"Running stage '{stage}'" in out
-    extract_metrics = tmp_path / "metrics" / "extract.json"
-    assert json.loads(extract_metrics.read_text())["computed"] == 60
-    assert json.loads((tmp_path / "metrics/finetune.json").read_text())["skipped"] is True
-    scores = json.loads((tmp_path / "metrics/evaluate.json").read_text())
+    assert json.loads((root / "metrics/extract.json").read_text())["computed"] == 60
+    assert json.loads((root / "metrics/finetune.json").read_text())["skipped"] is True
+    scores = json.loads((root / "metrics/evaluate.json").read_text())
     assert scores.pop("best") in QUICK_HEADS and set(scores) == set(QUICK_HEADS)
     plots = repo.dvc("plots", "show")  # DVC's confusion template accepts plots/confusion/*.csv
-    assert "failed" not in plots.lower() and (tmp_path / "dvc_plots" / "index.html").is_file()
+    assert "failed" not in plots.lower() and (root / "dvc_plots" / "index.html").is_file()
     repo.run("git", "add", "-A")
     repo.run("git", "commit", "-qm", "baseline")
 
+
+@pytest.mark.slow
+def test_the_pipeline_as_users_drive_it(tmp_path):
+    build_baseline(tmp_path / "baseline")
+    for use in (repro_skips_what_did_not_change_and_params_scope_reruns,
+                edits_and_experiments_reuse_features_and_rerun_only_what_changed,
+                a_queued_sweep_runs_each_experiment_and_exp_show_lists_them,
+                a_finetune_experiment_follows_the_advice_and_is_reported_beside_the_heads):
+        use(DvcRepo.copy_of(tmp_path / "baseline", tmp_path / use.__name__))
+
+
+def edit_params(repo: DvcRepo, **changes) -> None:
+    params_file = repo.root / "params.yaml"
+    params_file.write_text(yaml.safe_dump(merged(yaml.safe_load(params_file.read_text()), changes), sort_keys=False))
+
+
+def repro_skips_what_did_not_change_and_params_scope_reruns(baseline: DvcRepo) -> None:
+    repo = baseline  # every stage ran once (build_baseline checks it)
+    again = repo.dvc("repro")
+    assert "Running stage" not in again
+    for stage in ("validate", "prepare", "download", "export", "extract", "train_heads@logreg", "evaluate"):
+        assert f"Stage '{stage}' didn't change, skipping" in again
+
+    # a typo in a key no stage reads by name: everything is cached, and still validate stops the repro, fast
+    edit_params(repo, backbone={"cutt": 14})
+    started = time.perf_counter()
+    out = repo.dvc("repro", "export", check=False)
+    seconds = time.perf_counter() - started
+    assert "backbone.cutt: unknown key" in out and "Running stage 'validate'" in out
+    assert "Running stage" not in out.replace("Running stage 'validate'", "")
+    print(f"dvc repro export on a params typo failed in {seconds:.1f} s")
+    assert seconds < 20
+
+    # a valid edit no stage reads (a comment): validate re-runs, its output is the same, nothing else runs
+    repo.run("git", "checkout", "params.yaml")
+    params_file = repo.root / "params.yaml"
+    params_file.write_text("# a comment\n" + params_file.read_text())
+    out = repo.dvc("repro")
+    assert "Running stage 'validate'" in out
+    assert "Running stage" not in out.replace("Running stage 'validate'", "")
+
+    metrics = json.loads(repo.run(sys.executable, "-m", "dvc", "metrics", "show", "--json").stdout)
+    files = metrics[""]["data"]
+    assert files["metrics/prepare.json"]["data"]["images"] == 60
+    assert files["metrics/export.json"]["data"]["feature_dim"] == 1280
+
+    edit_params(repo, data={"per_class": 7})  # a data edit re-runs prepare only
+    out = repo.dvc("repro", "prepare", "export")
+    assert "Running stage 'prepare'" in out
+    assert "Stage 'download' didn't change, skipping" in out
+    assert "Stage 'export' didn't change, skipping" in out
+
+    edit_params(repo, backbone={"pool": "max"})  # a pool edit re-exports, no download
+    status = repo.dvc("status", "download", "export")  # what repro would run (an export costs 10 s)
+    assert "export:" in status and "backbone.pool" in status and "download:" not in status
+
+
+def edits_and_experiments_reuse_features_and_rerun_only_what_changed(baseline: DvcRepo) -> None:
+    repo, tmp_path = baseline, baseline.root
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    extract_metrics = tmp_path / "metrics" / "extract.json"
     params["heads"]["logreg"]["C"] = [0.1]  # an edit of heads.* in params.yaml, and a head removed
     del params["heads"]["knn"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -120,26 +139,29 @@ def test_experiments_reuse_features_and_rerun_only_what_changed(tmp_path):
     assert "Running stage 'extract'" in out
     assert f"60 reused from the store {tmp_path / 'data' / 'feature-store'}" in out and ", 0 to compute" in out
 
-    # back to the baseline (params, dvc.lock, outputs): each experiment below changes one thing on it, so a queued
-    # knn edit re-runs the knn head and evaluate, not every stage downstream of the new split above
-    repo.run("git", "checkout", "--", ".")
-    repo.dvc("checkout")
+
+def a_queued_sweep_runs_each_experiment_and_exp_show_lists_them(baseline: DvcRepo) -> None:
+    """Each queued experiment changes one thing on the baseline: the knn head and evaluate re-run."""
+    repo = baseline
     for k in (1, 5):
         repo.dvc("exp", "run", "--queue", "-S", f"heads.knn.grid.n_neighbors=[{k}]")
     repo.dvc("exp", "run", "--run-all", "-j", "1")  # waits for the queue; exits 0 even if one failed, so:
     assert "Failed" not in repo.dvc("queue", "status")
     shown = json.loads(repo.run(sys.executable, "-m", "dvc", "exp", "show", "--json").stdout)
-    experiments = [e for baseline in shown for e in (baseline.get("experiments") or [])]
+    experiments = [e for commit in shown for e in (commit.get("experiments") or [])]
     knn_grids = set()
     for experiment in experiments:
         data = experiment["revs"][0]["data"]
         assert experiment["executor"] is None or experiment["executor"]["state"] == "success"
         assert "accuracy" in data["metrics"]["metrics/evaluate.json"]["data"]["logreg"]
         knn_grids.add(str(data["params"]["params.yaml"]["data"]["heads"]["knn"]["grid"]["n_neighbors"]))
-    assert {"[1]", "[5]"} <= knn_grids and len(experiments) == 5
+    assert {"[1]", "[5]"} <= knn_grids and len(experiments) == 2
     shown = repo.dvc("exp", "show", "--no-pager", "--csv")
     assert "logreg.accuracy" in shown.splitlines()[0] and "computed" in shown.splitlines()[0]
 
+
+def a_finetune_experiment_follows_the_advice_and_is_reported_beside_the_heads(baseline: DvcRepo) -> None:
+    repo, tmp_path = baseline, baseline.root
     # fine-tuning as the advisor says (digits: small and unlike ImageNet -> the last 2 blocks), side by side
     out = repo.dvc("exp", "run", "-S", "finetune.enabled=true", "-S", "finetune.unfreeze=auto", "-S",
                    "finetune.epochs=1", "-S", "finetune.batch_size=8", "-S", "finetune.augment.hflip=false",
