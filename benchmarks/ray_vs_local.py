@@ -7,8 +7,9 @@
 3. the driver's store-write rate: rows/s that store.add + commit absorb, on precomputed rows (the single writer
    every actor's rows go through)
 Temporary project on the built-in Fashion-MNIST, MobileNetV2 @224 with IMAGENET1K_V1, CPU. The default data is 300
-per class (3000 images); 5 reps of that per side take too long, so each rep extracts --per-class 30 (300 images,
-about 3 minutes in all) and the 3000-image wall times are estimated from the measured fixed costs and rates.
+per class (3000 images: `--per-class 300`, about 5 minutes on 2 cores); by default each rep extracts --per-class 30
+(300 images, about 3 minutes in all) and the 3000-image wall times are estimated from the measured fixed costs and
+rates.
 """
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ def main() -> None:
           f"{os.cpu_count()} cores, ray: {args.actors} actors, address local (in-process cluster)")
     print(ratio_line("ray / local wall time (cold store, stage process, start-up included)",
                      ray.median / local.median, ray, local), " target <= 1.5")
-    print(f"ray start-up to first rows: {startup:.1f} s; an actor's busy rate (normalize + ONNX Runtime) "
+    print(f"ray start-up to first rows: {startup:.1f} s; an actor's busy rate (decode + ONNX Runtime) "
           f"{per_actor:.1f} rows/s; local compute phase {local_rate:.1f} rows/s (decoding included)")
     # the pipeline's rate after start-up (readers included), not the actors' busy rate: what a longer run adds
     ray_rate = float(np.median([m["computed"] / max(m["compute_seconds"] - m["ray_startup_seconds"], 1e-3)
@@ -112,9 +113,10 @@ def main() -> None:
     ray_fixed = ray.median - images / ray_rate
     est_local = local_fixed + DEFAULT_IMAGES / local_rate
     est_ray = ray_fixed + DEFAULT_IMAGES / ray_rate
-    print(f"estimate for the default {DEFAULT_IMAGES} images: ray {est_ray:.0f} s / local {est_local:.0f} s "
-          f"= {est_ray / est_local:.2f}  (fixed costs ray {ray_fixed:.1f} s, local {local_fixed:.1f} s; ray pipeline "
-          f"{ray_rate:.1f} rows/s after start-up)")
+    estimate = (f"estimate for the default {DEFAULT_IMAGES} images: ray {est_ray:.0f} s / local {est_local:.0f} s "
+                f"= {est_ray / est_local:.2f}; " if images != DEFAULT_IMAGES else "")
+    print(f"{estimate}fixed costs ray {ray_fixed:.1f} s, local {local_fixed:.1f} s; ray pipeline {ray_rate:.1f} "
+          "rows/s after start-up")
     print(f"driver store writes: {write_rate:,.0f} rows/s of {feature_dim} float32 (store.add + commits; "
           f"{write_timing}) = the ceiling for every actor together, "
           f"{write_rate / per_actor:,.0f} actors at the measured per-actor rate")

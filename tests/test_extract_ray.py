@@ -1,9 +1,9 @@
 """extract.engine: ray — real Ray Data, real actors, real ONNX Runtime, into the real HDF5 feature store.
 
-One local Ray cluster serves the whole module (start-up costs seconds): the engine uses a connection the process
-already has. The driver-kill test runs the stage as its own process, which starts and stops its own cluster.
+One local Ray cluster serves the module (start-up costs seconds), the engine uses a connection the process already
+has; the checks that need a cluster share one test, so that xdist workers do not each start one. The driver-kill
+test runs the stage as its own process, which starts and stops its own cluster.
 """
-import json
 import os
 import shutil
 import signal
@@ -21,8 +21,10 @@ from stages import extract, prepare
 from tests.conftest import DIGITS_PER_CLASS, REPO, write_digits
 from tests.test_extract import CUDA_VS_CPU_RTOL_OF_SCALE, metrics, read_split, set_params
 from transfer_learning.common.errors import UserError
-from transfer_learning.features.ray_engine import KILL_ACTOR_AT_BATCH, KILL_ACTOR_MARKER, check_fits
-from transfer_learning.features.store import KILL_AFTER_COMMITS
+from transfer_learning.features.ray_engine import (
+    KILL_ACTOR_AT_BATCH, KILL_ACTOR_MARKER, check_fits, decode_in_tasks, gpus_per_actor, ort_threads)
+from transfer_learning.features.store import KILL_AFTER_COMMITS, store_key
+from transfer_learning.features.views import PLAIN_VIEW
 from transfer_learning.features.runtime import CPU, CUDA
 from transfer_learning.params import ExtractParams
 
@@ -59,20 +61,38 @@ def assert_same_features(a: dict, b: dict) -> None:
         assert a[split]["attrs"]["fingerprint"] == b[split]["attrs"]["fingerprint"]
 
 
+def store_rows(store: Path) -> dict[str, np.ndarray]:
+    rows = {}
+    for path in store.glob("*/*.h5"):
+        with h5py.File(path, "r") as handle:
+            rows |= {key.decode(): row for key, row in zip(handle["keys"][:], handle["features"][:])}
+    return rows
+
+
 @pytest.mark.slow
-def test_ray_rows_equal_local_rows_and_each_engine_reuses_the_others(workdir, ray_cluster):
+def test_ray_rows_equal_local_rows_through_an_actor_kill_and_a_bad_image_and_each_engine_reuses_the_others(
+        workdir, ray_cluster, monkeypatch):
+    """One test, one cluster (each Ray run starts its actors: seconds), both places images are decoded."""
     set_params(extract={"store": "store-local"})
     extract.main()
     local = features_of_every_split()
     assert metrics()["engine"] == "local" and "actors" not in metrics()
 
-    set_params(extract={"store": "store-ray", **RAY})
+    # decoding in the actors, and one of them SIGKILLs itself at its 2nd batch: restarted, its batch retried
+    marker = workdir / "actor-killed"
+    monkeypatch.setenv(KILL_ACTOR_AT_BATCH, "2")
+    monkeypatch.setenv(KILL_ACTOR_MARKER, str(marker))
+    set_params(extract={"store": "store-ray", **RAY, "ray": {"batch_size": 4, "decode": "actors"}})
     extract.main()
+    monkeypatch.delenv(KILL_ACTOR_AT_BATCH)
+    assert marker.exists(), "no actor was killed: the test proved nothing"
     m = metrics()
     assert (m["engine"], m["actors"], m["computed"], m["reused"]) == ("ray", 2, 60, 0)
     assert m["fingerprint"] == local["test"]["attrs"]["fingerprint"]
+    keys = store_keys(Path("store-ray"))
+    assert len(keys) == len(set(keys)) == 60  # every row exactly once
+    assert sorted(keys) == sorted(store_keys(Path("store-local")))
     assert_same_features(features_of_every_split(), local)
-    assert sorted(store_keys(Path("store-ray"))) == sorted(store_keys(Path("store-local")))
 
     set_params(extract={"store": "store-local", **RAY})  # ray on the store local filled: nothing to compute
     extract.main()
@@ -82,32 +102,21 @@ def test_ray_rows_equal_local_rows_and_each_engine_reuses_the_others(workdir, ra
     assert (metrics()["engine"], metrics()["computed"], metrics()["reused"]) == ("local", 0, 60)
     assert_same_features(features_of_every_split(), local)
 
-
-@pytest.mark.slow
-def test_an_actor_killed_mid_run_is_restarted_and_every_row_is_stored_once(workdir, ray_cluster, monkeypatch):
-    marker = workdir / "actor-killed"
-    monkeypatch.setenv(KILL_ACTOR_AT_BATCH, "2")  # an actor SIGKILLs itself at its 2nd batch, once
-    monkeypatch.setenv(KILL_ACTOR_MARKER, str(marker))
-    set_params(extract={**RAY, "ray": {"actors": 2, "batch_size": 4}})
-    extract.main()
-    assert marker.exists(), "no actor was killed: the test proved nothing"
-    assert (metrics()["computed"], metrics()["reused"]) == (60, 0)
-    keys = store_keys(Path("store"))
-    assert len(keys) == len(set(keys)) == 60  # every row exactly once
-    assert all(np.isfinite(read_split(s)["features"]).all() for s in ("train", "val", "test"))
-
-
-def test_an_undecodable_image_fails_with_its_path_and_every_other_row_is_kept(workdir, ray_cluster):
-    set_params(extract=RAY)
+    # decoding in reader tasks (GPU actors' default), with an image that no longer decodes
     rows = Path("data/prepared/manifest.csv").read_text().splitlines()
-    victim = rows[-1].split(",")[0]
+    victim, victim_sha256 = rows[-1].split(",")[0], rows[-1].split(",")[3]
     Path(victim).write_bytes(b"not an image any more")
+    set_params(extract={"store": "store-tasks", **RAY, "ray": {"decode": "tasks"}})
     with pytest.raises(UserError, match=f"cannot extract 1 image.*{victim}: changed since prepare"):
         extract.main()
+    local_rows, task_rows = store_rows(Path("store-local")), store_rows(Path("store-tasks"))
+    assert sorted(task_rows) == sorted(set(local_rows) - {store_key(victim_sha256, PLAIN_VIEW)})
+    for key, row in task_rows.items():
+        np.testing.assert_allclose(row, local_rows[key], rtol=0, atol=1e-6)
     Path("data/prepared/manifest.csv").write_text("\n".join(rows[:-1]) + "\n")
-    set_params(extract={"engine": "local"})
+    set_params(extract={"store": "store-tasks", "engine": "local"})
     extract.main()
-    assert (metrics()["computed"], metrics()["reused"]) == (0, 59)  # the ray run stored all the others
+    assert (metrics()["computed"], metrics()["reused"]) == (0, 59)  # the failed ray run stored all the others
 
 
 def test_an_unreachable_address_fails_within_seconds_naming_it(workdir):
@@ -128,12 +137,20 @@ def test_ray_params_are_checked_and_a_pool_too_big_for_the_cluster_is_refused():
     with pytest.raises(ValueError, match="engine"):
         ExtractParams(engine="spark")
     assert ExtractParams(ray={"num_cpus_per_actor": 0.25, "num_gpus_per_actor": 0.5}).ray.num_gpus_per_actor == 0.5
-    # 2 actors at 1 CPU on 2 cores leave nothing for the readers: that run would hang, so it is refused
+    with pytest.raises(ValueError, match="decode"):
+        ExtractParams(ray={"decode": "gpu"})
+    # decoding in reader tasks: 2 actors at 1 CPU on 2 cores leave nothing for the readers, that run would hang
     with pytest.raises(UserError, match="needs 3 CPUs, the cluster has 2.*extract.ray.num_cpus_per_actor"):
-        check_fits({"CPU": 2.0}, actors=2, cpus=1.0, gpus=0.0)
+        check_fits({"CPU": 2.0}, actors=2, cpus=1.0, gpus=0.0, readers=True)
+    check_fits({"CPU": 2.0}, actors=2, cpus=1.0, gpus=0.0, readers=False)  # the actors decode: they fit
     with pytest.raises(UserError, match="needs 2 GPUs, the cluster has 1"):
-        check_fits({"CPU": 8.0, "GPU": 1.0}, actors=2, cpus=1.0, gpus=1.0)
-    check_fits({"CPU": 2.0}, actors=2, cpus=0.5, gpus=0.0)  # the default fits a 2-core machine
+        check_fits({"CPU": 8.0, "GPU": 1.0}, actors=2, cpus=1.0, gpus=1.0, readers=True)
+    check_fits({"CPU": 2.0}, actors=2, cpus=0.5, gpus=0.0, readers=True)  # the default fits a 2-core machine
+    # auto: a GPU each when there are enough, shared when not; reader tasks feed GPU actors, CPU actors decode
+    assert [gpus_per_actor("auto", {"GPU": g}, actors=2) for g in (0, 1, 4)] == [0.0, 0.5, 1.0]
+    assert (decode_in_tasks("auto", 0.5), decode_in_tasks("auto", 0.0), decode_in_tasks("tasks", 0.0)) == (
+        True, False, True)
+    assert (ort_threads(0.5, 0.0), ort_threads(4.0, 0.0), ort_threads(1.0, 1.0)) == (1, 4, 0)
 
 
 @pytest.mark.gpu

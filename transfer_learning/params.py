@@ -172,11 +172,14 @@ class RayParams(Section):
     address: str = "local"  # local | auto | <head>:6379 | ray://<head>:10001
     actors: Annotated[int, Field(ge=1)] = 2
     batch_size: Annotated[int, Field(ge=1)] = 64
-    # 0.5: with 2 actors at 1 CPU on a 2-core machine the actors hold every CPU and the image readers never run
-    # (the run hangs); ONNX Runtime's threads are not bounded by this number anyway, it only reserves room
+    # a CPU actor runs ONNX Runtime on max(1, round(this)) threads; with decode: tasks, actors x this + 1 CPU for
+    # the reader tasks must fit the cluster (else the readers never run), hence 0.5 on 2 cores
     num_cpus_per_actor: Annotated[Float, Field(gt=0)] = 0.5
-    # auto: 1 GPU per actor when the cluster has GPUs, else 0 (CPU actors); fractions share a GPU between actors
+    # auto: 1 GPU per actor when the cluster has GPUs (shared when actors outnumber them), else 0 (CPU actors)
     num_gpus_per_actor: Union[Literal["auto"], Annotated[Float, Field(ge=0)]] = "auto"
+    # where images are decoded: in the actors (no pixels through the object store) or in reader tasks on any CPU
+    # of the cluster (what GPU actors need to be fed); auto: actors for CPU actors, tasks for GPU actors
+    decode: Literal["auto", "actors", "tasks"] = "auto"
 
     @field_validator("address")
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import site
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,17 +39,32 @@ def probe(address: str) -> None:
                         "to run on this machine") from None
 
 
-def job_options() -> dict:
+PACKAGE = Path(__file__).resolve().parents[1]  # transfer_learning/
+
+
+def job_options(ship_package: bool = True) -> dict:
     """ray.init's options for any cluster: warnings only, and this package shipped to every worker (Ray uploads it
-    once per job; a remote node has the libraries of requirements.txt, not the project's code)."""
-    package = Path(__file__).resolve().parents[1]
-    return dict(logging_level=logging.WARNING, log_to_driver=False,
-                runtime_env={"py_modules": [str(package)], "excludes": ["__pycache__"]})
+    once per job; a remote node has the libraries of requirements.txt, not the project's code) unless told not to."""
+    options = dict(logging_level=logging.WARNING, log_to_driver=False)
+    if ship_package:
+        options["runtime_env"] = {"py_modules": [str(PACKAGE)], "excludes": ["__pycache__"]}
+    return options
+
+
+def importable_by_local_workers() -> bool:
+    """Whether the workers of a cluster this process starts import this very package without it being shipped:
+    they inherit this process's environment (PYTHONPATH, the venv's site-packages) and get its working directory
+    on sys.path. Shipping it needlessly costs time: Ray zips it, and its workers unpack it and start in that
+    runtime_env (measured: the first task 0.9 s after ray.init instead of 0.3 s)."""
+    reachable = [Path.cwd(), *(Path(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p),
+                 *(Path(p) for p in site.getsitepackages())]
+    return any(PACKAGE.parent == path.resolve() for path in reachable)
 
 
 def local_cluster_options() -> dict:
     """ray.init's options for the in-process cluster: this machine's cores, no dashboard."""
-    return dict(num_cpus=os.cpu_count(), include_dashboard=False, **job_options())
+    return dict(num_cpus=os.cpu_count(), include_dashboard=False,
+                **job_options(ship_package=not importable_by_local_workers()))
 
 
 @contextmanager
