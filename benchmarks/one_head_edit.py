@@ -1,6 +1,6 @@
 """A one-head edit, from `dvc exp run -S heads.logreg.C=[...]` to updated metrics, on the default data (issue 15.4).
 
-    python benchmarks/one_head_edit.py [--per-class 300] [--reps 5]
+    python benchmarks/one_head_edit.py [--per-class 300] [--reps 5] [--no-before]
 
 Builds a temporary git + DVC project with this checkout's code, dvc.yaml and params.yaml (CPU provider) on the
 default data, runs the whole pipeline once (its own feature store, built there), then times, with warm-up excluded:
@@ -11,7 +11,11 @@ default data, runs the whole pipeline once (its own feature store, built there),
           change): the same command plus a new `seed` for every other head, so that every head stage runs
 
 Every repetition sets a C no earlier one used (1.0, 1.01, 1.02, ...: the same work each time), so DVC's run cache
-never restores a head instead of training it. Each timed run is checked to have run exactly the stages above.
+never restores a head instead of training it. Each timed run is checked to have run exactly the stages above. The
+two sides' repetitions are taken in turn. Where the seconds go: each stage the edit runs, alone as its own process;
+DVC's own share (the edit minus those); and DVC's floor on this machine: a `dvc exp run` that runs nothing, in this
+project and in a one-stage toy project. The "before" side retrains the torch heads (100 epochs each): most of the
+default run's ~7 minutes on an idle 2-core machine; --no-before leaves it out (no ratio printed then).
 """
 from __future__ import annotations
 
@@ -26,27 +30,23 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import ratio_line, repeat  # noqa: E402
+from timing import interleaved, ratio_line  # noqa: E402
 
 
-class Project:
-    def __init__(self, root: Path, per_class: int):
+class Repo:
+    """A git + DVC repository in `root`, driven with this interpreter's dvc."""
+
+    def __init__(self, root: Path):
         self.root = root
-        for package in ("stages", "transfer_learning"):
-            shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
-        for name in (".dvcignore", "dvc.yaml"):
-            shutil.copy(REPO / name, root / name)
-        params = yaml.safe_load((REPO / "params.yaml").read_text())
-        params["data"]["per_class"] = per_class
-        params["extract"]["providers"] = ["CPUExecutionProvider"]
-        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        self.heads = list(params["heads"])
         self.env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+    def init(self) -> None:
         for command in (["git", "init", "-q"], ["git", "config", "user.email", "bench@example.com"],
                         ["git", "config", "user.name", "bench"], ["dvc", "init", "-q"],
                         ["dvc", "config", "core.analytics", "false"]):
@@ -65,6 +65,36 @@ class Project:
         self.run("git", "commit", "-qm", message)
 
 
+class Toy(Repo):
+    """One stage, one param, one small output: what any `dvc exp run` costs here."""
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        root.mkdir()
+        (root / "params.yaml").write_text("x: 1\n")
+        (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"copy": {
+            "cmd": "python -c \"import shutil; shutil.copy('params.yaml', 'out.txt')\"",
+            "params": ["x"], "outs": ["out.txt"]}}}))
+        self.init()
+        self.run("dvc", "repro")
+        self.commit("toy")
+
+
+class Project(Repo):
+    def __init__(self, root: Path, per_class: int):
+        super().__init__(root)
+        for package in ("stages", "transfer_learning"):
+            shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+        for name in (".dvcignore", "dvc.yaml"):
+            shutil.copy(REPO / name, root / name)
+        params = yaml.safe_load((REPO / "params.yaml").read_text())
+        params["data"]["per_class"] = per_class
+        params["extract"]["providers"] = ["CPUExecutionProvider"]
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        self.heads = list(params["heads"])
+        self.init()
+
+
 def children_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -74,57 +104,98 @@ def ran(out: str) -> set[str]:
     return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}
 
 
+def yaml_parser() -> str:
+    """Which YAML parser DVC's reads of dvc.yaml and dvc.lock use here: they are much of DVC's own time."""
+    from ruamel.yaml.main import CParser
+
+    return "libyaml (C, ruamel.yaml.clib)" if CParser is not None else "pure Python (no ruamel.yaml.clib)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-class", type=int, default=300, help="images per class (default data: 300)")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--no-before", action="store_true", help="time the one-head edit only (no ratio)")
     args = parser.parse_args()
+    cpu: dict[str, list[float]] = {}
+
+    def measured(name: str, run: Callable[[], object]) -> Callable[[], None]:
+        """`run`, recording the CPU seconds (user + system) of every process it starts under `name`."""
+        def wrapped() -> None:
+            started = children_cpu_seconds()
+            run()
+            cpu.setdefault(name, []).append(children_cpu_seconds() - started)
+        return wrapped
+
     with tempfile.TemporaryDirectory(prefix="one-head-edit-") as tmp:
-        project = Project(Path(tmp), args.per_class)
+        project = Project(Path(tmp) / "project", args.per_class)
         started = time.perf_counter()
         project.run("dvc", "repro")
         print(f"whole pipeline once ({args.per_class * 10} images, features computed into the project's own store): "
-              f"{time.perf_counter() - started:.1f} s")
+              f"{time.perf_counter() - started:.1f} s; DVC reads YAML with {yaml_parser()}")
         project.commit("baseline")
+
+        # DVC's floor: a `dvc exp run` that runs no stage, in a one-stage toy project and in this one
+        toy = Toy(Path(tmp) / "toy")
+        floors = {"toy": measured("no-op, toy", lambda: toy.run("dvc", "exp", "run")),
+                  "project": measured("no-op, project", lambda: project.run("dvc", "exp", "run"))}
+        floor = interleaved(floors, reps=args.reps, warmup=1)
+        assert not ran(project.run("dvc", "exp", "run")), "a no-op exp run ran a stage"
 
         values = (f"{1 + i / 100:g}" for i in itertools.count())
         others = [name for name in project.heads if name != "logreg"]
         seeds = itertools.count(1)
 
-        cpu: dict[str, list[float]] = {"now": [], "before": []}
-
         def one_head() -> None:
-            started = children_cpu_seconds()
             out = project.run("dvc", "exp", "run", "-S", f"heads.logreg.C=[{next(values)}]")
-            cpu["now"].append(children_cpu_seconds() - started)
             assert ran(out) == {"validate", "train_heads@logreg", "finetune", "evaluate"}, ran(out)
 
         def every_head() -> None:
             seed = next(seeds)
-            started = children_cpu_seconds()
             out = project.run("dvc", "exp", "run", "-S", f"heads.logreg.C=[{next(values)}]",
                               *itertools.chain.from_iterable(("-S", f"++heads.{name}.seed={seed}") for name in others))
-            cpu["before"].append(children_cpu_seconds() - started)
             assert ran(out) == {"validate", *(f"train_heads@{n}" for n in project.heads), "finetune", "evaluate"}, \
                 ran(out)
 
-        now = repeat(one_head, reps=args.reps, warmup=1)
-        before = repeat(every_head, reps=args.reps, warmup=1)
-        # where the seconds go: each stage the edit runs, as its own process (imports included), without DVC
-        stages = {"validate": [], "train_heads@logreg": ["logreg"], "finetune": [], "evaluate": []}
-        parts = {stage: repeat(lambda: project.run(sys.executable, "-m", f"stages.{stage.split('@')[0]}", *argv),
-                               reps=args.reps, warmup=1) for stage, argv in stages.items()}
+        sides = {"now": measured("now", one_head)}
+        if not args.no_before:
+            sides["before"] = measured("before", every_head)
+        edits = interleaved(sides, reps=args.reps, warmup=1)
+        # where the seconds go: each stage the edit runs, as its own process (imports included), without DVC, doing
+        # the edit's work: one C value; evaluate redraws the edited head's confusion image (its PNG removed first)
+        edited_image = project.root / "reports" / "confusion" / "logreg.png"
+
+        def stage_alone(stage: str, *argv: str) -> Callable[[], None]:
+            def run() -> None:
+                if stage == "evaluate":
+                    edited_image.unlink()
+                project.run(sys.executable, "-m", f"stages.{stage.split('@')[0]}", *argv)
+            return measured(stage, run)
+
+        parts = interleaved({"validate": stage_alone("validate"),
+                             "train_heads@logreg": stage_alone("train_heads@logreg", "logreg"),
+                             "finetune": stage_alone("finetune"), "evaluate": stage_alone("evaluate")},
+                            reps=args.reps, warmup=1)
+
+    def cpu_of(name: str) -> str:  # warm-up included
+        return f"CPU {statistics.median(cpu[name]):.2f} s"
+
+    now = edits["now"]
+    stages_total = sum(t.median for t in parts.values())
     for stage, timing in parts.items():
-        print(f"  {stage} alone: {timing}")
-    print(f"  DVC's own share of the one-head edit: {now.median - sum(t.median for t in parts.values()):.2f} s "
-          "(the median minus the stages' medians)")
-    print(f"one-head edit, dvc exp run to updated metrics (target <= 5 s): {now}")
-    print(f"the same edit with every head retrained (train_heads as one stage): {before}")
-    print(ratio_line("speed-up, every head / one head", before.median / now.median, now, before))
-    # CPU seconds of every process the command ran (user + system; warm-up included): what a busy machine inflates
-    # least, and about the wall time on an idle one, as the stages run one after another
-    print(f"CPU seconds per edit, median: one head {statistics.median(cpu['now']):.2f} s, "
-          f"every head {statistics.median(cpu['before']):.2f} s")
+        print(f"  {stage} alone: {timing}; {cpu_of(stage)}")
+    print(f"  the stages alone, total: {stages_total:.2f} s")
+    print(f"  DVC's own share of the one-head edit: {now.median - stages_total:.2f} s (the edit's median minus the "
+          f"stages' medians), of which a no-op `dvc exp run` here: {floor['project'].median:.2f} s")
+    print(f"  DVC's floor, a no-op `dvc exp run` in a one-stage toy project: {floor['toy']}; {cpu_of('no-op, toy')}")
+    print(f"  a no-op `dvc exp run` in this project (13 stages): {floor['project']}; {cpu_of('no-op, project')}")
+    print(f"one-head edit, dvc exp run to updated metrics (target <= 5 s): {now}; {cpu_of('now')}")
+    if "before" in edits:
+        before = edits["before"]
+        print(f"the same edit with every head retrained (train_heads as one stage): {before}; {cpu_of('before')}")
+        print(ratio_line("speed-up, every head / one head", before.median / now.median, now, before))
+    # CPU seconds of every process a command ran: what a busy machine inflates least, and about the wall time on an
+    # idle one, as the stages run one after another
 
 
 if __name__ == "__main__":

@@ -389,6 +389,24 @@ def test_evaluate_draws_only_the_confusion_images_that_changed(features, caplog)
     assert sorted(p.name for p in images.iterdir()) == ["index.json", "knn.png"]
 
 
+def test_the_confusion_image_shows_the_counts_in_viridis_cells_and_is_reproducible(tmp_path):
+    from PIL import Image
+
+    from transfer_learning.evaluate.confusion_image import MAX_SIDE, draw_confusion, viridis
+
+    counts = np.array([[9, 0, 1], [2, 5, 0], [0, 0, 7]])
+    classes = ["a long class name", "b", "c"]
+    first = draw_confusion(tmp_path / "one.png", counts, classes, "m").read_bytes()
+    assert draw_confusion(tmp_path / "two.png", counts, classes, "m").read_bytes() == first  # same inputs, bytes
+    assert draw_confusion(tmp_path / "three.png", counts.T, classes, "m").read_bytes() != first
+    pixels = np.asarray(Image.open(tmp_path / "one.png").convert("RGB"))
+    colours = {tuple(int(c) for c in colour) for colour in pixels.reshape(-1, 3)}
+    assert {viridis(1.0), viridis(0.0), viridis(5 / 9), viridis(2 / 9)} <= colours  # 9 (max), 0 (min), 5, 2
+    assert viridis(0.0) == (68, 1, 84) and viridis(1.0) == (253, 231, 37)  # matplotlib's ends
+    many = draw_confusion(tmp_path / "many.png", np.eye(500, dtype=np.int64), [f"c{i}" for i in range(500)], "m")
+    assert max(Image.open(many).size) <= MAX_SIDE + 100  # 500 classes: small cells, no counts, still one image
+
+
 def test_head_json_records_the_digest_of_its_weights(features):
     run_stages(heads={"logreg": FAST_HEADS["logreg"], "knn": FAST_HEADS["knn"]})
     from transfer_learning.common.hashing import sha256_file

@@ -21,7 +21,7 @@ CONFUSION_IMAGES = Path("reports/confusion")
 SUMMARY = Path("reports/summary.md")
 # per PNG: the sha256 of what it shows (model name, classes, test labels, predictions) and of its bytes
 IMAGES_INDEX = CONFUSION_IMAGES / "index.json"
-PNG_STYLE = 1  # part of what a PNG shows: a change to write_confusion_png's drawing bumps it
+PNG_STYLE = 2  # part of what a PNG shows: a change to the drawing (confusion_image.py) bumps it
 BEST_KEY = "best"  # metrics/evaluate.json's key naming the best model by val accuracy (no head may take the name)
 COLUMNS = [("accuracy", "test accuracy"), ("balanced_accuracy", "balanced acc."), ("macro_f1", "macro F1"),
            ("top5_accuracy", "top-5"), ("log_loss", "log loss")]
@@ -62,31 +62,12 @@ def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, n_classes: int) 
 
 
 def write_confusion_png(name: str, labels: np.ndarray, predicted: np.ndarray, classes: list[str]) -> Path:
-    """scikit-learn's ConfusionMatrixDisplay drawn with matplotlib alone (its figure, no pyplot): counts in the
-    cells, true label down, predicted label across."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    """reports/confusion/<model>.png: counts in the cells, true label down, predicted label across
+    (evaluate/confusion_image.py)."""
+    from transfer_learning.evaluate.confusion_image import draw_confusion
 
-    CONFUSION_IMAGES.mkdir(parents=True, exist_ok=True)
-    path = CONFUSION_IMAGES / f"{name}.png"
     counts = confusion_matrix(np.asarray(labels), np.asarray(predicted), len(classes))
-    size = min(max(5.0, 0.5 * len(classes) + 2), 30.0)
-    figure = Figure(figsize=(size, size))
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    image = axes.imshow(counts, interpolation="nearest", cmap="viridis")
-    dark, light = image.cmap(0), image.cmap(1.0)
-    middle = (counts.max() + counts.min()) / 2.0
-    for (actual, guess), count in np.ndenumerate(counts):
-        axes.text(guess, actual, str(count), ha="center", va="center", color=light if count < middle else dark)
-    ticks = np.arange(len(classes))
-    axes.set(xticks=ticks, yticks=ticks, xticklabels=classes, yticklabels=classes, ylabel="True label",
-             xlabel="Predicted label", title=name)
-    axes.set_ylim((len(classes) - 0.5, -0.5))
-    axes.tick_params(axis="x", labelrotation=90)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100, metadata={"Software": None})  # no version stamp: same inputs, same bytes
-    return path
+    return draw_confusion(CONFUSION_IMAGES / f"{name}.png", counts, classes, name)
 
 
 def _shown(name: str, labels: np.ndarray, predicted: np.ndarray, classes: list[str]) -> str:
@@ -99,8 +80,8 @@ def _shown(name: str, labels: np.ndarray, predicted: np.ndarray, classes: list[s
 def write_confusion_pngs(predictions: dict[str, np.ndarray], labels: np.ndarray, classes: list[str]) -> list[str]:
     """reports/confusion/<model>.png for every model in `predictions` (name -> predicted class per test image);
     returns the names drawn. A PNG that shows what it would show now, and whose bytes match the sha256 recorded
-    when it was drawn, is kept (matplotlib takes most of evaluate's time, and a one-head edit changes one model);
-    a damaged one is drawn again. Files of other models are removed."""
+    when it was drawn, is kept (a one-head edit changes one model); a damaged one is drawn again. Files of other
+    models are removed."""
     try:
         index = json.loads(IMAGES_INDEX.read_text())
     except (OSError, ValueError):
