@@ -1,13 +1,16 @@
 """Extract speed and memory, each figure a ratio of two sides measured in this one run (these machines are noisy).
 
-    python benchmarks/extract_throughput.py [--images 320] [--reps 5] [--per-class 64] [--big-per-class 500]
+    python benchmarks/extract_throughput.py [--images 640] [--reps 5] [--per-class 64] [--big-per-class 500]
+                                            [--only-ort]
 
 In a temporary project on the built-in Fashion-MNIST at the weights' 224 px, MobileNetV2, CPU forced everywhere:
-1. extract's compute path (DataLoader workers decode + resize, normalize, ONNX Runtime, feature-store writes and
-   commit; worker start-up included) vs
+1. extract's compute path (DataLoader workers decode + resize, normalize, ONNX Runtime, feature-store
+   writes and commit; worker start-up and a new session's first run included, as in the stage; each
+   repetition into a new empty store) vs
    a. ONNX Runtime alone (default session options) on the same images, pre-decoded and pre-normalized one
-      image at a time (extract's arithmetic), in batches of the same size: target >= 0.9
-   b. the same, on extract's own session (its session options): how much of the gap the options make
+      image at a time (extract's arithmetic), in batches of the same size
+   b. the same, on extract's own session (its session options: no spinning threads); the target, >= 0.9, is
+      against the faster of a and b
    c. a plain torch eager loop (torchvision model, weights.transforms(), DataLoader, inference_mode)
    Same --images images on every side, one warm-up run excluded from each, --reps repetitions taken in turn.
    Then extract's rows are checked bit for bit against side b's (same images, same session: any difference would
@@ -16,6 +19,7 @@ In a temporary project on the built-in Fashion-MNIST at the weights' 224 px, Mob
    store holding the other 90 %, vs the same run cold (empty store): --reps repetitions each, in turn.
 3. peak RSS of one extract of big-per-class x 10 images vs one of per-class x 1.1 x 10 images (memory, one run each)
 4. store bytes per row vs feature_dim x dtype size
+--only-ort: comparison 1 without the torch eager side, and nothing else (a quick check of the 0.9).
 """
 from __future__ import annotations
 
@@ -73,10 +77,25 @@ def extract_metrics(project: Path) -> dict:
     return json.loads((project / "metrics" / "extract.json").read_text())
 
 
+class TimedRunner:
+    """extract's FeatureRunner, adding up the seconds its calls take (ORT inside the loop, on the same session)."""
+
+    def __init__(self, runner):
+        self.runner, self.seconds, self.calls = runner, 0.0, []
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        started = time.perf_counter()
+        try:
+            return self.runner(batch)
+        finally:
+            self.seconds += time.perf_counter() - started
+            self.calls.append(time.perf_counter() - started)
+
+
 class Sides:
     """The sides of comparison 1, all on the same images (the first `count` of the project's manifest)."""
 
-    def __init__(self, project: Path, count: int):
+    def __init__(self, project: Path, count: int, reps: int):
         import onnxruntime as ort
         import torch
 
@@ -103,8 +122,14 @@ class Sides:
         self.default_session = ort.InferenceSession(onnx, providers=[CPU])
         self.input_name = self.default_session.get_inputs()[0].name
         self.runner = FeatureRunner(onnx, [CPU], BATCH)
+        # the extract side gets a new session each repetition, as the stage does (made here, outside the timing): its
+        # DataLoader forks the workers before the session's first run. Forked after a run, ORT's warm buffers would be
+        # copy-on-write while the workers live (measured: the first batch 8x slower), which the stage never pays.
+        self.fresh_runners = [FeatureRunner(onnx, [CPU], BATCH) for _ in range(reps + 1)]
         self.tmp = Path(tempfile.mkdtemp(prefix="stores-", dir=project))
         self.last_store: Path | None = None
+        self.inside_ort: list[float] = []  # per end_to_end call: seconds spent in session.run
+        self.first_batch: list[float] = []  # per end_to_end call: the first session.run's seconds
 
     def bare_default(self) -> None:
         for batch in self.batches:
@@ -117,12 +142,13 @@ class Sides:
         from transfer_learning.features.extract import compute
         from transfer_learning.features.store import FeatureStore
 
-        if self.last_store:
-            shutil.rmtree(self.last_store)
-        self.last_store = Path(tempfile.mkdtemp(dir=self.tmp))
+        self.last_store = Path(tempfile.mkdtemp(dir=self.tmp))  # (a few MB each, removed with the project)
+        runner = TimedRunner(self.fresh_runners.pop())
         with FeatureStore(self.last_store, "0" * 64, self.runner.feature_dim) as store:
-            compute(store, self.todo, self.runner, self.preprocessing, BATCH, self.workers)
+            compute(store, self.todo, runner, self.preprocessing, BATCH, self.workers)
             store.commit()
+        self.inside_ort.append(runner.seconds)
+        self.first_batch.append(runner.calls[0])
 
     def stored_rows(self) -> np.ndarray:
         from transfer_learning.features.store import FeatureStore
@@ -199,12 +225,48 @@ def incremental(project: Path, per_class: int, reps: int) -> tuple[dict[str, Tim
     return {name: Timing(tuple(values[1:])) for name, values in seconds.items()}, more_metrics, rss
 
 
+def print_comparison(sides: Sides, n: int, timings: dict[str, Timing], identical: bool,
+                     by_phase: dict[str, Timing], args) -> None:
+    e2e, ort_only, ort_ours = (timings[k] for k in ("extract", "ort", "ort_extract_session"))
+    print(f"CPU ({os.cpu_count()} cores), MobileNetV2 @ 224, batch {BATCH}, extract.workers {sides.workers}; "
+          f"comparison 1 on the same {n} Fashion-MNIST images per repetition, {args.reps} repetitions after 1 warm-up")
+    print(f"  extract compute path  {e2e.rate(n):7.1f} img/s  {e2e}")
+    print(f"  ORT alone (defaults)  {ort_only.rate(n):7.1f} img/s  {ort_only}")
+    print(f"  ORT alone (extract's session options) {ort_ours.rate(n):7.1f} img/s  {ort_ours}")
+    if "eager" in timings:
+        print(f"  torch eager + DataLoader {timings['eager'].rate(n):7.1f} img/s  {timings['eager']}")
+    print(ratio_line("extract / ORT alone (defaults)", ort_only.median / e2e.median, e2e, ort_only))
+    print(ratio_line("extract / ORT alone on extract's session", ort_ours.median / e2e.median, e2e, ort_ours))
+    best = min(ort_only, ort_ours, key=lambda timing: timing.median)
+    print(f"extract / the faster ORT alone (target >= 0.9): {best.median / e2e.median:.2f}")
+    inside = Timing(tuple(sides.inside_ort[-args.reps:]))  # the timed repetitions (the first call was the warm-up)
+    print(f"  the gap: extract {e2e.median:.2f} s = ORT inside the loop {inside.median:.2f} s "
+          f"(vs {ort_ours.median:.2f} "
+          f"s alone on the same session: the decoding workers share the cores) + "
+          f"{e2e.median - inside.median:.2f} s outside ORT on the critical path (worker start-up, the first batch, "
+          f"store writes); medians")
+    first = Timing(tuple(sides.first_batch[-args.reps:]))
+    print(f"  of ORT inside the loop, the first batch (a new session's first run, as in the stage): "
+          f"{first.median:.2f} s "
+          f"(a warm batch alone: {ort_ours.median / len(sides.batches):.2f} s)")
+    if "eager" in timings:
+        print(ratio_line("extract / torch eager (target >= 3)", timings["eager"].median / e2e.median, e2e,
+                         timings["eager"]))
+    expected = "" if identical else " (differ!)"
+    print(f"  extract's rows == side b's rows (plain per-image preprocessing of the same images), bit for bit: "
+          f"{identical}{expected}")
+    print(f"  where the time goes, per batch of {BATCH}, one phase at a time in one process (median of {args.reps}):")
+    for phase, timing in by_phase.items():
+        print(f"    {phase:50s} {1000 * timing.median:7.1f} ms  (spread {timing.spread:.0%})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=320, help="images per repetition in comparison 1")
+    parser.add_argument("--images", type=int, default=640, help="images per repetition in comparison 1")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--per-class", type=int, default=64, help="comparison 2: 10x this many images + 10 %%")
     parser.add_argument("--big-per-class", type=int, default=500)
+    parser.add_argument("--only-ort", action="store_true", help="comparison 1 against ORT alone, nothing else")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="extract-bench-") as tmp:
@@ -212,14 +274,17 @@ def main() -> None:
         set_params(project, max(args.per_class, math.ceil(args.images / 10)))
         for stage in ("prepare", "download", "export"):
             run_stage(project, stage)
-        sides = Sides(project, args.images)
+        sides = Sides(project, args.images, args.reps)
         n = len(sides.todo)
         timings = interleaved({"extract": sides.end_to_end, "ort": sides.bare_default,
-                               "ort_extract_session": sides.bare_extract_session, "eager": sides.torch_eager},
-                              reps=args.reps)
+                               "ort_extract_session": sides.bare_extract_session}
+                              | ({} if args.only_ort else {"eager": sides.torch_eager}), reps=args.reps)
         expected, stored = sides.bare_extract_session(), sides.stored_rows()
         identical = np.array_equal(expected.view(np.uint32), stored.view(np.uint32))
         by_phase = phases(sides, args.reps)
+        if args.only_ort:
+            print_comparison(sides, n, timings, identical, by_phase, args)
+            return
 
         added, more_metrics, small_rss = incremental(project, args.per_class, args.reps)
         store_files = list((project / "data/feature-store").glob("*/*.h5"))
@@ -232,21 +297,7 @@ def main() -> None:
         _, big_rss = run_stage(project, "extract")
         big = extract_metrics(project)
 
-    e2e, ort_only, ort_ours, eager = (timings[k] for k in ("extract", "ort", "ort_extract_session", "eager"))
-    print(f"CPU ({os.cpu_count()} cores), MobileNetV2 @ 224, batch {BATCH}, extract.workers {sides.workers}; "
-          f"comparison 1 on the same {n} Fashion-MNIST images per repetition, {args.reps} repetitions after 1 warm-up")
-    print(f"  extract compute path  {e2e.rate(n):7.1f} img/s  {e2e}")
-    print(f"  ORT alone (defaults)  {ort_only.rate(n):7.1f} img/s  {ort_only}")
-    print(f"  ORT alone (extract's session options) {ort_ours.rate(n):7.1f} img/s  {ort_ours}")
-    print(f"  torch eager + DataLoader {eager.rate(n):7.1f} img/s  {eager}")
-    print(ratio_line("extract / ORT alone (target >= 0.9)", ort_only.median / e2e.median, e2e, ort_only))
-    print(ratio_line("extract / ORT alone on extract's session", ort_ours.median / e2e.median, e2e, ort_ours))
-    print(ratio_line("extract / torch eager (target >= 3)", eager.median / e2e.median, e2e, eager))
-    print(f"  extract's rows == side b's rows (plain per-image preprocessing of the same images), bit for bit: "
-          f"{identical}" + ("" if identical else f" (max |diff| {np.abs(expected - stored).max():.3g})"))
-    print(f"  where the time goes, per batch of {BATCH}, one phase at a time in one process (median of {args.reps}):")
-    for phase, timing in by_phase.items():
-        print(f"    {phase:50s} {1000 * timing.median:7.1f} ms  (spread {timing.spread:.0%})")
+    print_comparison(sides, n, timings, identical, by_phase, args)
     more, cold = added["more"], added["cold"]
     print(ratio_line(f"+10 % images: stage seconds with the store holding {more_metrics['reused']} rows / cold "
                      f"(target <= 0.25; {more_metrics['computed']} computed; Python start-up and imports, ~5 s, are "

@@ -1,6 +1,8 @@
 """extract.precision: int8 (ORT static quantization, cached and verified) and fp16 (CUDA), with real ORT, HDF5 and
 images (the digits project of `exported`, MobileNetV2)."""
 import logging
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,7 @@ def test_int8_rows_differ_from_fp32_but_a_logistic_head_lands_close(workdir, cap
     assert CALIBRATED in caplog.text
     assert metrics()["precision"] == "int8" and metrics()["computed"] == 60  # its own store folder
     assert metrics()["fingerprint"] != fp32_fingerprint
+    metrics_int8 = metrics()
     int8 = features_and_labels()
     a, b = fp32["test"][0], int8["test"][0]
     assert not np.allclose(a, b, atol=1e-3)
@@ -58,6 +61,20 @@ def test_int8_rows_differ_from_fp32_but_a_logistic_head_lands_close(workdir, cap
     set_params(extract={"precision": "fp32"})
     extract.main()
     assert metrics()["computed"] == 0 and metrics()["fingerprint"] == fp32_fingerprint
+    assert_kept_layers_are_float(Path("store", quantize.QUANTIZED_DIR, metrics_int8["quantized_model"]))
+
+
+def assert_kept_layers_are_float(model_file: Path) -> None:
+    """INT8_OPTIONS' fp32_first_convs and fp32_from_last_convs: a kept conv reads float weights (an initializer),
+    every other conv reads int8 weights through DequantizeLinear."""
+    import onnx
+
+    model = onnx.load(model_file)
+    made_by = {output: node.op_type for node in model.graph.node for output in node.output}
+    weights = [made_by.get(node.input[1], "initializer") for node in model.graph.node if node.op_type == "Conv"]
+    first, last = quantize.INT8_OPTIONS["fp32_first_convs"], quantize.INT8_OPTIONS.get("fp32_from_last_convs", 0)
+    assert weights[:first] + weights[len(weights) - last:] == ["initializer"] * (first + last)
+    assert set(weights[first:len(weights) - last]) == {"DequantizeLinear"}
 
 
 def test_the_quantized_model_is_reused_and_a_damaged_one_is_moved_aside_and_rebuilt(workdir, caplog):
@@ -72,6 +89,11 @@ def test_the_quantized_model_is_reused_and_a_damaged_one_is_moved_aside_and_rebu
     assert metrics()["computed"] == 0
 
     [cached] = Path("store", quantize.QUANTIZED_DIR).glob("*.onnx")
+    assert metrics()["quantized_model"] == cached.name  # what `stages.store gc` keeps it by
+    month_ago = time.time() - 30 * 86400
+    os.utime(cached, (month_ago, month_ago))
+    extract.main()
+    assert cached.stat().st_mtime > month_ago + 29 * 86400  # a reuse is a use (gc's --days)
     data = bytearray(cached.read_bytes())
     data[len(data) // 2] ^= 0x01  # a flipped bit in the middle of the weights
     cached.write_bytes(bytes(data))
@@ -128,3 +150,4 @@ def test_predict_runs_the_int8_model_the_head_was_trained_on(workdir):
     set_params(extract={"precision": "fp32"})  # features of another precision than the head's
     with pytest.raises(UserError, match="extract.precision fp32"):
         predict.predict([Path(test.paths[0])], "logreg", top_k=1)
+

@@ -65,6 +65,8 @@ def test_list_shows_rows_size_files_and_last_use(tmp_path, capsys):
     run_dir = store / "finetune" / fp("run-1")
     run_dir.mkdir(parents=True)
     (run_dir / "checkpoint.pt").write_bytes(b"x" * 2_000_000)
+    model = quantized_model(store / "quantized", "int8", age_days=1)
+    model.with_name(f"{model.name}.rejected-{time.time_ns()}").write_bytes(b"x")
     status, out = run(capsys, "list", "--store", str(store))
     lines = {line.split()[0]: line.split() for line in out.splitlines()[1:-1]}
     assert status == 0
@@ -73,6 +75,8 @@ def test_list_shows_rows_size_files_and_last_use(tmp_path, capsys):
     assert lines[b.name][5] == time.strftime("%Y-%m-%d", time.localtime(time.time() - 3 * DAY))
     assert lines[damaged.name][1:4] == ["2", megabytes(damaged), "2"]  # the damaged file counts no rows
     assert lines[f"finetune/{run_dir.name}"][1:4] == ["-", "2.0", "1"]
+    assert lines[f"quantized/{model.name}"][1:5] == ["-", "0.0", "1", "1"]  # one copy moved aside
+    assert "not a store folder" not in out
 
 
 def test_verify_names_and_moves_aside_bad_files_stamps_legacy_ones_and_counts_as_no_use(tmp_path, capsys):
@@ -199,7 +203,8 @@ def repo(tmp_path, monkeypatch) -> DvcRepo:
     run_with("fp-a", "commit")
     run_with("fp-m", "repro")
     (repo.root / "metrics").mkdir()
-    (repo.root / "metrics" / "extract.json").write_text(json.dumps({"fingerprint": fp("fp-m")}))
+    (repo.root / "metrics" / "extract.json").write_text(json.dumps({"fingerprint": fp("fp-m"),
+                                                                    "quantized_model": f"{fp('q-m')}.onnx"}))
     finetune_metrics = repo.root / "metrics" / "finetune.json"
     finetune_metrics.write_text(json.dumps({"run_fingerprint": fp("run-m"), "prefix_fingerprint": fp("prefix-m")}))
     run_with("fp-m", "commit")
@@ -230,6 +235,14 @@ def test_gc_keeps_what_the_repo_refers_to_or_used_recently_and_deletes_the_rest(
         (run_dir / "checkpoint.pt").write_bytes(b"x")
         age(run_dir / "checkpoint.pt", days)
         age(run_dir, days)
+    quantized = store / "quantized"
+    models = {name: quantized_model(quantized, name, days) for name, days in
+              (("q-m", 30), ("q-old", 30), ("q-recent", 2), ("q-locked", 30))}
+    fresh_model = quantized / f"{fp('q-m')}.onnx.rejected-{time.time_ns()}"
+    stale_model = quantized / f"{fp('q-gone')}.onnx.rejected-1000"
+    fresh_model.write_bytes(b"x")
+    stale_model.write_bytes(b"x")
+    (quantized / "notes.txt").write_text("not the store's")
     everything = sorted(p.relative_to(store) for p in store.rglob("*"))
 
     status, out = run(capsys, "gc", "--store", str(store), "--dry-run", "--days", "7", "--commits", "2")
@@ -237,7 +250,7 @@ def test_gc_keeps_what_the_repo_refers_to_or_used_recently_and_deletes_the_rest(
     assert sorted(p.relative_to(store) for p in store.rglob("*")) == everything  # a dry run deletes nothing
 
     lock = FileLock(str(store / fp("fp-locked")) + ".lock")
-    with lock:
+    with lock, FileLock(str(models["q-locked"]) + ".lock"):
         status, out = run(capsys, "gc", "--store", str(store), "--days", "7", "--commits", "2")
     said = {line.split()[1].rstrip(":"): line for line in out.splitlines() if line.startswith(("keep", "delete"))}
     said = {name: said[key] for name in ("fp-a", "fp-m", "fp-b", "fp-c", "fp-recent", "fp-locked", "prefix-m",
@@ -252,12 +265,36 @@ def test_gc_keeps_what_the_repo_refers_to_or_used_recently_and_deletes_the_rest(
     assert "written 1.0 days ago" in said["run-new"]
     remaining = {p.name for p in store.iterdir() if p.is_dir()}
     assert remaining == {fp(name) for name in ("fp-a", "fp-m", "fp-b", "fp-c", "fp-recent", "fp-locked",
-                                               "prefix-m", "prefix-w")} | {"finetune"}
+                                               "prefix-m", "prefix-w")} | {"finetune", "quantized"}
     assert fresh.exists() and not stale.exists()
     assert sorted(p.name for p in (store / "finetune").iterdir()) == sorted(fp(n) for n in ("run-new", "run-m",
                                                                                            "run-w"))
     with FeatureStore(store, fp("fp-a"), DIM) as kept:  # what is kept still serves its rows
         assert len(kept) == 3
+    said = {line.split()[1].rstrip(":"): line for line in out.splitlines() if line.startswith(("keep", "delete"))}
+    assert "commit" in said[f"quantized/{models['q-m'].name}"]  # metrics/extract.json's quantized_model
+    assert "used 2.0 days ago" in said[f"quantized/{models['q-recent'].name}"]
+    assert "in use" in said[f"quantized/{models['q-locked'].name}"]
+    assert "not referenced, last used 30.0 days ago" in said[str(models["q-old"])]
+    kept = {"q-m", "q-recent", "q-locked"}
+    for name, model in models.items():
+        record = model.with_name(model.name + ".sha256")
+        assert model.exists() == record.exists() == (name in kept), name
+    assert fresh_model.exists() and not stale_model.exists()
+    assert (quantized / "notes.txt").read_text() == "not the store's"
+    assert out.count(f"note: {quantized / 'notes.txt'}: not a store folder, left alone") == 1
+
+
+def quantized_model(folder: Path, name: str, age_days: float) -> Path:
+    """A model as features/quantize.py caches it (`<digest>.onnx`, its .sha256 and the .lock it was built under),
+    last used `age_days` ago."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model = folder / f"{fp(name)}.onnx"
+    model.with_name(model.name + ".lock").touch()
+    model.write_bytes(name.encode())
+    model.with_name(model.name + ".sha256").write_text(hashlib.sha256(name.encode()).hexdigest() + "\n")
+    age(model, age_days)
+    return model
 
 
 def test_gc_refuses_to_run_outside_a_project(tmp_path, monkeypatch):

@@ -5,9 +5,10 @@
                   (its rows are recomputed by the next run) and named; exit status 1 if any
   gc [--dry-run]  deletes what this repo does not refer to and nothing used for --days days (the rule below)
 
-Only the store's own folders are touched: `<fingerprint>/` (a 64-hex name with its `<fingerprint>.lock` beside it)
-and `finetune/<run fingerprint>/`. Anything else in the store folder is named once ("not a store folder, left
-alone") and never read, moved or deleted by any of the three commands.
+Only the store's own folders are touched: `<fingerprint>/` (a 64-hex name with its `<fingerprint>.lock` beside it),
+`finetune/<run fingerprint>/` and the int8/fp16 models `quantized/<digest>.onnx` (features/quantize.py). Anything
+else in the store folder is named once ("not a store folder, left alone") and never read, moved or deleted by any
+of the three commands.
 
 gc keeps a fingerprint folder when any of these holds, and deletes it otherwise:
   - its fingerprint is referred to by the workspace, one of the last --commits commits of all branches, tags and
@@ -19,8 +20,11 @@ gc keeps a fingerprint folder when any of these holds, and deletes it otherwise:
     that is running or not yet committed;
   - a run holds its lock.
 `finetune/<run>` folders (checkpoints) are kept when metrics/finetune.json's `run_fingerprint` in one of those
-revisions names them, or when one of their files changed in the last --days days. `*.rejected-*` files (moved
-aside by a check) are deleted once rejected more than --days days ago. `--days 0` applies all of it now.
+revisions names them, or when one of their files changed in the last --days days. A `quantized/<digest>.onnx` model
+(with its .sha256 and .lock) is kept when metrics/extract.json's `quantized_model` in one of those revisions names
+it, when it was used in the last --days days (each reuse sets its mtime) or while a run holds its lock.
+`*.rejected-*` files (moved aside by a check) are deleted once rejected more than --days days ago.
+`--days 0` applies all of it now.
 """
 from __future__ import annotations
 
@@ -41,6 +45,8 @@ from transfer_learning.features.split_files import FEATURES_DIR
 from transfer_learning.features.store import FINGERPRINT_PATTERN, FeatureStore
 
 FINETUNE = "finetune"
+QUANTIZED = "quantized"  # features/quantize.py's QUANTIZED_DIR (not imported: that module imports onnxruntime)
+MODEL_COMPANIONS = (".sha256", ".lock")  # written beside each quantized model
 EXTRACT_METRICS = "metrics/extract.json"
 FINETUNE_METRICS = "metrics/finetune.json"
 DAY = 86400.0
@@ -53,7 +59,9 @@ def store_folders(store: Path) -> tuple[list[Path], list[Path]]:
     once here and left alone (extract.store may point at a folder that holds other things)."""
     folders, runs, foreign = [], [], []
     for entry in sorted(store.iterdir()):
-        if entry.name == FINETUNE and entry.is_dir() and not entry.is_symlink():
+        if entry.name == QUANTIZED and entry.is_dir() and not entry.is_symlink():
+            foreign += [f for f in sorted(entry.iterdir()) if model_of(f) is None]
+        elif entry.name == FINETUNE and entry.is_dir() and not entry.is_symlink():
             for run in sorted(entry.iterdir()):
                 (runs if run.is_dir() and not run.is_symlink() and FINGERPRINT_PATTERN.fullmatch(run.name)
                  else foreign).append(run)
@@ -64,6 +72,24 @@ def store_folders(store: Path) -> tuple[list[Path], list[Path]]:
     for entry in foreign:
         print(f"note: {entry}: not a store folder, left alone")
     return folders, runs
+
+
+def model_of(path: Path) -> str | None:
+    """The quantized model (`<digest>.onnx`) a file in `quantized/` belongs to: itself, its .sha256 or .lock, or
+    a copy of it moved aside (`.rejected-<ns>`); None for a file quantize.py does not write."""
+    name = path.name.split(".rejected-")[0]
+    for companion in MODEL_COMPANIONS:
+        name = name.removesuffix(companion)
+    stem, dot, suffix = name.partition(".")
+    return name if suffix == "onnx" and FINGERPRINT_PATTERN.fullmatch(stem) and not path.is_symlink() else None
+
+
+def quantized_models(store: Path) -> tuple[list[Path], list[Path]]:
+    """(the models in `<store>/quantized/`, the copies of them moved aside there)."""
+    folder = store / QUANTIZED
+    files = sorted(f for f in folder.iterdir() if model_of(f)) if folder.is_dir() and not folder.is_symlink() else []
+    return ([f for f in files if f.name == model_of(f) and f.is_file()],
+            [f for f in files if ".rejected-" in f.name and f.is_file()])
 
 
 def size_of(folder: Path) -> int:
@@ -118,6 +144,13 @@ def list_store(store: Path) -> int:
         name = f"{FINETUNE}/{run.name}"
         print(f"{name:<64}  {'-':>8}  {size / 1e6:>9.1f}  {sum(1 for f in run.rglob('*') if f.is_file()):>5}  "
               f"{'-':>8}  {when(last_change(run))}")
+    models, rejected = quantized_models(store)
+    for model in models:
+        size = model.stat().st_size
+        total += size
+        name = f"{QUANTIZED}/{model.name}"
+        aside = sum(1 for f in rejected if model_of(f) == model.name)
+        print(f"{name:<64}  {'-':>8}  {size / 1e6:>9.1f}  {1:>5}  {aside:>8}  {when(model.stat().st_mtime)}")
     print(f"{store}: {total / 1e6:.1f} MB")
     return 0
 
@@ -227,11 +260,12 @@ class DvcCache:
             self.repo.close()
 
 
-def referenced_fingerprints(commits: int) -> tuple[dict[str, str], dict[str, str], list[str]]:
-    """{fingerprint: where it is referred to first} for store folders and for fine-tune runs, and the revisions
-    whose data/features could not be read."""
+def referenced_fingerprints(commits: int) -> tuple[dict[str, str], dict[str, str], dict[str, str], list[str]]:
+    """{name: where it is referred to first} for store folders (fingerprints), fine-tune runs and quantized models
+    (`<digest>.onnx`), and the revisions whose data/features could not be read."""
     found: dict[str, str] = {}
     runs: dict[str, str] = {}
+    models: dict[str, str] = {}
     for split_file in sorted(FEATURES_DIR.glob("*.h5")):
         if fingerprint := fingerprint_of(split_file):
             found.setdefault(fingerprint, f"workspace {split_file}")
@@ -241,8 +275,11 @@ def referenced_fingerprints(commits: int) -> tuple[dict[str, str], dict[str, str
         for label, revision in [("workspace", None), *revisions(commits)]:
             md5s = features_md5s(read_at(revision, "dvc.lock"))
             fingerprints = set().union(*(cache.fingerprints(md5) for md5 in md5s))
-            if fingerprint := metrics_fingerprint(read_at(revision, EXTRACT_METRICS)):
+            extract_metrics = read_at(revision, EXTRACT_METRICS)
+            if fingerprint := metrics_fingerprint(extract_metrics):
                 fingerprints.add(fingerprint)
+            if model := metrics_fingerprint(extract_metrics, "quantized_model"):
+                models.setdefault(model, label)
             if md5s and not fingerprints:
                 unresolved.append(label)
             finetune_metrics = read_at(revision, FINETUNE_METRICS)
@@ -254,7 +291,7 @@ def referenced_fingerprints(commits: int) -> tuple[dict[str, str], dict[str, str
                 runs.setdefault(run, label)
     finally:
         cache.close()
-    return found, runs, unresolved
+    return found, runs, models, unresolved
 
 
 # gc ----------------------------------------------------------------------------------------------------------
@@ -266,7 +303,7 @@ def gc(store: Path, days: float, commits: int, dry_run: bool) -> int:
         print(f"note: {store} lies outside this project: other projects using it are not asked what they refer "
               f"to; only --days ({days:g}) protects their fingerprints")
     folders, runs = store_folders(store)
-    referenced, referenced_runs, unresolved = referenced_fingerprints(commits)
+    referenced, referenced_runs, referenced_models, unresolved = referenced_fingerprints(commits)
     for label in unresolved:
         print(f"note: {label}: data/features is in neither DVC's cache nor {EXTRACT_METRICS}; its fingerprint "
               "is unknown (--days still protects what it used recently)")
@@ -312,5 +349,30 @@ def gc(store: Path, days: float, commits: int, dry_run: bool) -> int:
             delete(run, f"fine-tune run last written {days_ago(last_change(run))}")
         else:
             print(f"{'keep':<12}  {FINETUNE}/{run.name}: written {days_ago(last_change(run))}")
+    models, rejected_models = quantized_models(store)
+    for model in models:
+        name = f"{QUANTIZED}/{model.name}"
+        if model.name in referenced_models:
+            print(f"{'keep':<12}  {name}: {referenced_models[model.name]}")
+            continue
+        lock = FileLock(str(model) + ".lock", timeout=0)  # the lock quantize.py builds and reuses it under
+        try:
+            lock.acquire()
+        except Timeout:
+            print(f"{'keep':<12}  {name}: in use by a running process")
+            continue
+        try:
+            if model.stat().st_mtime > cutoff:
+                print(f"{'keep':<12}  {name}: used {days_ago(model.stat().st_mtime)}")
+            else:
+                record = model.with_name(model.name + ".sha256")
+                delete(model, f"not referenced, last used {days_ago(model.stat().st_mtime)}")
+                if record.is_file():
+                    delete(record, f"the sha256 of {model.name}")
+        finally:
+            lock.release()
+    for rejected in rejected_models:
+        if rejected_at(rejected) <= cutoff:
+            delete(rejected, f"rejected {days_ago(rejected_at(rejected))}")
     print(f"{'would free' if dry_run else 'freed'} {freed / 1e6:.1f} MB in {store}")
     return 0

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 from torchvision.transforms import InterpolationMode, v2
 
 from transfer_learning.common.hashing import sha256_bytes
@@ -96,7 +96,17 @@ def one_thread_worker(_worker: int) -> None:
 
 
 def collate(items):
-    """Runs in the worker: one stacked tensor of the good items, their positions in the batch, the errors."""
+    """Runs in the worker: one stacked tensor of the good items, their positions in the batch, the errors.
+    In a DataLoader worker the stack is written straight into shared memory, as torch's default_collate does:
+    the batch goes to the main process through shared memory, and a stack in ordinary memory would be copied
+    there once more."""
     good = [i for i, (_, error) in enumerate(items) if error is None]
     errors = [error for _, error in items if error is not None]
-    return (torch.stack([items[i][0] for i in good]) if good else None), good, errors
+    if not good:
+        return None, good, errors
+    tensors = [items[i][0] for i in good]
+    out = None
+    if get_worker_info() is not None:
+        storage = tensors[0]._typed_storage()._new_shared(sum(t.numel() for t in tensors), device=tensors[0].device)
+        out = tensors[0].new(storage).resize_(len(tensors), *tensors[0].shape)
+    return torch.stack(tensors, out=out), good, errors
