@@ -28,12 +28,12 @@ run: setup
 
 # pytest-xdist with three workers on two cores: the end-to-end tests wait on dvc, git and torchrun subprocesses, so
 # two workers left a core idle a fifth of the time (6 min 31 s; three: 5 min 57 s). Longest tests first
-# (tests/longest_first.py), handed out round-robin (--dist load), so the long ones do not end the run alone. One
+# at the head of each worker's share (tests/longest_first.py), so the long ones do not end the run alone. One
 # BLAS/OpenMP thread per worker (and per stage it starts): OpenBLAS threads otherwise spin waiting for a core another
 # worker holds (a logistic head's fit measured 9 s instead of 0.3 s)
 TEST_ENV := OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 test: setup
-	$(TEST_ENV) $(PY) -m pytest -q -n 3 --dist load -m "slow or not slow" tests
+	$(TEST_ENV) $(PY) -m pytest -q -n 3 --dist worksteal -m "slow or not slow" tests
 
 test-fast: setup
 	$(TEST_ENV) $(PY) -m pytest -q -n auto --dist worksteal -m "not slow" tests

@@ -1,5 +1,7 @@
-"""Longest tests first, so that `make test`'s xdist workers (`--dist load`, which hands tests out round-robin in
-collection order) start the few long end-to-end tests at once instead of finishing on one of them alone.
+"""Longest tests first on every xdist worker, so that `make test` starts the few long end-to-end tests at once
+instead of finishing on one of them alone. `--dist worksteal` gives each of the n workers a contiguous n-th of
+the collected tests (and idle workers steal from the others' tails), so the tests are dealt like cards, longest
+first, into n piles laid one after the other: each worker's share starts with its longest tests.
 
 Each run records every test's duration (setup + call + teardown) in pytest's cache; the next run sorts by it. With
 no record (a fresh clone, as in CI), `@pytest.mark.slow` tests go first. Only the order changes, never what runs.
@@ -30,6 +32,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return UNRECORDED_SLOW_SECONDS if item.get_closest_marker("slow") else 0.0
 
     items.sort(key=expected, reverse=True)  # stable: ties keep the files' order
+    workers = getattr(config, "workerinput", {}).get("workercount", 1)
+    items[:] = [item for pile in range(workers) for item in items[pile::workers]]
 
 
 class DurationRecorder:
