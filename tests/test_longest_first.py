@@ -1,4 +1,5 @@
 """make test's scheduling (tests/longest_first.py): the next run starts with the tests that took longest."""
+import json
 
 
 def test_the_next_run_starts_with_the_longest_recorded_test(pytester):
@@ -16,3 +17,16 @@ def test_the_next_run_starts_with_the_longest_recorded_test(pytester):
                         test_quick="import time\n\ndef test_quick():\n    time.sleep(0.3)\n")
     order()  # records quick as the long one now
     assert order() == ["test_quick.py", "test_long.py"]
+
+
+def test_without_a_cache_the_committed_record_decides(pytester, monkeypatch):
+    from tests import longest_first
+
+    pytester.makeconftest("pytest_plugins = ['tests.longest_first']")
+    pytester.makepyfile(test_long="def test_long():\n    pass\n", test_quick="def test_quick():\n    pass\n")
+    record = pytester.path / "durations.json"
+    record.write_text(json.dumps({"test_quick.py::test_quick": 9.0}))  # as a fresh clone finds tests/durations.json
+    monkeypatch.setattr(longest_first, "COMMITTED", record)
+    result = pytester.runpytest("-v", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+    assert [line.split("::")[0] for line in result.outlines if "PASSED" in line] == ["test_quick.py", "test_long.py"]
