@@ -4,9 +4,8 @@ the collected tests (and idle workers steal from the others' tails), so the test
 first, into n piles laid one after the other: each worker's share starts with its longest tests.
 
 Each run records every test's duration (setup + call + teardown) in pytest's cache; the next run sorts by it. A
-fresh clone (CI) has no cache: it sorts by tests/durations.json, a run's record committed with the tests (measured:
-5 min 31 s with a record, 6 min 58 s with the `slow` marker alone to go by); a test in neither goes by its `slow`
-marker. Only the order changes, never what runs.
+fresh clone (CI) has no cache: it sorts by tests/durations.json, a run's record committed with the tests; a test
+in neither goes by its `slow` marker. Only the order changes, never what runs.
 """
 from __future__ import annotations
 
