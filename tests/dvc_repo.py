@@ -13,6 +13,11 @@ import yaml
 from tests.conftest import DEFAULT_PARAMS, REPO, merged
 
 
+def stage_env() -> dict[str, str]:
+    """The stages run `python`: the interpreter running the tests, whatever venv it is in."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
 class DvcRepo:
     def __init__(self, root: Path, **params):
         self.root = root
@@ -21,8 +26,7 @@ class DvcRepo:
         shutil.copy(REPO / ".dvcignore", root / ".dvcignore")  # bytecode in the directory deps is not code
         shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
         self.set_params(**params)
-        # the stages run `python`: the interpreter running the tests, whatever venv it is in
-        self.env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        self.env = stage_env()
         self.run("git", "init", "-q")
         self.run("git", "config", "user.email", "test@example.com")
         self.run("git", "config", "user.name", "test")
@@ -37,7 +41,7 @@ class DvcRepo:
         shutil.copytree(source, root, symlinks=True)
         repo = cls.__new__(cls)
         repo.root = root
-        repo.env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        repo.env = stage_env()
         return repo
 
     def set_params(self, **params) -> None:
