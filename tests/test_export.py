@@ -1,4 +1,5 @@
 """export: cut + pool + ONNX with a dynamic batch, parity-checked with ONNX Runtime, for three architectures."""
+import contextlib
 import json
 
 import numpy as np
@@ -57,6 +58,20 @@ def test_export_is_byte_identical_when_repeated(project):
     first = backbone_files.ONNX.read_bytes()
     export.main()
     assert backbone_files.ONNX.read_bytes() == first  # the feature store's fingerprint relies on this
+
+
+def test_in_place_activations_switched_off_for_the_export_give_the_same_bytes_and_are_switched_back(tmp_path,
+                                                                                                      monkeypatch):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU6(inplace=True),
+                              torch.nn.Conv2d(4, 4, 1), torch.nn.SiLU(inplace=True)).eval()
+    example = torch.rand(2, 3, 8, 8)
+    onnx_export.export(net, example, tmp_path / "switched.onnx", opset=18)
+    assert [layer.inplace for layer in net if hasattr(layer, "inplace")] == [True, True]  # the caller's net
+    with monkeypatch.context() as patch:
+        patch.setattr(onnx_export, "out_of_place", lambda module: contextlib.nullcontext())
+        onnx_export.export(net, example, tmp_path / "as_is.onnx", opset=18)  # in-place ops traced as they are
+    assert (tmp_path / "switched.onnx").read_bytes() == (tmp_path / "as_is.onnx").read_bytes()
 
 
 def test_parity_above_atol_fails_with_the_numbers(project):
