@@ -25,7 +25,7 @@ from transfer_learning.data import manifest
 from transfer_learning.features import split_files
 from transfer_learning.features.split_files import SplitRows, write_split
 from transfer_learning.features.fingerprint import fingerprint
-from transfer_learning.features.store import KILL_AFTER_COMMITS
+from transfer_learning.features.store import COMMIT_ROWS, KILL_AFTER_COMMITS
 from transfer_learning.features.runtime import CPU, CUDA, FeatureRunner, provider_options, providers_to_try
 
 # CUDA (TF32 off) vs CPU, both fp32: only kernels and summation order differ (typically ~1e-5 of the scale).
@@ -243,19 +243,19 @@ def run_extract(cwd: Path, **env_vars: str) -> subprocess.Popen:
 def test_sigkill_then_resume_gives_the_uninterrupted_features(exported, tmp_path):
     work = tmp_path / "work"
     shutil.copytree(exported, work)
-    write_digits(work / "images", 120, start=DIGITS_PER_CLASS)  # ~1,260 images: more than 5 s of work (a commit)
+    write_digits(work / "images", 24, start=DIGITS_PER_CLASS)  # 300 images, commits every 64 rows
     os.chdir(work)
     try:
         prepare.main()
     finally:
         os.chdir(REPO)
     store = work / "store"
-    process = run_extract(work, **{KILL_AFTER_COMMITS: "1"})  # SIGKILLs itself right after its first commit
+    process = run_extract(work, **{COMMIT_ROWS: "64", KILL_AFTER_COMMITS: "2"})  # SIGKILLed after its 2nd commit
     process.communicate(timeout=300)
     assert process.returncode == -signal.SIGKILL
     committed = sum(h5py.File(f, "r").attrs["rows"] for f in store.glob("*/*.h5"))
     total = len((work / "data/prepared/manifest.csv").read_text().splitlines()) - 1
-    assert 0 < committed < total, "the kill should land mid-run"
+    assert 64 <= committed < total, "the kill should land mid-run"
 
     resumed = run_extract(work)
     out, _ = resumed.communicate(timeout=300)

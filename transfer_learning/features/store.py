@@ -59,6 +59,7 @@ NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 # fault injection for the crash tests: a process with this set to N kills itself (SIGKILL) right after its Nth
 # commit, so that "killed mid-run" lands at a known point instead of after a random sleep
 KILL_AFTER_COMMITS = "TRANSFER_LEARNING_KILL_AFTER_COMMITS"
+COMMIT_ROWS = "TRANSFER_LEARNING_COMMIT_ROWS"  # and this one commits every N rows: a kill mid-run on a few images
 
 
 class Untrusted(Exception):
@@ -147,7 +148,7 @@ class FeatureStore:
         self.fingerprint = fingerprint
         self.feature_dim = feature_dim
         self.dtype = np.dtype(dtype)
-        self.commit_rows = commit_rows
+        self.commit_rows = int(os.environ.get(COMMIT_ROWS, commit_rows))
         self.commit_seconds = commit_seconds  # at most this much work is lost to a kill
         self.last_commit = time.monotonic()
         self.lock = FileLock(str(self.dir) + ".lock", timeout=lock_timeout)
