@@ -30,3 +30,16 @@ def test_without_a_cache_the_committed_record_decides(pytester, monkeypatch):
     result = pytester.runpytest("-v", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
     assert [line.split("::")[0] for line in result.outlines if "PASSED" in line] == ["test_quick.py", "test_long.py"]
+
+
+def test_the_piles_first_tests_share_no_build():
+    from tests.longest_first import dealt
+
+    seconds = {"pipeline_a": 90, "pipeline_b": 80, "pipeline_c": 70, "ray": 60, "export": 50, "quick": 1}
+    builds = {"pipeline_a": {"baseline"}, "pipeline_b": {"baseline"}, "pipeline_c": {"baseline"}, "ray": {"exported"},
+              "export": set(), "quick": {"exported"}}
+    order = dealt(list(seconds), 3, seconds.get, builds.get)
+    piles = [order[0:2], order[2:4], order[4:6]]
+    assert [pile[0] for pile in piles] == ["pipeline_a", "ray", "export"]  # b and c would wait for a's baseline
+    assert piles == [["pipeline_a", "pipeline_b"], ["ray", "pipeline_c"], ["export", "quick"]]
+    assert dealt(list(seconds), 1, seconds.get, builds.get) == sorted(seconds, key=seconds.get, reverse=True)

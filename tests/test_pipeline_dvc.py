@@ -1,8 +1,8 @@
 """The pipeline as a user drives it: `dvc repro` and `dvc exp run` in a real git + DVC repository.
 
-One test runs the whole pipeline once (the committed baseline) and then each use below on a copy of it: one test
-rather than four sharing a fixture, because pytest-xdist would start the four on three workers at once, two of them
-idle until the baseline is built."""
+The whole pipeline runs once per test run (the committed baseline, built by the first test that needs it while the
+others wait: tests/longest_first.py starts at most one of them per worker at once); each test below is one use, on a
+copy of it."""
 import json
 import sys
 import time
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import merged
+from tests.conftest import built_once, merged
 from tests.dvc_repo import DvcRepo
 
 
@@ -50,14 +50,14 @@ def build_baseline(root: Path) -> None:
     repo.run("git", "commit", "-qm", "baseline")
 
 
-@pytest.mark.slow
-def test_the_pipeline_as_users_drive_it(tmp_path):
-    build_baseline(tmp_path / "baseline")
-    for use in (repro_skips_what_did_not_change_and_params_scope_reruns,
-                edits_and_experiments_reuse_features_and_rerun_only_what_changed,
-                a_queued_sweep_runs_each_experiment_and_exp_show_lists_them,
-                a_finetune_experiment_follows_the_advice_and_is_reported_beside_the_heads):
-        use(DvcRepo.copy_of(tmp_path / "baseline", tmp_path / use.__name__))
+@pytest.fixture(scope="session")
+def baseline(tmp_path_factory) -> Path:
+    return built_once(tmp_path_factory, "pipeline-baseline", build_baseline)
+
+
+@pytest.fixture
+def repo(baseline, tmp_path) -> DvcRepo:
+    return DvcRepo.copy_of(baseline, tmp_path / "repo")
 
 
 def edit_params(repo: DvcRepo, **changes) -> None:
@@ -65,8 +65,9 @@ def edit_params(repo: DvcRepo, **changes) -> None:
     params_file.write_text(yaml.safe_dump(merged(yaml.safe_load(params_file.read_text()), changes), sort_keys=False))
 
 
-def repro_skips_what_did_not_change_and_params_scope_reruns(baseline: DvcRepo) -> None:
-    repo = baseline  # every stage ran once (build_baseline checks it)
+@pytest.mark.slow
+def test_repro_skips_what_did_not_change_and_params_scope_reruns(repo: DvcRepo) -> None:
+    # every stage ran once (build_baseline checks it)
     again = repo.dvc("repro")
     assert "Running stage" not in again
     for stage in ("validate", "prepare", "download", "export", "extract", "train_heads@logreg", "evaluate"):
@@ -106,8 +107,9 @@ def repro_skips_what_did_not_change_and_params_scope_reruns(baseline: DvcRepo) -
     assert "export:" in status and "backbone.pool" in status and "download:" not in status
 
 
-def edits_and_experiments_reuse_features_and_rerun_only_what_changed(baseline: DvcRepo) -> None:
-    repo, tmp_path = baseline, baseline.root
+@pytest.mark.slow
+def test_edits_and_experiments_reuse_features_and_rerun_only_what_changed(repo: DvcRepo) -> None:
+    tmp_path = repo.root
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     extract_metrics = tmp_path / "metrics" / "extract.json"
     params["heads"]["logreg"]["C"] = [0.1]  # an edit of heads.* in params.yaml, and a head removed
@@ -140,9 +142,9 @@ def edits_and_experiments_reuse_features_and_rerun_only_what_changed(baseline: D
     assert f"60 reused from the store {tmp_path / 'data' / 'feature-store'}" in out and ", 0 to compute" in out
 
 
-def a_queued_sweep_runs_each_experiment_and_exp_show_lists_them(baseline: DvcRepo) -> None:
+@pytest.mark.slow
+def test_a_queued_sweep_runs_each_experiment_and_exp_show_lists_them(repo: DvcRepo) -> None:
     """Each queued experiment changes one thing on the baseline: the knn head and evaluate re-run."""
-    repo = baseline
     for k in (1, 5):
         repo.dvc("exp", "run", "--queue", "-S", f"heads.knn.grid.n_neighbors=[{k}]")
     repo.dvc("exp", "run", "--run-all", "-j", "1")  # waits for the queue; exits 0 even if one failed, so:
@@ -160,8 +162,9 @@ def a_queued_sweep_runs_each_experiment_and_exp_show_lists_them(baseline: DvcRep
     assert "logreg.accuracy" in shown.splitlines()[0] and "computed" in shown.splitlines()[0]
 
 
-def a_finetune_experiment_follows_the_advice_and_is_reported_beside_the_heads(baseline: DvcRepo) -> None:
-    repo, tmp_path = baseline, baseline.root
+@pytest.mark.slow
+def test_a_finetune_experiment_follows_the_advice_and_is_reported_beside_the_heads(repo: DvcRepo) -> None:
+    tmp_path = repo.root
     # fine-tuning as the advisor says (digits: small and unlike ImageNet -> the last 2 blocks), side by side
     out = repo.dvc("exp", "run", "-S", "finetune.enabled=true", "-S", "finetune.unfreeze=auto", "-S",
                    "finetune.epochs=1", "-S", "finetune.batch_size=8", "-S", "finetune.augment.hflip=false",
