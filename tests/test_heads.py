@@ -3,6 +3,7 @@
 The features are scikit-learn's digits pixels (64-d, 1,797 rows): real data where only the shape matters.
 """
 import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -134,6 +135,37 @@ def test_selection_fits_each_grid_point_on_train_and_keeps_the_best_on_val(featu
         assert len(by_hand) == 3 and len(set(by_hand.values())) > 1  # the grid really matters here
         assert fitted.chosen == {key: max(by_hand, key=by_hand.get)}
         assert fitted.val_accuracy == max(by_hand.values())
+
+
+def test_grid_points_fitted_side_by_side_give_the_same_head_as_one_by_one(features):
+    """train_heads fits a scikit-learn head's grid points in threads, one BLAS thread each: the same selection and
+    the same saved bytes as the sequential fit."""
+    train, val = splits()
+    for head in ({"type": "logistic", "C": [0.0001, 0.01, 1.0, 100.0]},
+                 {"type": "sklearn", "estimator": "sklearn.neighbors.KNeighborsClassifier",
+                  "grid": {"n_neighbors": [1, 40, 200]}}):
+        alone, side_by_side = (fit_head("h", spec(head), train, val, workers=workers) for workers in (1, 3))
+        assert side_by_side.candidates == alone.candidates and side_by_side.chosen == alone.chosen
+        assert len({c["val_accuracy"] for c in alone.candidates}) > 1  # the grid really matters here
+        forms = [head_files.saved_form(fitted, CLASSES, train.fingerprint) for fitted in (alone, side_by_side)]
+        assert forms[0].blob == forms[1].blob and forms[0].meta["sha256"] == forms[1].meta["sha256"]
+
+
+def test_an_onnx_head_is_the_same_bytes_in_every_process(tmp_path):
+    """skl2onnx lists the graph's opset imports in an order that follows Python's string hashing, which differs
+    between processes: a retrained identical kNN head must still be the same file (else DVC sees a new output)."""
+    import subprocess
+    import sys
+
+    script = ("import hashlib, numpy as np; from sklearn.neighbors import KNeighborsClassifier; "
+              "from transfer_learning.heads.sklearn_onnx import to_onnx_head; "
+              "x = np.arange(40, dtype=np.float32).reshape(10, 4); y = np.arange(10) % 3; "
+              "knn = KNeighborsClassifier(n_neighbors=2).fit(x, y); "
+              "print(hashlib.sha256(to_onnx_head(knn, x.mean(0), x.std(0), [0, 1, 2], 3)).hexdigest())")
+    root = Path(__file__).resolve().parents[1]
+    digests = {subprocess.run([sys.executable, "-c", script], cwd=root, env={**os.environ, "PYTHONHASHSEED": seed},
+                              capture_output=True, text=True, check=True).stdout for seed in ("1", "2", "3")}
+    assert len(digests) == 1, digests
 
 
 def test_ties_keep_the_first_grid_point(features):

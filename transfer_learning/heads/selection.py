@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -62,8 +63,10 @@ def estimator_and_grid(name: str, spec: Spec) -> tuple[BaseEstimator, dict[str, 
     return estimator.set_params(**chosen), {k: list(v) for k, v in spec.grid.items()}
 
 
-def fit_head(name: str, spec: Spec, train: SplitFeatures, val: SplitFeatures) -> FittedHead:
-    """The shared selection path: every grid point fitted on train, scored on val, the best one kept."""
+def fit_head(name: str, spec: Spec, train: SplitFeatures, val: SplitFeatures, workers: int = 1) -> FittedHead:
+    """The shared selection path: every grid point fitted on train, scored on val, the best one kept (the first on
+    a tie, in the grid's order). `workers` threads fit the grid points of a scikit-learn estimator side by side,
+    each on one BLAS thread: every fit is the same computation as alone, so the result does not depend on them."""
     if len(val) == 0:
         raise UserError("the val split is empty, and heads choose their hyperparameters on it: "
                         "set data.val_fraction above 0")
@@ -71,22 +74,34 @@ def fit_head(name: str, spec: Spec, train: SplitFeatures, val: SplitFeatures) ->
     estimator, grid = estimator_and_grid(name, spec)
     scaler = StandardScaler().fit(train.features)
     train_x, val_x = scaler.transform(train.features), scaler.transform(val.features)
-    best: tuple[float, BaseEstimator, dict] | None = None
-    candidates = []
-    for point in ParameterGrid(grid):
+    points = list(ParameterGrid(grid))
+    torch_head = has_fit_parameter(estimator, "validation")  # torch's own threads, one fit at a time
+
+    def fitted(point: dict) -> BaseEstimator:
         candidate = clone(estimator).set_params(**point)
         try:
-            if has_fit_parameter(candidate, "validation"):  # a torch head: torch's own threads
-                candidate.fit(train_x, train.labels, validation=(val_x, val.labels))
-            else:
-                # one BLAS thread: these matrices are too small to gain from more (lbfgs on 2,100 x 1,280 features:
-                # 0.3 s on one thread, 7-9 s on two of a busy 2-core machine), and the result no longer depends
-                # on the machine's core count
-                with threadpool_limits(limits=1, user_api="blas"):
-                    candidate.fit(train_x, train.labels)
+            if torch_head:
+                return candidate.fit(train_x, train.labels, validation=(val_x, val.labels))
+            return candidate.fit(train_x, train.labels)
         except (ValueError, TypeError) as error:
             raise UserError(f"heads.{name}: fitting {type(candidate).__name__} with {point or spec} failed: "
                             f"{error}") from None
+
+    if torch_head:
+        fits = [fitted(point) for point in points]
+    else:
+        # one BLAS thread per fit: these matrices are too small to gain from more (lbfgs on 2,100 x 1,280 features:
+        # 0.3 s on one thread, 7-9 s on two of a busy 2-core machine), and the result no longer depends on the
+        # machine's core count; the grid points run side by side instead (numpy and BLAS release the GIL)
+        with threadpool_limits(limits=1, user_api="blas"):
+            if min(workers, len(points)) > 1:
+                with ThreadPoolExecutor(min(workers, len(points))) as pool:
+                    fits = list(pool.map(fitted, points))
+            else:
+                fits = [fitted(point) for point in points]
+    best: tuple[float, BaseEstimator, dict] | None = None
+    candidates = []
+    for point, candidate in zip(points, fits):
         predicted = candidate.classes_[estimator_scores(candidate, val_x).argmax(axis=1)]
         accuracy = float(np.mean(predicted == val.labels))
         candidates.append({"params": point, "val_accuracy": accuracy})
@@ -94,7 +109,7 @@ def fit_head(name: str, spec: Spec, train: SplitFeatures, val: SplitFeatures) ->
         if best is None or accuracy > best[0]:
             best = (accuracy, candidate, point)
     assert best is not None
-    accuracy, fitted, point = best
-    details = {k: getattr(fitted, k) for k in ("best_epoch_", "epochs_run_") if hasattr(fitted, k)}
-    return FittedHead(name, spec, fitted, scaler, point, accuracy, candidates,
+    accuracy, chosen, point = best
+    details = {k: getattr(chosen, k) for k in ("best_epoch_", "epochs_run_") if hasattr(chosen, k)}
+    return FittedHead(name, spec, chosen, scaler, point, accuracy, candidates,
                       time.perf_counter() - started, len(train), {k.rstrip("_"): v for k, v in details.items()})

@@ -104,7 +104,10 @@ def to_onnx_head(estimator, mean: np.ndarray, scale: np.ndarray, class_indices: 
         [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", feature_dim])],
         [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", n_classes])],
         [*inner.graph.initializer, *initializers])
-    model = helper.make_model(graph, opset_imports=list(inner.opset_import), ir_version=inner.ir_version,
+    # opset imports sorted by domain: skl2onnx lists them in an order that varies between processes (a set), and
+    # the same head must give the same bytes
+    opsets = sorted(inner.opset_import, key=lambda opset: opset.domain)
+    model = helper.make_model(graph, opset_imports=opsets, ir_version=inner.ir_version,
                               functions=list(inner.functions))
     _canonical_names(model.graph, {}, [0])
     onnx.checker.check_model(model)

@@ -8,6 +8,7 @@ saved by heads/files.py. Train rows include the augmented views when extract.aug
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from transfer_learning.params import HeadSpec, SklearnHead
 log = logging.getLogger("train_heads")
 CURVES_DIR = Path("plots/heads")
 CURVES = ("train_loss", "val_loss")
+FIT_WORKERS = 4  # a logistic fit casts the float32 train features to float64 per step: each worker holds such a copy
 
 
 def write_curves(fitted_heads: list[FittedHead], folder: Path = CURVES_DIR) -> None:
@@ -86,7 +88,9 @@ def train_heads(heads: dict[str, HeadSpec], only: list[str] | None = None) -> di
     log.info("training %d head(s) on %d train rows (%d of them augmented views), selecting on %d val rows",
              len(chosen), len(train), augmented, len(val))
 
-    fitted_heads = [fit_head(name, spec, train, val) for name, spec in chosen.items()]
+    # a scikit-learn head's grid points are fitted side by side, one per core up to FIT_WORKERS (heads/selection.py)
+    workers = min(os.cpu_count() or 1, FIT_WORKERS)
+    fitted_heads = [fit_head(name, spec, train, val, workers=workers) for name, spec in chosen.items()]
     forms = [head_files.saved_form(fitted, train.classes, train.fingerprint) for fitted in fitted_heads]
     # every head is trained and converted: only now are the old files replaced
     if not only:
