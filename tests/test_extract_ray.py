@@ -21,6 +21,7 @@ from stages import extract, prepare
 from tests.conftest import DIGITS_PER_CLASS, REPO, write_digits
 from tests.test_extract import CUDA_VS_CPU_RTOL_OF_SCALE, metrics, read_split, set_params
 from transfer_learning.common.errors import UserError
+from transfer_learning.common.hashing import sha256_bytes
 from transfer_learning.features.ray_engine import (
     KILL_ACTOR_AT_BATCH, KILL_ACTOR_MARKER, check_fits, decode_in_tasks, gpus_per_actor, ort_threads)
 from transfer_learning.features.store import KILL_AFTER_COMMITS, store_key
@@ -117,6 +118,46 @@ def test_ray_rows_equal_local_rows_through_an_actor_kill_and_a_bad_image_and_eac
     set_params(extract={"store": "store-tasks", "engine": "local"})
     extract.main()
     assert (metrics()["computed"], metrics()["reused"]) == (0, 59)  # the failed ray run stored all the others
+
+
+def test_the_actors_views_are_the_local_engines_and_the_plain_view_imports_no_torch(workdir):
+    """decode_views (torch-free for view 0) gives ViewDataset's bytes and error messages; an actor in a fresh
+    process computes rows of plain views without importing torch or torchvision (worth ~4 s per worker)."""
+    from transfer_learning.backbone import files as backbone_files
+    from transfer_learning.features.ray_actor import decode_views
+    from transfer_learning.features.views import ViewDataset, ViewRequest
+
+    rows = [line.split(",") for line in Path("data/prepared/manifest.csv").read_text().splitlines()[1:5]]
+    Path(rows[1][0]).write_bytes(b"changed")
+    Path(rows[2][0]).unlink()
+    Path("not-an-image.png").write_bytes(b"junk")
+    requests = [ViewRequest(path, sha256, view) for path, _, _, sha256 in rows for view in (0, 1)]
+    requests.append(ViewRequest("not-an-image.png", sha256_bytes(b"junk"), 0))
+    preprocessing = backbone_files.load().preprocessing.with_bit_depth(12)
+    batch = {"key": np.arange(len(requests)), "path": np.array([r.path for r in requests]),
+             "sha256": np.array([r.sha256 for r in requests]), "view": np.array([r.view for r in requests])}
+    pixels, errors = decode_views(batch, preprocessing.to_json())
+    dataset = ViewDataset(requests, preprocessing)
+    for i, (tensor, error) in enumerate(dataset[i] for i in range(len(dataset))):
+        assert errors[i] == (error or ""), requests[i]
+        assert pixels[i].tobytes() == (np.zeros_like(pixels[i]) if tensor is None else tensor.numpy()).tobytes()
+    assert sum(e == "" for e in errors) == 4 and all(e.startswith(r.path + ": ") for e, r in zip(errors, requests) if e)
+
+    probe = f"""
+import sys
+import numpy as np
+from transfer_learning.features.ray_actor import BackboneActor
+actor = BackboneActor(open("models/backbone.onnx", "rb").read(), ["CPUExecutionProvider"], 2,
+                      {preprocessing.to_json()!r}, feature_dim=1280, use_gpu=False, threads=1)
+out = actor({{"key": np.array(["a", "b"]), "path": np.array({[rows[0][0], rows[3][0]]!r}),
+              "sha256": np.array({[rows[0][3], rows[3][3]]!r}), "view": np.array([0, 0])}})
+assert list(out["error"]) == ["", ""] and np.abs(out["features"]).sum(axis=1).min() > 0, out
+print(sorted({{m.split(".")[0] for m in sys.modules}} & {{"torch", "torchvision"}}))
+"""
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_an_unreachable_address_fails_within_seconds_naming_it(workdir):

@@ -10,6 +10,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
 from transfer_learning.data.decode import BIT_DEPTHS, BadImage, BitDepth, decode, is_bit_depth  # noqa: F401
+from transfer_learning.data.pixels import NormalizeTable
 
 log = logging.getLogger(__name__)
 
@@ -81,21 +82,11 @@ class Preprocessing:
         return batch.to(torch.float32).div_(255.0).sub_(mean).div_(std)
 
 
-class LookupNormalize:
-    """`Preprocessing.normalize` as a table: a uint8 sample has 256 possible values per channel, so their floats are
-    computed once, by `normalize` itself (bit for bit the same values), and a batch is a lookup per image plane
-    into a buffer the caller reuses: one pass over memory instead of four, no new 38 MB array per batch, and no
-    torch thread pool in the process that runs ONNX Runtime (its idle OpenMP threads spin on the same cores)."""
+class LookupNormalize(NormalizeTable):
+    """`Preprocessing.normalize` as a table (data/pixels.py): a uint8 sample has 256 possible values per channel, so
+    their floats are computed once (bit for bit normalize's, tests/test_images.py) and a batch is a lookup per image
+    plane into a buffer the caller reuses: one pass over memory instead of four, no new 38 MB array per batch, and
+    no torch thread pool in the process that runs ONNX Runtime (its idle OpenMP threads spin on the same cores)."""
 
     def __init__(self, preprocessing: Preprocessing):
-        channels = len(preprocessing.mean)
-        ramp = torch.arange(256, dtype=torch.uint8).view(1, 1, 1, 256).expand(1, channels, 1, 256).contiguous()
-        self.table = preprocessing.normalize(ramp).numpy()[0, :, 0, :].copy()  # (channels, 256) float32
-
-    def __call__(self, batch: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """uint8 NCHW -> float32 NCHW written into out[:N] (out: float32, at least N images of the same CHW)."""
-        out = out[:len(batch)]
-        for image, normalized in zip(batch, out):
-            for channel, (plane, table) in enumerate(zip(image, self.table)):
-                np.take(table, plane, out=normalized[channel])
-        return out
+        super().__init__(preprocessing.mean, preprocessing.std)

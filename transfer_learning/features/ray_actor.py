@@ -1,10 +1,14 @@
 """What runs in Ray's workers for extract.engine: ray (ray_engine.py drives them). Kept apart from the driver's
-module so that a worker imports only what it runs: no params, no store (every worker process pays its imports).
+module so that a worker imports only what it runs: no params, no store, and no torch for the plain view (every
+worker process pays its imports before its first row; torch + torchvision cost ~4 s of a 2-core machine). The plain
+view is data/pixels.py, bit for bit torchvision's transform; torch is imported only for augmented views, whose
+random crops follow torch's generator (views.ViewDataset), at the first batch that has one. So the workers get the
+preprocessing as its JSON, not as a data.images.Preprocessing (unpickling that would import torch).
 
 A BackboneActor takes two batches at a time (ActorPoolStrategy max_concurrent_calls_per_actor=2) and runs them as
 a two-stage pipeline, one lock per stage: one batch is decoded while ONNX Runtime computes the other, as the local
 engine's loader workers decode while it runs the model. One decoding thread per actor, because augmented views
-seed torch's global generator (views.ViewDataset); one ONNX Runtime run at a time, on the actor's CPU share.
+seed torch's global generator; one ONNX Runtime run at a time, on the actor's CPU share.
 """
 from __future__ import annotations
 
@@ -16,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from transfer_learning.data.images import LookupNormalize, Preprocessing
+from transfer_learning.common.hashing import sha256_bytes
+from transfer_learning.data.decode import BadImage, decode
+from transfer_learning.data.pixels import NormalizeTable, PlainPixels
 from transfer_learning.features.runtime import FeatureRunner
-from transfer_learning.features.views import ViewDataset, ViewRequest, one_thread_worker
 
 # fault injection for the tests: an actor SIGKILLs itself at its Nth batch if the marker file does not exist yet
 # (it creates it first), so exactly one actor dies once, mid-run
@@ -27,24 +32,60 @@ KILL_ACTOR_MARKER = "TRANSFER_LEARNING_KILL_ACTOR_MARKER"
 CONCURRENT_BATCHES = 2  # per actor: one decoding, one in ONNX Runtime
 
 
-def decode_views(batch: dict[str, np.ndarray], preprocessing: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
-    """The batch's images as uint8 NCHW (zeros where one failed) and the reasons ('' if none)."""
-    requests = [ViewRequest(str(path), str(sha256), int(view))
-                for path, sha256, view in zip(batch["path"], batch["sha256"], batch["view"])]
-    dataset = ViewDataset(requests, preprocessing)
-    pixels = np.zeros((len(requests), 3, preprocessing.crop, preprocessing.crop), np.uint8)
-    errors = []
-    for i in range(len(requests)):
-        tensor, error = dataset[i]
-        if error is None:
-            pixels[i] = tensor.numpy()
-        errors.append(error or "")
-    return pixels, np.array(errors, dtype=object)
+def plain_view(path: str, sha256: str, bit_depth, pixels: PlainPixels) -> tuple[np.ndarray | None, str]:
+    """(uint8 CHW, '') or (None, the reason with the path), as views.ViewDataset gives for view 0, with its
+    read_image's messages (tests/test_extract_ray.py compares them). A grey image has one channel (the caller
+    broadcasts it to three, as ViewDataset does)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        return None, f"{path}: cannot read ({error.strerror})"
+    if sha256_bytes(data) != sha256:
+        return None, f"{path}: changed since prepare (sha256 differs); run `dvc repro` to re-prepare"
+    try:
+        image = decode(data, bit_depth, keep_grey=True)  # grey: a third of the resizing
+    except BadImage as error:
+        return None, f"{path}: {error}"
+    return pixels(image), ""
 
 
-def read_views(batch: dict[str, np.ndarray], preprocessing: Preprocessing) -> dict[str, np.ndarray]:
+def augmented_views(paths, sha256s, views, preprocessing: dict) -> list[tuple[np.ndarray | None, str]]:
+    """views.ViewDataset's seeded augmentations (torch's generator: imported here, only when there are some)."""
+    from transfer_learning.data.images import Preprocessing
+    from transfer_learning.features.views import ViewDataset, ViewRequest, one_thread_worker
+
+    one_thread_worker(0)  # decoding: one torch thread beside ONNX Runtime's
+    dataset = ViewDataset([ViewRequest(str(p), str(s), int(v)) for p, s, v in zip(paths, sha256s, views)],
+                          Preprocessing.from_json(preprocessing))
+    return [(None if tensor is None else tensor.numpy(), error or "") for tensor, error in
+            (dataset[i] for i in range(len(dataset)))]
+
+
+def decode_views(batch: dict[str, np.ndarray], preprocessing: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The batch's images as uint8 NCHW (zeros where one failed) and the reasons ('' if none). `preprocessing`:
+    Preprocessing.to_json()."""
+    crop = preprocessing["crop"]
+    pixels = np.zeros((len(batch["key"]), 3, crop, crop), np.uint8)
+    errors = np.full(len(pixels), "", dtype=object)
+    plain = PlainPixels(preprocessing["resize"], crop, preprocessing["interpolation"])
+    augmented = np.flatnonzero(np.asarray(batch["view"]) != 0)
+    for i in np.flatnonzero(np.asarray(batch["view"]) == 0):
+        image, errors[i] = plain_view(str(batch["path"][i]), str(batch["sha256"][i]), preprocessing["bit_depth"],
+                                      plain)
+        if image is not None:
+            pixels[i] = image
+    if len(augmented):
+        views = augmented_views(batch["path"][augmented], batch["sha256"][augmented], batch["view"][augmented],
+                                preprocessing)
+        for i, (image, error) in zip(augmented, views):
+            errors[i] = error
+            if image is not None:
+                pixels[i] = image
+    return pixels, errors
+
+
+def read_views(batch: dict[str, np.ndarray], preprocessing: dict) -> dict[str, np.ndarray]:
     """A reader task (extract.ray.decode: tasks): the batch's pixels for the actors."""
-    one_thread_worker(0)
     pixels, errors = decode_views(batch, preprocessing)
     return {"key": batch["key"], "pixels": pixels, "error": errors}
 
@@ -53,17 +94,21 @@ class BackboneActor:
     """One ONNX Runtime session for the actor's life; a batch of paths (decode: actors) or of uint8 pixels
     (decode: tasks) in, float32 rows out."""
 
-    def __init__(self, onnx, providers: list[str], batch_size: int, preprocessing: Preprocessing,
+    def __init__(self, onnx, providers: list[str], batch_size: int, preprocessing: dict,
                  feature_dim: int, use_gpu: bool, threads: int, kill_at_batch: int = 0, kill_marker: str = ""):
-        import ray
+        """`onnx`: the model's bytes, or their object reference; `preprocessing`: Preprocessing.to_json()."""
+        if not isinstance(onnx, bytes):
+            import ray
 
-        one_thread_worker(0)  # decoding: one torch thread beside ONNX Runtime's
+            onnx = ray.get(onnx)
         # use_gpu False: CPU even on a GPU node, as extract.ray.num_gpus_per_actor: 0 asks
-        self.runner = FeatureRunner(ray.get(onnx), providers, batch_size, gpu_present=None if use_gpu else False,
+        self.runner = FeatureRunner(onnx, providers, batch_size, gpu_present=None if use_gpu else False,
                                     threads=threads)
         self.preprocessing = preprocessing
-        self.normalize = LookupNormalize(preprocessing)  # extract's own normalization: the same bits, no torch
-        self.inputs = np.empty((batch_size, 3, preprocessing.crop, preprocessing.crop), np.float32)
+        # extract's own normalization (Preprocessing.normalize): the same bits, no torch
+        self.normalize = NormalizeTable(preprocessing["mean"], preprocessing["std"])
+        crop = preprocessing["crop"]
+        self.inputs = np.empty((batch_size, 3, crop, crop), np.float32)
         self.feature_dim = feature_dim
         self.decoding, self.inferring, self.accounting = threading.Lock(), threading.Lock(), threading.Lock()
         self.batches = 0

@@ -4,7 +4,8 @@
     Runtime session per actor, from the ONNX bytes the driver hashed, shipped once through the object store ->
     iter_batches back to the driver -> store.add
 
-Where the images are decoded (read, sha256 checked, decoded, resized/cropped to uint8, exactly views.ViewDataset),
+Where the images are decoded (read, sha256 checked, decoded, resized/cropped to uint8, exactly views.ViewDataset;
+the plain view without torch, ray_actor.py),
 extract.ray.decode: in the actors, so that only paths go in and rows come out (CPU actors: the decoding and the
 inference share the actor's CPUs anyway, and 150 KB of pixels per image through the object store only cost time),
 or in reader tasks (`read_views`) on any CPU of the cluster, whose pixels feed the actors (GPU actors: a GPU
@@ -106,7 +107,7 @@ def compute(store: FeatureStore, todo: dict[str, ViewRequest], onnx_bytes: bytes
         if readers:
             dataset = dataset.map_batches(
                 read_views, batch_size=settings.batch_size, batch_format="numpy", num_cpus=READER_CPUS,
-                fn_kwargs={"preprocessing": preprocessing})
+                fn_kwargs={"preprocessing": preprocessing.to_json()})
         with warnings.catch_warnings():  # max_restarts & co. as ray_remote_args: deprecated in 2.60, no other way
             warnings.simplefilter("ignore", DeprecationWarning)
             dataset = dataset.map_batches(
@@ -117,7 +118,7 @@ def compute(store: FeatureStore, todo: dict[str, ViewRequest], onnx_bytes: bytes
                 max_restarts=RETRIES, max_task_retries=RETRIES,
                 fn_constructor_kwargs=dict(
                     onnx=ray.put(onnx_bytes), providers=params.providers, batch_size=settings.batch_size,
-                    preprocessing=preprocessing, feature_dim=store.feature_dim, use_gpu=gpus > 0,
+                    preprocessing=preprocessing.to_json(), feature_dim=store.feature_dim, use_gpu=gpus > 0,
                     threads=ort_threads(settings.num_cpus_per_actor, gpus),
                     kill_at_batch=int(os.environ.get(KILL_ACTOR_AT_BATCH, 0)),
                     kill_marker=os.environ.get(KILL_ACTOR_MARKER, "")))

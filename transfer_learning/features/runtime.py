@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from transfer_learning.backbone.onnx_export import INPUT
 from transfer_learning.common.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -115,6 +114,7 @@ class FeatureRunner:
         self.session = open_session(model, requested, gpu_present, threads)
         self.pad_to = batch_size if self.provider != CPU else None
         self.outputs = [o.name for o in self.session.get_outputs()]  # the first is the one returned
+        self.input = self.session.get_inputs()[0].name  # backbone.onnx_export.INPUT: not imported, it imports torch
         dim = self.session.get_outputs()[0].shape[1]
         self.feature_dim = dim if isinstance(dim, int) else None
 
@@ -126,4 +126,4 @@ class FeatureRunner:
         n = len(batch)
         if self.pad_to and n < self.pad_to:
             batch = np.concatenate([batch, np.zeros((self.pad_to - n, *batch.shape[1:]), batch.dtype)])
-        return self.session.run(self.outputs[:1], {INPUT: batch})[0][:n]
+        return self.session.run(self.outputs[:1], {self.input: batch})[0][:n]

@@ -1,0 +1,78 @@
+"""The plain view's uint8 pixels and their normalization with PIL and numpy only, bit for bit those of
+`Preprocessing.pixels()` and `Preprocessing.normalize` (data/images.py), for processes that should not import torch
+(a Ray actor pays ~4 s for torch + torchvision at start-up, before its first row).
+
+On a PIL image, torchvision's v2 Resize and CenterCrop are PIL's own `resize` and `crop`: the output size is
+torchvision's rule (`_compute_resized_output_size`: the short side becomes `resize`, the long side
+int(resize * long / short)), the crop's corner torchvision's rounding, and an image smaller than the crop is padded
+with zeros, the larger half of an odd margin after the image. tests/test_pixels.py holds them equal on real images.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+# torchvision's InterpolationMode values -> PIL's resampling filters (torchvision's pil_modes_mapping)
+RESAMPLE = {"nearest": Image.Resampling.NEAREST, "nearest-exact": Image.Resampling.NEAREST,
+            "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+            "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING, "lanczos": Image.Resampling.LANCZOS}
+
+
+def resized_size(width: int, height: int, resize: int) -> tuple[int, int]:
+    """(width, height) after torchvision's Resize(resize): the short side becomes `resize`."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = resize, int(resize * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def center_crop(samples: np.ndarray, crop: int) -> np.ndarray:
+    """samples (H, W[, C]) -> (crop, crop[, C]): torchvision's CenterCrop, zeros padded around a smaller image."""
+    height, width = samples.shape[:2]
+    if crop > height or crop > width:
+        top, left = max(crop - height, 0) // 2, max(crop - width, 0) // 2
+        padded = np.zeros((max(crop, height), max(crop, width), *samples.shape[2:]), samples.dtype)
+        padded[top:top + height, left:left + width] = samples
+        samples, (height, width) = padded, padded.shape[:2]
+    top, left = int(round((height - crop) / 2.0)), int(round((width - crop) / 2.0))
+    return samples[top:top + crop, left:left + crop]
+
+
+@dataclass(frozen=True)
+class PlainPixels:
+    """A decoded PIL image ('RGB' or grey 'L') -> resized, centre-cropped uint8 CHW array (1 channel for grey)."""
+
+    resize: int
+    crop: int
+    interpolation: str
+
+    @classmethod
+    def of(cls, preprocessing) -> PlainPixels:
+        """From a data.images.Preprocessing (or anything with its resize, crop and interpolation)."""
+        return cls(preprocessing.resize, preprocessing.crop, preprocessing.interpolation)
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        size = resized_size(image.width, image.height, self.resize)
+        if size != image.size:
+            image = image.resize(size, resample=RESAMPLE[self.interpolation])
+        samples = center_crop(np.asarray(image), self.crop)
+        return np.ascontiguousarray(samples[None] if samples.ndim == 2 else samples.transpose(2, 0, 1))
+
+
+class NormalizeTable:
+    """`Preprocessing.normalize` (uint8 -> float32: x / 255, minus mean, over std, in float32) as one table of the
+    256 values per channel; a batch is one lookup per image plane into a buffer the caller reuses."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        ramp = np.arange(256, dtype=np.float32) / np.float32(255.0)
+        mean32, std32 = np.array(mean, np.float32)[:, None], np.array(std, np.float32)[:, None]
+        self.table = (ramp[None, :] - mean32) / std32  # (channels, 256) float32
+
+    def __call__(self, batch: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """uint8 NCHW -> float32 NCHW written into out[:N] (out: float32, at least N images of the same CHW)."""
+        out = out[:len(batch)]
+        for image, normalized in zip(batch, out):
+            for channel, (plane, table) in enumerate(zip(image, self.table)):
+                np.take(table, plane, out=normalized[channel])
+        return out
