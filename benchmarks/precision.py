@@ -11,7 +11,8 @@ spread, benchmarks/timing.py):
    store) over the first --images train images into a fresh store each repetition;
 3. preprocessing alone images/s: the same DataLoader and normalization without ORT (what end to end is bounded by);
 4. the logistic head on each precision's features (fitted on train, C from params.yaml's heads.logreg.C chosen on
-   val): val and test accuracy; and how close the int8 rows are to the fp32 rows of the same val images (mean and
+   val): val and test accuracy, and on the same val images how many only int8 / only fp32 gets right (the
+   difference's standard error); and how close the int8 rows are to the fp32 rows of the same val images (mean and
    lowest cosine similarity, mean relative error |int8 - fp32| / |fp32|). The int8 recipe was chosen on val and
    on these fidelity figures, never on test.
 """
@@ -58,9 +59,10 @@ def logistic_head() -> dict:
     best: dict = {}
     for C in yaml.safe_load(Path("params.yaml").read_text())["heads"]["logreg"]["C"]:
         head = LogisticRegression(C=C, max_iter=2000).fit(scaler.transform(train.features), train.labels)
-        val_accuracy = head.score(scaler.transform(val.features), val.labels)
-        if not best or val_accuracy > best["val"]:
-            best = {"val": val_accuracy, "C": C, "test": head.score(scaler.transform(test.features), test.labels)}
+        val_right = head.predict(scaler.transform(val.features)) == val.labels
+        if not best or val_right.mean() > best["val"]:
+            best = {"val": val_right.mean(), "val_right": val_right, "C": C,
+                    "test": head.score(scaler.transform(test.features), test.labels)}
     return best | {"val_features": val.features, "test_images": len(test.labels)}
 
 
@@ -70,6 +72,15 @@ def fidelity(fp32: np.ndarray, int8: np.ndarray) -> dict:
     relative = np.linalg.norm(int8 - fp32, axis=1) / np.linalg.norm(fp32, axis=1)
     return {"cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()),
             "relative_error": float(relative.mean())}
+
+
+def paired(fp32_right: np.ndarray, int8_right: np.ndarray) -> str:
+    """The accuracy difference as the images behind it: on the same images, those only int8 gets right and those
+    only fp32 gets right, and the difference's standard error sqrt(discordant) / n (McNemar): an int8 recipe is
+    better or worse only by more than about twice that."""
+    only_int8, only_fp32 = int(np.sum(int8_right & ~fp32_right)), int(np.sum(fp32_right & ~int8_right))
+    return (f"same images: {only_int8} right only at int8, {only_fp32} right only at fp32; standard error of the "
+            f"difference {100 * np.sqrt(only_int8 + only_fp32) / len(fp32_right):.2f} points")
 
 
 def main() -> None:
@@ -165,7 +176,8 @@ def report(project: Path, results: dict, args) -> None:
     print(f"int8 vs fp32 rows of the {len(results['fp32']['val_features'])} val images: cosine mean "
           f"{close['cosine_mean']:.4f}, min {close['cosine_min']:.4f}; "
           f"relative error mean {close['relative_error']:.3f}")
-    print(f"val accuracy int8 - fp32 = {100 * (results['int8']['val'] - results['fp32']['val']):+.2f} points")
+    print(f"val accuracy int8 - fp32 = {100 * (results['int8']['val'] - results['fp32']['val']):+.2f} points "
+          f"({paired(results['fp32']['val_right'], results['int8']['val_right'])})")
     print(f"test accuracy int8 - fp32 = {100 * (results['int8']['test'] - results['fp32']['test']):+.2f} points "
           f"(target within 0.5; {results['fp32']['test_images']} test images: one image is "
           f"{100 / results['fp32']['test_images']:.2f} points)")

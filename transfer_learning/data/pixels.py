@@ -74,5 +74,5 @@ class NormalizeTable:
         out = out[:len(batch)]
         for image, normalized in zip(batch, out):
             for channel, (plane, table) in enumerate(zip(image, self.table)):
-                np.take(table, plane, out=normalized[channel])
+                np.take(table, plane, out=normalized[channel], mode="clip")  # 'raise' buffers `out`: a copy
         return out
