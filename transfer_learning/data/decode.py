@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import io
 import logging
+from pathlib import Path
 from typing import Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from transfer_learning.common.hashing import sha256_bytes
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,22 @@ def decode(data: bytes, bit_depth: BitDepth, keep_grey: bool = False) -> Image.I
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError... for broken files
         raise BadImage(f"not a decodable image: {type(error).__name__}: {error}") from None
     return to_rgb(image, bit_depth, keep_grey)
+
+
+def read_checked(path: str, sha256: str, bit_depth: BitDepth, keep_grey: bool = False
+                 ) -> tuple[Image.Image | None, str | None]:
+    """A prepared image as `decode` gives it, read only if it still has the sha256 prepare recorded: (image, None),
+    or (None, the reason with the path): unreadable, changed since prepare, not decodable."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        return None, f"{path}: cannot read ({error.strerror})"
+    if sha256_bytes(data) != sha256:
+        return None, f"{path}: changed since prepare (sha256 differs); run `dvc repro` to re-prepare"
+    try:
+        return decode(data, bit_depth, keep_grey), None
+    except BadImage as error:
+        return None, f"{path}: {error}"
 
 
 def white_level(samples: np.ndarray, bit_depth: BitDepth) -> float:

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transfer_learning.common.hashing import sha256_bytes
-from transfer_learning.data.decode import BadImage, decode
+from transfer_learning.data.decode import read_checked
 from transfer_learning.data.pixels import NormalizeTable, PlainPixels
 from transfer_learning.features.runtime import FeatureRunner
 
@@ -33,20 +32,10 @@ CONCURRENT_BATCHES = 2  # per actor: one decoding, one in ONNX Runtime
 
 
 def plain_view(path: str, sha256: str, bit_depth, pixels: PlainPixels) -> tuple[np.ndarray | None, str]:
-    """(uint8 CHW, '') or (None, the reason with the path), as views.ViewDataset gives for view 0, with its
-    read_image's messages (tests/test_extract_ray.py compares them). A grey image has one channel (the caller
-    broadcasts it to three, as ViewDataset does)."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as error:
-        return None, f"{path}: cannot read ({error.strerror})"
-    if sha256_bytes(data) != sha256:
-        return None, f"{path}: changed since prepare (sha256 differs); run `dvc repro` to re-prepare"
-    try:
-        image = decode(data, bit_depth, keep_grey=True)  # grey: a third of the resizing
-    except BadImage as error:
-        return None, f"{path}: {error}"
-    return pixels(image), ""
+    """(uint8 CHW, '') or (None, the reason with the path), as views.ViewDataset gives for view 0 (the same
+    read_checked). A grey image has one channel (the caller broadcasts it to three, as ViewDataset does)."""
+    image, error = read_checked(path, sha256, bit_depth, keep_grey=True)  # grey: a third of the resizing
+    return (None, error) if image is None else (pixels(image), "")
 
 
 def augmented_views(paths, sha256s, views, preprocessing: dict) -> list[tuple[np.ndarray | None, str]]:

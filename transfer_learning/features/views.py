@@ -5,14 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset, get_worker_info
 from torchvision.transforms import InterpolationMode, v2
 
-from transfer_learning.common.hashing import sha256_bytes
-from transfer_learning.data.images import BadImage, Preprocessing
+from transfer_learning.data.decode import read_checked
+from transfer_learning.data.images import Preprocessing
 
 PLAIN_VIEW = "0"
 
@@ -52,18 +51,9 @@ def view_seed(sha256: str, view: int) -> int:
 
 
 def read_image(request: ViewRequest, preprocessing: Preprocessing, keep_grey: bool = False):
-    """(RGB image, None), or (None, the reason with the path): unreadable, changed since prepare, not decodable.
-    High-bit images are scaled by `preprocessing.bit_depth`, the data's rule. `keep_grey`: see Preprocessing.decode."""
-    try:
-        data = Path(request.path).read_bytes()
-    except OSError as error:
-        return None, f"{request.path}: cannot read ({error.strerror})"
-    if sha256_bytes(data) != request.sha256:
-        return None, f"{request.path}: changed since prepare (sha256 differs); run `dvc repro` to re-prepare"
-    try:
-        return preprocessing.decode(data, keep_grey), None
-    except BadImage as error:
-        return None, f"{request.path}: {error}"
+    """(RGB image, None), or (None, the reason with the path): data.decode.read_checked with the data's bit-depth
+    rule. `keep_grey`: see Preprocessing.decode."""
+    return read_checked(request.path, request.sha256, preprocessing.bit_depth, keep_grey)
 
 
 class ViewDataset(Dataset):
