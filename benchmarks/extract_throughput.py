@@ -182,12 +182,12 @@ class Sides:
 def phases(sides: Sides, reps: int) -> dict[str, Timing]:
     """Each phase of extract alone, in this process, per batch of BATCH images (the workers' share is CPU time
     that runs on the same 2 cores as ONNX Runtime)."""
-    from transfer_learning.data.images import LookupNormalize
+    from transfer_learning.data.pixels import NormalizeTable
     from transfer_learning.features.views import ViewDataset, collate
 
     requests = list(sides.todo.values())[:BATCH]
     dataset = ViewDataset(requests, sides.preprocessing)
-    normalize = LookupNormalize(sides.preprocessing)
+    normalize = NormalizeTable.of(sides.preprocessing)
     out = np.empty_like(sides.batches[0])
     pixels, _, _ = collate([dataset[i] for i in range(len(requests))])
     return {

@@ -110,7 +110,7 @@ def report(project: Path, results: dict, args) -> None:
 
     from transfer_learning.backbone import files as backbone_files
     from transfer_learning.data import manifest
-    from transfer_learning.data.images import LookupNormalize
+    from transfer_learning.data.pixels import NormalizeTable
     from transfer_learning.features import quantize
     from transfer_learning.features.extract import compute
     from transfer_learning.features.runtime import FeatureRunner
@@ -130,7 +130,7 @@ def report(project: Path, results: dict, args) -> None:
     train = [row for row in rows if row.split == "train"][:args.images]
     todo = {store_key(row.sha256, "0"): ViewRequest(row.path, row.sha256, 0) for row in train}
     pixels = torch.stack([ViewDataset(list(todo.values())[:BATCH], preprocessing)[i][0] for i in range(BATCH)])
-    batch = LookupNormalize(preprocessing)(pixels.numpy(), np.empty((BATCH, *pixels.shape[1:]), np.float32))
+    batch = NormalizeTable.of(preprocessing)(pixels.numpy(), np.empty((BATCH, *pixels.shape[1:]), np.float32))
 
     # repetitions of the two sides taken in turn (fp32 int8 fp32 int8 ...): a load that comes and goes hits both
     bare = interleaved({name: lambda r=runner: [r(batch) for _ in range(4)] for name, runner in runners.items()},
@@ -143,7 +143,7 @@ def report(project: Path, results: dict, args) -> None:
             compute(store, todo, runner, preprocessing, BATCH, params.workers)
 
     e2e = interleaved({name: lambda r=runner: end_to_end(r) for name, runner in runners.items()}, reps=args.reps)
-    normalize = LookupNormalize(preprocessing)
+    normalize = NormalizeTable.of(preprocessing)
     out = np.empty((BATCH, 3, preprocessing.crop, preprocessing.crop), np.float32)
 
     def preprocess_only() -> None:

@@ -13,8 +13,8 @@ from PIL import Image
 
 from transfer_learning.common.hashing import sha256_bytes
 from transfer_learning.data import decode as decoding
-from transfer_learning.data import images
 from transfer_learning.data.images import Preprocessing
+from transfer_learning.data.pixels import NormalizeTable
 from transfer_learning.features.views import ViewDataset, ViewRequest, read_image
 
 ORIGINAL = np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)
@@ -370,6 +370,6 @@ def test_lookup_normalize_is_normalize_bit_for_bit():
     batch = torch.from_numpy(np.random.default_rng(2).permutation(np.arange(3 * 3 * 16 * 16) % 256)
                              .astype(np.uint8).reshape(3, 3, 16, 16))
     out = np.full((5, 3, 16, 16), np.nan, np.float32)
-    looked_up = images.LookupNormalize(ours)(batch.numpy(), out)
+    looked_up = NormalizeTable.of(ours)(batch.numpy(), out)
     assert looked_up.shape == (3, 3, 16, 16)
     np.testing.assert_array_equal(looked_up.view(np.uint32), ours.normalize(batch).numpy().view(np.uint32))

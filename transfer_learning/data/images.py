@@ -4,13 +4,11 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, replace
 
-import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 
 from transfer_learning.data.decode import BIT_DEPTHS, BadImage, BitDepth, decode, is_bit_depth  # noqa: F401
-from transfer_learning.data.pixels import NormalizeTable
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +78,3 @@ class Preprocessing:
         mean = torch.tensor(self.mean).view(1, -1, 1, 1)
         std = torch.tensor(self.std).view(1, -1, 1, 1)
         return batch.to(torch.float32).div_(255.0).sub_(mean).div_(std)
-
-
-class LookupNormalize(NormalizeTable):
-    """`Preprocessing.normalize` as a table (data/pixels.py): a uint8 sample has 256 possible values per channel, so
-    their floats are computed once (bit for bit normalize's, tests/test_images.py) and a batch is a lookup per image
-    plane into a buffer the caller reuses: one pass over memory instead of four, no new 38 MB array per batch, and
-    no torch thread pool in the process that runs ONNX Runtime (its idle OpenMP threads spin on the same cores)."""
-
-    def __init__(self, preprocessing: Preprocessing):
-        super().__init__(preprocessing.mean, preprocessing.std)

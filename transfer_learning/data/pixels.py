@@ -57,7 +57,8 @@ class PlainPixels:
         if size != image.size:
             image = image.resize(size, resample=RESAMPLE[self.interpolation])
         samples = center_crop(np.asarray(image), self.crop)
-        return np.ascontiguousarray(samples[None] if samples.ndim == 2 else samples.transpose(2, 0, 1))
+        # contiguous and writable (PIL's buffer is read-only): torch.from_numpy takes it as it is
+        return np.require(samples[None] if samples.ndim == 2 else samples.transpose(2, 0, 1), requirements="CW")
 
 
 class NormalizeTable:
@@ -68,6 +69,11 @@ class NormalizeTable:
         ramp = np.arange(256, dtype=np.float32) / np.float32(255.0)
         mean32, std32 = np.array(mean, np.float32)[:, None], np.array(std, np.float32)[:, None]
         self.table = (ramp[None, :] - mean32) / std32  # (channels, 256) float32
+
+    @classmethod
+    def of(cls, preprocessing) -> NormalizeTable:
+        """From a data.images.Preprocessing (or anything with its mean and std)."""
+        return cls(preprocessing.mean, preprocessing.std)
 
     def __call__(self, batch: np.ndarray, out: np.ndarray) -> np.ndarray:
         """uint8 NCHW -> float32 NCHW written into out[:N] (out: float32, at least N images of the same CHW)."""

@@ -18,7 +18,8 @@ from transfer_learning.backbone import files as backbone_files
 from transfer_learning.common.errors import UserError
 from transfer_learning.common.hashing import sha256_bytes
 from transfer_learning.data import manifest
-from transfer_learning.data.images import LookupNormalize, Preprocessing
+from transfer_learning.data.images import Preprocessing
+from transfer_learning.data.pixels import NormalizeTable
 from transfer_learning.data.manifest import SPLITS
 from transfer_learning.features import quantize
 from transfer_learning.features.fingerprint import fingerprint
@@ -39,7 +40,7 @@ def compute(store: FeatureStore, todo: dict[str, ViewRequest], runner: FeatureRu
     ORT's two threads meet at a barrier after every operator, so any CPU taken from either is lost wall time."""
     started = time.perf_counter()
     keys = list(todo)
-    normalize = LookupNormalize(preprocessing)
+    normalize = NormalizeTable.of(preprocessing)
     loader = DataLoader(ViewDataset(list(todo.values()), preprocessing), batch_size=batch_size,
                         num_workers=workers, collate_fn=collate, worker_init_fn=one_thread_worker,
                         prefetch_factor=4 if workers else None)

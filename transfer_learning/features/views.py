@@ -12,6 +12,7 @@ from torchvision.transforms import InterpolationMode, v2
 
 from transfer_learning.data.decode import read_checked
 from transfer_learning.data.images import Preprocessing
+from transfer_learning.data.pixels import PlainPixels
 
 PLAIN_VIEW = "0"
 
@@ -63,7 +64,7 @@ class ViewDataset(Dataset):
     def __init__(self, requests: list[ViewRequest], preprocessing: Preprocessing):
         self.requests = requests
         self.preprocessing = preprocessing
-        self.plain = preprocessing.pixels()
+        self.plain = PlainPixels.of(preprocessing)  # torchvision's Resize + CenterCrop, bit for bit (data/pixels.py)
         self.augment = augment_transform(preprocessing)
 
     def __len__(self) -> int:
@@ -75,7 +76,8 @@ class ViewDataset(Dataset):
         if error is not None:
             return None, error
         if request.view == 0:
-            return self.plain(image).expand(3, -1, -1), None  # a grey image's one plane, seen as three channels
+            # a grey image's one plane, seen as three channels (the Ray actors decode view 0 the same way)
+            return torch.from_numpy(self.plain(image)).expand(3, -1, -1), None
         torch.manual_seed(view_seed(request.sha256, request.view))
         return self.augment(image), None
 
