@@ -22,7 +22,7 @@ REPORT = Path("reports/advice.md")
 
 
 def main() -> None:
-    params = load_params(resolve_estimators=False).advise
+    params = load_params().advise
     rows = manifest.read()
     counts = advisor.images_per_class(rows, manifest.read_classes())
     backbone = backbone_files.load()

@@ -12,7 +12,7 @@ from transfer_learning.params import load_params
 
 
 def main() -> None:
-    params = load_params(resolve_estimators=False, resolve_backbone=False)
+    params = load_params()
     write_metrics("evaluate", evaluate(params.evaluate.models, list(params.heads)))
 
 

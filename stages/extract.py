@@ -10,7 +10,7 @@ from transfer_learning.params import load_params
 
 
 def main() -> None:
-    params = load_params(resolve_estimators=False).extract
+    params = load_params().extract
     write_metrics("extract", extract(params))
 
 

@@ -13,9 +13,8 @@ from transfer_learning.params import load_params
 
 
 def main() -> None:
-    # backbone.* is not checked against torchvision: a disabled run must cost next to nothing (it runs after every
-    # heads edit, train_heads and evaluate being its neighbours in the DAG)
-    params = load_params(resolve_estimators=False, resolve_backbone=False)
+    # disabled, the stage must cost next to nothing (it runs after every edit of the init head) and not import torch
+    params = load_params()
     if not params.finetune.enabled:
         write_metrics("finetune", skip())
         return

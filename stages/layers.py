@@ -8,7 +8,7 @@ from transfer_learning.params import load_params
 
 
 def main() -> None:
-    params = load_params(resolve_estimators=False, resolve_backbone=False)
+    params = load_params()
     if not params.layers.enabled:
         write_skipped()
         return

@@ -13,7 +13,7 @@ from transfer_learning.params import load_params
 
 
 def main(names: list[str] | None = None) -> None:
-    heads = load_params(resolve_backbone=False).heads
+    heads = load_params().heads
     train_heads(heads, only=names)
     if not names:
         write_combined(list(heads))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
 import typing
@@ -470,22 +471,27 @@ def test_extract_can_skip_importing_estimators_but_the_others_check_them(project
     assert load_params(resolve_estimators=False).heads["knn"].estimator == "sklearn.neighbors.Nope"
 
 
-def test_the_validate_stage_writes_the_same_bytes_for_every_valid_params(project):
-    from stages import validate
+STAGES = ("prepare", "download", "export", "extract", "train_heads", "advise", "finetune", "evaluate", "layers")
 
-    validate.main()
-    first = validate.VALIDATED.read_bytes()
-    project.params(heads={"logreg": {"C": [1.0]}}, data={"seed": 1})
-    validate.main()
-    assert validate.VALIDATED.read_bytes() == first  # so DVC re-runs nothing downstream of it
 
-    project.params(backbone={"cutt": 14})
-    with pytest.raises(UserError, match="backbone.cutt: unknown key"):
-        validate.main()
+@pytest.mark.parametrize("bad, message", [
+    ({"backbone": {"cutt": 14}}, "backbone.cutt: unknown key"),
+    ({"heads": {"knn": {"estimator": "sklearn.neighbors.Nope"}}}, "'sklearn.neighbors.Nope' is not a scikit-learn"),
+])
+def test_every_stage_checks_the_whole_params_file_before_its_work(project, bad, message):
+    """dvc.yaml has no validate stage: whichever stage DVC runs first must stop on a problem anywhere in the file,
+    in a section it does not read too, and the estimator and arch names are resolved, not only the keys."""
+    import importlib
+
+    project.params(**bad)
+    for name in STAGES:
+        with pytest.raises(UserError, match=re.escape(message)):
+            importlib.import_module(f"stages.{name}").main()
+    assert not (project.root / "data/prepared/manifest.csv").exists()
 
 
 def test_the_catalog_lists_what_the_libraries_offer():
-    """validate checks arch, weights, estimators and providers against common/catalog.py's cached listings: they
+    """load_params checks arch, weights, estimators and providers against common/catalog.py's cached listings: they
     are what torchvision, scikit-learn and ONNX Runtime give when imported."""
     import onnxruntime
     import torchvision
@@ -521,10 +527,11 @@ def test_a_damaged_catalog_file_is_listed_again(tmp_path, monkeypatch, caplog):
     assert "is damaged" in caplog.text and path.read_text() == saved
 
 
-def test_validate_imports_neither_torch_nor_sklearn_nor_onnxruntime(project):
-    """It runs on every params edit: the listings come from the cache (warmed here by load_params)."""
+def test_the_full_check_imports_neither_torch_nor_sklearn_nor_onnxruntime(project):
+    """Every stage makes it first, a disabled finetune after every head edit too: the listings come from the cache
+    (warmed here by load_params)."""
     load_params()
-    probe = ("import sys; from stages import validate; validate.main(); "
+    probe = ("import sys; from transfer_learning.params import load_params; load_params(); "
              "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision', 'sklearn', 'onnxruntime'}))")
     result = subprocess.run([sys.executable, "-c", probe], cwd=project.root, capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -70,26 +70,40 @@ def test_repro_skips_what_did_not_change_and_params_scope_reruns(repo: DvcRepo) 
     # every stage ran once (build_baseline checks it)
     again = repo.dvc("repro")
     assert "Running stage" not in again
-    for stage in ("validate", "prepare", "download", "export", "extract", "train_heads@logreg", "evaluate"):
+    for stage in ("prepare", "download", "export", "extract", "train_heads@logreg", "evaluate"):
         assert f"Stage '{stage}' didn't change, skipping" in again
 
-    # a typo in a key no stage reads by name: everything is cached, and still validate stops the repro, fast
+    # a typo in a key no stage reads by name: everything else is cached, and evaluate (it depends on the whole
+    # params.yaml) runs and stops the repro on it, fast
     edit_params(repo, backbone={"cutt": 14})
     started = time.perf_counter()
-    out = repo.dvc("repro", "export", check=False)
+    out = repo.dvc("repro", check=False)
     seconds = time.perf_counter() - started
-    assert "backbone.cutt: unknown key" in out and "Running stage 'validate'" in out
-    assert "Running stage" not in out.replace("Running stage 'validate'", "")
-    print(f"dvc repro export on a params typo failed in {seconds:.1f} s")
+    assert "backbone.cutt: unknown key" in out and "Running stage 'evaluate'" in out
+    assert "Running stage" not in out.replace("Running stage 'evaluate'", "")
+    print(f"dvc repro on a params typo failed in {seconds:.1f} s")
     assert seconds < 20
 
-    # a valid edit no stage reads (a comment): validate re-runs, its output is the same, nothing else runs
+    # the same typo with an edit prepare reads: prepare runs first and stops on the typo before its work; DVC had
+    # removed its old outputs, and with params.yaml fixed they come back from DVC's run cache, not recomputed
+    manifest_before = (repo.root / "data/prepared/manifest.csv").read_bytes()
+    edit_params(repo, data={"per_class": 7})
+    out = repo.dvc("repro", check=False)
+    assert "backbone.cutt: unknown key" in out and "Running stage 'prepare'" in out
+    assert "Running stage" not in out.replace("Running stage 'prepare'", "")
     repo.run("git", "checkout", "params.yaml")
+    out = repo.dvc("repro")
+    assert "Stage 'prepare' is cached - skipping run, checking out outputs" in out
+    # evaluate's reports are not in DVC's cache (cache: false): removed when it stopped on the typo, now redone
+    assert "Running stage" not in out.replace("Running stage 'evaluate'", "")
+    assert (repo.root / "data/prepared/manifest.csv").read_bytes() == manifest_before
+
+    # a valid edit no stage reads (a comment): evaluate re-runs, nothing else does
     params_file = repo.root / "params.yaml"
     params_file.write_text("# a comment\n" + params_file.read_text())
     out = repo.dvc("repro")
-    assert "Running stage 'validate'" in out
-    assert "Running stage" not in out.replace("Running stage 'validate'", "")
+    assert "Running stage 'evaluate'" in out
+    assert "Running stage" not in out.replace("Running stage 'evaluate'", "")
 
     metrics = json.loads(repo.run(sys.executable, "-m", "dvc", "metrics", "show", "--json").stdout)
     files = metrics[""]["data"]
