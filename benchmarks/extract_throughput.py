@@ -117,7 +117,15 @@ class Sides:
         # torchvision's ToDtype(scale=True) rounds some values 1 ulp apart from it)
         from PIL import Image
         pixels, normalize = self.preprocessing.pixels(), self.preprocessing.normalize
-        images = torch.cat([normalize(pixels(Image.open(path).convert("RGB"))[None]) for path in self.paths]).numpy()
+        # in a shared file mapping, not in this process's anonymous memory: extract's DataLoader forks this process,
+        # and a fork copies the page tables of anonymous memory (not of shared mappings), so 1.8 GB of the other
+        # side's inputs would make extract's worker start-up and exit slower than in the stage, which holds none
+        crop = self.preprocessing.crop
+        with tempfile.NamedTemporaryFile(dir="/dev/shm" if Path("/dev/shm").is_dir() else None) as backing:
+            images = np.lib.format.open_memmap(backing.name, mode="w+", dtype=np.float32,
+                                               shape=(len(self.paths), 3, crop, crop))
+        for i, path in enumerate(self.paths):
+            images[i] = normalize(pixels(Image.open(path).convert("RGB"))[None])[0].numpy()
         self.batches = [images[i:i + BATCH] for i in range(0, len(images), BATCH)]
         self.default_session = ort.InferenceSession(onnx, providers=[CPU])
         self.input_name = self.default_session.get_inputs()[0].name
