@@ -1,6 +1,6 @@
 """A one-head edit, from `dvc exp run -S heads.logreg.C=[...]` to updated metrics, on the default data (issue 15.4).
 
-    python benchmarks/one_head_edit.py [--per-class 300] [--reps 5] [--no-before]
+    python benchmarks/one_head_edit.py [--per-class 300] [--reps 5] [--no-before] [--against REV]
 
 Builds a temporary git + DVC project with this checkout's code, dvc.yaml and params.yaml (CPU provider) on the
 default data, runs the whole pipeline once (its own feature store, built there), then times, with warm-up excluded:
@@ -9,6 +9,10 @@ default data, runs the whole pipeline once (its own feature store, built there),
           on models/heads and skips when disabled); the other heads' stages are skipped
   before: the same edit when every head retrains, as when train_heads was one stage for all heads (before this
           change): the same command plus a new `seed` for every other head, so that every head stage runs
+
+  --against REV: the same one-head edit in a second project made from commit REV's code, dvc.yaml and params.yaml
+          (its own pipeline run first), the two taken in turn: an absolute target on a machine whose speed drifts
+          from hour to hour is best read beside the same edit on earlier code, measured in the same minutes
 
 Every repetition sets a C no earlier one used (1.0, 1.01, 1.02, ...: the same work each time), so DVC's run cache
 never restores a head instead of training it. Each timed run is checked to have run exactly the stages above. The
@@ -81,18 +85,27 @@ class Toy(Repo):
 
 
 class Project(Repo):
-    def __init__(self, root: Path, per_class: int):
+    def __init__(self, root: Path, per_class: int, source: Path = REPO):
         super().__init__(root)
         for package in ("stages", "transfer_learning"):
-            shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copytree(source / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
         for name in (".dvcignore", "dvc.yaml"):
-            shutil.copy(REPO / name, root / name)
-        params = yaml.safe_load((REPO / "params.yaml").read_text())
+            shutil.copy(source / name, root / name)
+        params = yaml.safe_load((source / "params.yaml").read_text())
         params["data"]["per_class"] = per_class
         params["extract"]["providers"] = ["CPUExecutionProvider"]
         (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         self.heads = list(params["heads"])
         self.init()
+
+
+def code_at(rev: str, into: Path) -> Path:
+    """This repository's stages, library, dvc.yaml, params.yaml and .dvcignore at commit `rev`, in `into`."""
+    into.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "stages", "transfer_learning", "dvc.yaml",
+                              "params.yaml", ".dvcignore"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
 
 
 def children_cpu_seconds() -> float:
@@ -116,6 +129,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=300, help="images per class (default data: 300)")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-before", action="store_true", help="time the one-head edit only (no ratio)")
+    parser.add_argument("--against", metavar="REV", help="also time the edit on commit REV's code, in turn")
     args = parser.parse_args()
     cpu: dict[str, list[float]] = {}
 
@@ -151,6 +165,13 @@ def main() -> None:
             out = project.run("dvc", "exp", "run", "-S", f"heads.logreg.C=[{next(values)}]")
             assert ran(out) == {"train_heads@logreg", "finetune", "evaluate"}, ran(out)
 
+        def one_head_earlier(earlier: Project) -> Callable[[], None]:
+            def run() -> None:
+                out = earlier.run("dvc", "exp", "run", "-S", f"heads.logreg.C=[{next(values)}]")
+                assert {"train_heads@logreg", "evaluate"} <= ran(out), ran(out)
+                assert not {f"train_heads@{name}" for name in others} & ran(out), ran(out)
+            return run
+
         def every_head() -> None:
             seed = next(seeds)
             out = project.run("dvc", "exp", "run", "-S", f"heads.logreg.C=[{next(values)}]",
@@ -160,6 +181,11 @@ def main() -> None:
         sides = {"now": measured("now", one_head)}
         if not args.no_before:
             sides["before"] = measured("before", every_head)
+        if args.against:
+            earlier = Project(Path(tmp) / "earlier", args.per_class, code_at(args.against, Path(tmp) / "earlier-code"))
+            earlier.run("dvc", "repro")
+            earlier.commit("baseline")
+            sides[args.against] = measured(args.against, one_head_earlier(earlier))
         edits = interleaved(sides, reps=args.reps, warmup=1)
         # where the seconds go: each stage the edit runs, as its own process (imports included), without DVC, doing
         # the edit's work: one C value; evaluate redraws the edited head's confusion image (its PNG removed first)
@@ -189,6 +215,10 @@ def main() -> None:
     print(f"  DVC's floor, a no-op `dvc exp run` in a one-stage toy project: {floor['toy']}; {cpu_of('no-op, toy')}")
     print(f"  a no-op `dvc exp run` in this project ({stages} stages): {floor['project']}; {cpu_of('no-op, project')}")
     print(f"one-head edit, dvc exp run to updated metrics (target <= 5 s): {now}; {cpu_of('now')}")
+    if args.against:
+        at = edits[args.against]
+        print(f"the same edit on commit {args.against}'s code, taken in turn with it: {at}; {cpu_of(args.against)}")
+        print(ratio_line(f"now / at {args.against}", now.median / at.median, now, at))
     if "before" in edits:
         before = edits["before"]
         print(f"the same edit with every head retrained (train_heads as one stage): {before}; {cpu_of('before')}")
