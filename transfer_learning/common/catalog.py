@@ -1,6 +1,6 @@
 """The names params.yaml may use from installed libraries — torchvision's classification archs and each one's
 weights, scikit-learn's classifiers, ONNX Runtime's providers — listed once per installed library and kept in the
-user's cache folder, so that checking params.yaml (the validate stage, on every params edit) imports none of them
+user's cache folder, so that checking params.yaml (every stage, first) imports none of them
 (torchvision alone takes 3-7 s to import, scikit-learn 1-3 s).
 
 A listing is rebuilt when its library changes: the cache key holds the library's version and the path and
