@@ -97,7 +97,6 @@ class Sides:
 
     def __init__(self, project: Path, count: int, reps: int):
         import onnxruntime as ort
-        import torch
 
         from transfer_learning.backbone import files as backbone_files
         from transfer_learning.data import manifest
