@@ -8,18 +8,8 @@ import sys
 
 from transfer_learning.common.errors import run_main
 from transfer_learning.heads.records import write_combined
+from transfer_learning.heads.train import train_heads
 from transfer_learning.params import load_params
-
-# scikit-learn imports pandas when it is installed (Ray Data needs it) only to keep it at hand (sklearn.utils.fixes);
-# no head uses it. Hidden while scikit-learn is imported, importable again after: ~0.25 s of every head edit.
-PANDAS_HIDDEN = "pandas" not in sys.modules
-if PANDAS_HIDDEN:
-    sys.modules["pandas"] = None  # `import pandas` raises ImportError, which scikit-learn expects
-try:
-    from transfer_learning.heads.train import train_heads
-finally:
-    if PANDAS_HIDDEN:
-        del sys.modules["pandas"]
 
 
 def main(names: list[str] | None = None) -> None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from transfer_learning.data.decode import BitDepth, read_checked
+
 # torchvision's InterpolationMode values -> PIL's resampling filters (torchvision's pil_modes_mapping)
 RESAMPLE = {"nearest": Image.Resampling.NEAREST, "nearest-exact": Image.Resampling.NEAREST,
             "bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
@@ -59,6 +61,13 @@ class PlainPixels:
         samples = center_crop(np.asarray(image), self.crop)
         # contiguous and writable (PIL's buffer is read-only): torch.from_numpy takes it as it is
         return np.require(samples[None] if samples.ndim == 2 else samples.transpose(2, 0, 1), requirements="CW")
+
+    def read(self, path: str, sha256: str, bit_depth: BitDepth) -> tuple[np.ndarray | None, str | None]:
+        """A prepared image's plain view, in both engines (views.ViewDataset, the Ray actors): (uint8 CHW, None) or
+        (None, data.decode.read_checked's reason). A grey image stays one plane (a third of the resizing): the
+        caller sees it as three channels."""
+        image, error = read_checked(path, sha256, bit_depth, keep_grey=True)
+        return (None, error) if image is None else (self(image), None)
 
 
 class NormalizeTable:

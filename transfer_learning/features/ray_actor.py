@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from transfer_learning.data.decode import read_checked
 from transfer_learning.data.pixels import NormalizeTable, PlainPixels
 from transfer_learning.features.runtime import FeatureRunner
 
@@ -29,13 +28,6 @@ from transfer_learning.features.runtime import FeatureRunner
 KILL_ACTOR_AT_BATCH = "TRANSFER_LEARNING_KILL_ACTOR_AT_BATCH"
 KILL_ACTOR_MARKER = "TRANSFER_LEARNING_KILL_ACTOR_MARKER"
 CONCURRENT_BATCHES = 2  # per actor: one decoding, one in ONNX Runtime
-
-
-def plain_view(path: str, sha256: str, bit_depth, pixels: PlainPixels) -> tuple[np.ndarray | None, str]:
-    """(uint8 CHW, '') or (None, the reason with the path), as views.ViewDataset gives for view 0 (the same
-    read_checked). A grey image has one channel (the caller broadcasts it to three, as ViewDataset does)."""
-    image, error = read_checked(path, sha256, bit_depth, keep_grey=True)  # grey: a third of the resizing
-    return (None, error) if image is None else (pixels(image), "")
 
 
 def augmented_views(paths, sha256s, views, preprocessing: dict) -> list[tuple[np.ndarray | None, str]]:
@@ -59,8 +51,8 @@ def decode_views(batch: dict[str, np.ndarray], preprocessing: dict) -> tuple[np.
     plain = PlainPixels(preprocessing["resize"], crop, preprocessing["interpolation"])
     augmented = np.flatnonzero(np.asarray(batch["view"]) != 0)
     for i in np.flatnonzero(np.asarray(batch["view"]) == 0):
-        image, errors[i] = plain_view(str(batch["path"][i]), str(batch["sha256"][i]), preprocessing["bit_depth"],
-                                      plain)
+        image, error = plain.read(str(batch["path"][i]), str(batch["sha256"][i]), preprocessing["bit_depth"])
+        errors[i] = error or ""
         if image is not None:
             pixels[i] = image
     if len(augmented):

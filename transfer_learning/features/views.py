@@ -51,10 +51,10 @@ def view_seed(sha256: str, view: int) -> int:
     return int(sha256[:15], 16) + view
 
 
-def read_image(request: ViewRequest, preprocessing: Preprocessing, keep_grey: bool = False):
+def read_image(request: ViewRequest, preprocessing: Preprocessing):
     """(RGB image, None), or (None, the reason with the path): data.decode.read_checked with the data's bit-depth
-    rule. `keep_grey`: see Preprocessing.decode."""
-    return read_checked(request.path, request.sha256, preprocessing.bit_depth, keep_grey)
+    rule."""
+    return read_checked(request.path, request.sha256, preprocessing.bit_depth)
 
 
 class ViewDataset(Dataset):
@@ -72,12 +72,13 @@ class ViewDataset(Dataset):
 
     def __getitem__(self, index: int):
         request = self.requests[index]
-        image, error = read_image(request, self.preprocessing, keep_grey=request.view == 0)
+        if request.view == 0:
+            pixels, error = self.plain.read(request.path, request.sha256, self.preprocessing.bit_depth)
+            # a grey image's one plane, seen as three channels
+            return (None, error) if pixels is None else (torch.from_numpy(pixels).expand(3, -1, -1), None)
+        image, error = read_image(request, self.preprocessing)
         if error is not None:
             return None, error
-        if request.view == 0:
-            # a grey image's one plane, seen as three channels (the Ray actors decode view 0 the same way)
-            return torch.from_numpy(self.plain(image)).expand(3, -1, -1), None
         torch.manual_seed(view_seed(request.sha256, request.view))
         return self.augment(image), None
 

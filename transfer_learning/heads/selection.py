@@ -11,13 +11,26 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import sys
+
 import numpy as np
-from sklearn.base import BaseEstimator, clone
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import ParameterGrid
-from sklearn.preprocessing import StandardScaler
-from sklearn.utils.validation import has_fit_parameter
 from threadpoolctl import threadpool_limits
+
+# scikit-learn imports pandas when it is installed (Ray Data needs it) only to keep it at hand (sklearn.utils.fixes);
+# no head uses it. Hidden while scikit-learn is first imported, importable again after: ~0.2 s of every process that
+# fits heads (train_heads@<name> after each head edit, the layer sweep).
+PANDAS_HIDDEN = "pandas" not in sys.modules
+if PANDAS_HIDDEN:
+    sys.modules["pandas"] = None  # `import pandas` raises ImportError, which scikit-learn expects
+try:
+    from sklearn.base import BaseEstimator, clone
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import ParameterGrid
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.utils.validation import has_fit_parameter
+finally:
+    if PANDAS_HIDDEN:
+        del sys.modules["pandas"]
 
 from transfer_learning.common.errors import UserError
 from transfer_learning.features.split_files import SplitFeatures
