@@ -85,9 +85,12 @@ class NormalizeTable:
         return cls(preprocessing.mean, preprocessing.std)
 
     def __call__(self, batch: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """uint8 NCHW -> float32 NCHW written into out[:N] (out: float32, at least N images of the same CHW)."""
+        """uint8 NCHW -> float32 NCHW written into out[:N] (out: float32, at least N images of the same HW and as
+        many channels as the table). A batch of grey planes (N1HW) gives each channel its table's values of the
+        one plane: the same bits as the plane repeated."""
         out = out[:len(batch)]
         for image, normalized in zip(batch, out):
-            for channel, (plane, table) in enumerate(zip(image, self.table)):
+            for channel, table in enumerate(self.table):
+                plane = image[channel if len(image) > 1 else 0]
                 np.take(table, plane, out=normalized[channel], mode="clip")  # 'raise' buffers `out`: a copy
         return out

@@ -61,9 +61,12 @@ class ViewDataset(Dataset):
     """Items are (uint8 CHW tensor | None, error | None): a file that changed since prepare or no longer decodes is
     reported with its path by the caller instead of crashing a worker."""
 
-    def __init__(self, requests: list[ViewRequest], preprocessing: Preprocessing):
+    def __init__(self, requests: list[ViewRequest], preprocessing: Preprocessing, grey_planes: bool = False):
+        """grey_planes: a grey image's plain view stays one plane (1HW) for a consumer that normalizes it into three
+        channels itself (data.pixels.NormalizeTable): a third of the bytes to stack and pass between processes."""
         self.requests = requests
         self.preprocessing = preprocessing
+        self.grey_planes = grey_planes
         self.plain = PlainPixels.of(preprocessing)  # torchvision's Resize + CenterCrop, bit for bit (data/pixels.py)
         self.augment = augment_transform(preprocessing)
 
@@ -74,8 +77,10 @@ class ViewDataset(Dataset):
         request = self.requests[index]
         if request.view == 0:
             pixels, error = self.plain.read(request.path, request.sha256, self.preprocessing.bit_depth)
-            # a grey image's one plane, seen as three channels
-            return (None, error) if pixels is None else (torch.from_numpy(pixels).expand(3, -1, -1), None)
+            if pixels is None:
+                return None, error
+            tensor = torch.from_numpy(pixels)
+            return (tensor if self.grey_planes else tensor.expand(3, -1, -1)), None  # grey: 1 plane, or seen as 3
         image, error = read_image(request, self.preprocessing)
         if error is not None:
             return None, error
@@ -98,6 +103,8 @@ def collate(items):
     if not good:
         return None, good, errors
     tensors = [items[i][0] for i in good]
+    if len({len(t) for t in tensors}) > 1:  # grey planes beside colour images: the grey ones seen as three channels
+        tensors = [t.expand(3, -1, -1) for t in tensors]
     out = None
     if get_worker_info() is not None:
         storage = tensors[0]._typed_storage()._new_shared(sum(t.numel() for t in tensors), device=tensors[0].device)
