@@ -193,7 +193,7 @@ def phases(sides: Sides, reps: int) -> dict[str, Timing]:
     from transfer_learning.features.views import ViewDataset, collate
 
     requests = list(sides.todo.values())[:BATCH]
-    dataset = ViewDataset(requests, sides.preprocessing)
+    dataset = ViewDataset(requests, sides.preprocessing, grey_planes=True)  # as extract.compute reads them
     normalize = NormalizeTable.of(sides.preprocessing)
     out = np.empty_like(sides.batches[0])
     pixels, _, _ = collate([dataset[i] for i in range(len(requests))])

@@ -147,7 +147,7 @@ def report(project: Path, results: dict, args) -> None:
     out = np.empty((BATCH, 3, preprocessing.crop, preprocessing.crop), np.float32)
 
     def preprocess_only() -> None:
-        loader = DataLoader(ViewDataset(list(todo.values()), preprocessing), batch_size=BATCH,
+        loader = DataLoader(ViewDataset(list(todo.values()), preprocessing, grey_planes=True), batch_size=BATCH,
                             num_workers=params.workers, collate_fn=collate, worker_init_fn=one_thread_worker,
                             prefetch_factor=4 if params.workers else None)
         for pixels_batch, _, _ in loader:
