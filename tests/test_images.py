@@ -14,8 +14,7 @@ from PIL import Image
 from transfer_learning.common.hashing import sha256_bytes
 from transfer_learning.data import decode as decoding
 from transfer_learning.data.images import Preprocessing
-from transfer_learning.data.pixels import NormalizeTable
-from transfer_learning.features.views import ViewDataset, ViewRequest, read_image
+from transfer_learning.features.views import ViewDataset, ViewRequest, collate, read_image
 
 ORIGINAL = np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)
 ORIGINAL[0, 0], ORIGINAL[0, 1] = 0, 255  # the full 8-bit range, as in a real photo
@@ -364,12 +363,21 @@ def test_the_plain_view_of_a_grey_file_is_its_rgb_copys_view(tmp_path):
     assert torch.equal(from_grey, from_rgb)
 
 
-def test_lookup_normalize_is_normalize_bit_for_bit():
-    """Every uint8 value in every channel, into a reused buffer larger than the batch."""
+def test_grey_planes_beside_colour_images_are_stacked_as_three_channels(tmp_path):
+    """extract's ViewDataset keeps a grey image as one plane; a batch mixing it with colour images (or augmented
+    views) stacks it as three equal channels, and a batch of grey planes stays one plane per image."""
+    rng = np.random.default_rng(3)
+    requests = {}
+    for name, shape in {"grey": (20, 20), "rgb": (20, 24, 3)}.items():
+        path = tmp_path / f"{name}.png"
+        path.write_bytes(encoded(Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)), "PNG"))
+        requests[name] = ViewRequest(str(path), sha256_bytes(path.read_bytes()), 0)
     ours = Preprocessing(resize=16, crop=16, interpolation="bilinear", **IMAGENET)
-    batch = torch.from_numpy(np.random.default_rng(2).permutation(np.arange(3 * 3 * 16 * 16) % 256)
-                             .astype(np.uint8).reshape(3, 3, 16, 16))
-    out = np.full((5, 3, 16, 16), np.nan, np.float32)
-    looked_up = NormalizeTable.of(ours)(batch.numpy(), out)
-    assert looked_up.shape == (3, 3, 16, 16)
-    np.testing.assert_array_equal(looked_up.view(np.uint32), ours.normalize(batch).numpy().view(np.uint32))
+    planes = ViewDataset([requests["grey"]] * 2, ours, grey_planes=True)
+    batch, good, errors = collate([planes[0], planes[1]])
+    assert batch.shape == (2, 1, 16, 16) and good == [0, 1] and errors == []
+    mixed = ViewDataset([requests["grey"], requests["rgb"]], ours, grey_planes=True)
+    batch, _, _ = collate([mixed[0], mixed[1]])
+    expected, _, _ = collate([ViewDataset([requests[k]], ours)[0] for k in ("grey", "rgb")])
+    assert batch.shape == (2, 3, 16, 16) and torch.equal(batch, expected)
+    assert torch.equal(batch[0, 0], batch[0, 2]) and not torch.equal(batch[1, 0], batch[1, 2])

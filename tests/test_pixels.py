@@ -79,25 +79,3 @@ def test_a_batch_of_grey_planes_normalizes_to_the_bits_of_the_plane_repeated():
     assert got.shape == (4, 3, 8, 8) and got.tobytes() == expected.tobytes()
     assert not np.array_equal(got[:, 0], got[:, 1])  # each channel through its own table, not one copied
 
-
-def test_grey_planes_beside_colour_images_are_stacked_as_three_channels(tmp_path):
-    """extract's ViewDataset keeps a grey image as one plane; a batch mixing it with colour images (or augmented
-    views) stacks it as three equal channels, and a batch of grey planes stays one plane per image."""
-    from transfer_learning.features.views import ViewDataset, ViewRequest, collate
-    from transfer_learning.common.hashing import sha256_file
-
-    preprocessing = Preprocessing(resize=16, crop=16, interpolation="bilinear", **IMAGENET)
-    files = {"grey": (20, 20, 1), "rgb": (20, 24, 3)}
-    requests = {}
-    for name, (height, width, channels) in files.items():
-        path = tmp_path / f"{name}.png"
-        path.write_bytes(file_bytes(photo_like(height, width, channels, seed=3), "PNG"))
-        requests[name] = ViewRequest(str(path), sha256_file(path), 0)
-    planes = ViewDataset([requests["grey"]] * 2, preprocessing, grey_planes=True)
-    batch, good, errors = collate([planes[0], planes[1]])
-    assert batch.shape == (2, 1, 16, 16) and good == [0, 1] and errors == []
-    mixed = ViewDataset([requests["grey"], requests["rgb"]], preprocessing, grey_planes=True)
-    batch, _, _ = collate([mixed[0], mixed[1]])
-    expected, _, _ = collate([ViewDataset([requests[k]], preprocessing)[0] for k in ("grey", "rgb")])
-    assert batch.shape == (2, 3, 16, 16) and torch.equal(batch, expected)
-    assert torch.equal(batch[0, 0], batch[0, 2]) and not torch.equal(batch[1, 0], batch[1, 2])

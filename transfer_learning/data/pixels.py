@@ -65,7 +65,7 @@ class PlainPixels:
     def read(self, path: str, sha256: str, bit_depth: BitDepth) -> tuple[np.ndarray | None, str | None]:
         """A prepared image's plain view, in both engines (views.ViewDataset, the Ray actors): (uint8 CHW, None) or
         (None, data.decode.read_checked's reason). A grey image stays one plane (a third of the resizing): the
-        caller sees it as three channels."""
+        caller expands it to three channels or normalizes the three from it (NormalizeTable)."""
         image, error = read_checked(path, sha256, bit_depth, keep_grey=True)
         return (None, error) if image is None else (self(image), None)
 
