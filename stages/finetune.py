@@ -13,7 +13,8 @@ from transfer_learning.params import load_params
 
 
 def main() -> None:
-    # disabled, the stage must cost next to nothing (it runs after every edit of the init head) and not import torch
+    # disabled, the stage must cost next to nothing (it runs after every head edit: models/heads is its dep) and not
+    # import torch
     params = load_params()
     if not params.finetune.enabled:
         write_metrics("finetune", skip())

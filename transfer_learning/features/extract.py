@@ -38,13 +38,9 @@ def compute(store: FeatureStore, todo: dict[str, ViewRequest], runner: FeatureRu
 
     Normalizing in a thread beside ONNX Runtime was measured no faster on 2 cores (0.86 vs 0.87 of ORT alone):
     ORT's two threads meet at a barrier after every operator, so any CPU taken from either is lost wall time.
-    For the same reason these were measured no faster (extract / ORT alone on benchmarks/extract_throughput.py's
-    3,000 images, the variant and the current code interleaved in one run on a busy machine): normalizing in the
-    workers, float32 batches in shared memory (0.79 vs 0.85: ORT's runs got slower by more than the main process
-    saved; 4x the bytes through fresh shared pages), normalizing in two threads here (0.88 vs 0.88), a warm-up run
-    on a zero batch while the workers start (0.79 vs 0.85: it costs a whole batch to save part of one), gc.freeze()
-    around the fork (0.89 vs 0.89), prefetch_factor 1 (0.85 vs 0.85), one decode worker instead of two (0.889 vs
-    0.885 on a quiet machine)."""
+    The other variants measured no faster for the same reason (normalizing in the workers or in two threads, a
+    warm-up run while the workers start, one decode worker, ...) are listed with their figures in the README
+    ("Speed and memory")."""
     started = time.perf_counter()
     keys = list(todo)
     normalize = NormalizeTable.of(preprocessing)

@@ -7,11 +7,10 @@ what makes one learning rate or C grid fit features of any scale.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-
-import sys
 
 import numpy as np
 from threadpoolctl import threadpool_limits
