@@ -1,4 +1,4 @@
-"""A one-head edit, from `dvc exp run -S heads.logreg.C=[...]` to updated metrics, on the default data (issue 15.4).
+"""A one-head edit, from `dvc exp run -S heads.logreg.C=[...]` to updated metrics, on the default data.
 
     python benchmarks/one_head_edit.py [--per-class 300] [--reps 5] [--no-before] [--against REV]
 

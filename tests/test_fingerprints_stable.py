@@ -1,6 +1,6 @@
 """Fingerprints and store keys are byte-for-byte stable: existing feature stores, cached prefix outputs and fine-tune
 checkpoints stay valid only while the same inputs give the same digests. The digests below were computed by the
-code before the package layout changed (issue 13); a change here orphans every user's store."""
+code before the package layout changed; a change here orphans every user's store."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""The package layout (shared/DESIGN.md, "Layout"): one library package, transfer_learning, that never imports a
+"""The package layout (docs/design.md, "Layout"): one library package, transfer_learning, that never imports a
 stage script and has no import cycles; one thin main() per stage script in stages/."""
 from __future__ import annotations
 

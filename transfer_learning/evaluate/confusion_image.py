@@ -2,7 +2,7 @@
 viridis cells, true label down, predicted label across, class names as ticks, x ticks turned upright).
 
 Pillow, not matplotlib: importing matplotlib and laying out its figure took 0.6-0.8 s of every evaluate run whose
-predictions changed, i.e. of every one-head edit (issue 15.4); this takes about 0.05 s. Same inputs, same bytes
+predictions changed, i.e. of every one-head edit; this takes about 0.05 s. Same inputs, same bytes
 (no timestamp or version in the PNG), which evaluate's keep-what-did-not-change check relies on.
 """
 from __future__ import annotations
