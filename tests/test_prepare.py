@@ -178,7 +178,9 @@ def test_folder_source_accepts_every_mode_and_rejects_broken_files(project):
     root = project.root / "photos"
     good = good_images(root)
     bad = bad_images(root)
-    (root / "alpha" / "README.txt").write_text("not an image extension: ignored, not rejected\n")
+    readme = root / "alpha" / "README.txt"
+    readme.write_text("not an image extension: skipped, and listed as skipped\n")
+    bad[readme] = "not an image file name"
 
     modes = {p.name: Image.open(p).mode for p in good}
     assert {modes[n] for n in ("gray.png", "palette.png", "rgba.png", "sixteen.png", "cmyk.jpg")} == {

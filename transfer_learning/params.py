@@ -30,6 +30,7 @@ from transfer_learning.common.errors import UserError
 
 PARAMS_FILE = Path("params.yaml")
 BUILTIN_SOURCES = ("fashion-mnist", "digits")
+BUILTIN_PER_CLASS = 300  # data.per_class: auto on a built-in source: the demo's size, minutes on 2 CPU cores
 
 # folders the project itself uses (relative to its root): the feature store may be none of them nor hold one,
 # as its upkeep (gc, verify) deletes and renames what it finds in its folder
@@ -71,13 +72,26 @@ class Section(BaseModel):
 
 class DataParams(Section):
     source: str = "fashion-mnist"
-    per_class: Annotated[int, Field(ge=1)] | None = 300
+    # auto: a built-in source is capped at the demo's size, the user's own folder or CSV is used whole (a cap is
+    # asked for, never assumed); a number caps any source; null never caps
+    per_class: Union[Literal["auto"], Annotated[int, Field(ge=1)], None] = "auto"
     val_fraction: Annotated[Float, Field(ge=0, lt=1)] = 0.15
     test_fraction: Annotated[Float, Field(ge=0, lt=1)] = 0.15
     seed: int = 0
     # how a 16-bit image's values are scaled to 8 bits: auto = by the smallest of 8/10/12/14/16 bits that holds
     # its maximum (a 16-bit file holding 12-bit camera data is not nearly black); a number forces that depth
     bit_depth: Union[Literal["auto"], Literal[8, 10, 12, 14, 16]] = "auto"
+    # pixels on an image's shorter side below which it is rejected: too small to show what an ImageNet backbone
+    # learnt to see (an icon, a 3x3 thumbnail); 8 keeps sklearn's 8x8 digits
+    min_side: Annotated[int, Field(ge=1)] = 8
+
+    @field_validator("per_class", mode="before")
+    @classmethod
+    def _per_class_choice(cls, per_class: Any) -> Any:
+        if per_class is None or per_class == "auto" or (type(per_class) is int and per_class >= 1):
+            return per_class
+        raise ValueError(f"valid: auto ({BUILTIN_PER_CLASS} per class for {' and '.join(BUILTIN_SOURCES)}, every "
+                         "image of a folder or CSV), a number of images per class (1 or more), or null (every image)")
 
     @field_validator("source")
     @classmethod
@@ -105,6 +119,13 @@ class DataParams(Section):
     @property
     def builtin(self) -> bool:
         return self.source in BUILTIN_SOURCES
+
+    @property
+    def cap(self) -> int | None:
+        """At most this many images per class (None: every image), as data.per_class says for this source."""
+        if self.per_class == "auto":
+            return BUILTIN_PER_CLASS if self.builtin else None
+        return self.per_class
 
 
 class BackboneParams(Section):

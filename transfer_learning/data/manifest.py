@@ -1,5 +1,6 @@
-"""The prepared dataset: manifest.csv (path,label,split,sha256), classes.json, rejected.csv (path,reason) and
-decoding.json (the data's rule for high-bit images, data.bit_depth, which every stage decodes by)."""
+"""The prepared dataset: manifest.csv (path,label,split,sha256), classes.json, rejected.csv (path,kind,reason: every
+file of the source that is not in the manifest) and decoding.json (the data's rule for high-bit images,
+data.bit_depth, which every stage decodes by)."""
 from __future__ import annotations
 
 import csv
@@ -22,7 +23,11 @@ CLASSES = PREPARED / "classes.json"
 REJECTED = PREPARED / "rejected.csv"
 DECODING = PREPARED / "decoding.json"
 COLUMNS = ("path", "label", "split", "sha256")
+REJECTED_COLUMNS = ("path", "kind", "reason")
 SPLITS = ("train", "val", "test")
+# rejected.csv's kind: one word per way a file fails to become a row, which metrics/prepare.json counts by
+REJECTION_KINDS = ("extension", "outside_class_folder", "link", "name_not_utf8", "unreadable", "undecodable",
+                   "too_small", "duplicate")
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,13 @@ class Row:
     label: str
     split: str
     sha256: str
+
+
+@dataclass(frozen=True)
+class Rejection:
+    path: str
+    kind: str  # one of REJECTION_KINDS
+    reason: str  # for a person: what is wrong and, where it helps, what to do
 
 
 def printable(text: str) -> str:
@@ -82,15 +94,15 @@ def stratified_splits(labels: list[str], val_fraction: float, test_fraction: flo
     return list(splits)
 
 
-def write(rows: list[Row], classes: list[str], rejected: list[tuple[str, str]], bit_depth: BitDepth) -> None:
+def write(rows: list[Row], classes: list[str], rejected: list[Rejection], bit_depth: BitDepth) -> None:
     """Each file atomically, manifest.csv last: a crash leaves the previous file or the new one, never a cut-off
     one. Rejected paths may be non-UTF-8 names: they are written printable."""
     atomic_write_text(CLASSES, json.dumps(classes, indent=2) + "\n")
     atomic_write_text(DECODING, json.dumps({"bit_depth": bit_depth}) + "\n")
     with atomic_write(REJECTED, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(("path", "reason"))
-        writer.writerows((printable(path), printable(reason)) for path, reason in rejected)
+        writer.writerow(REJECTED_COLUMNS)
+        writer.writerows((printable(r.path), r.kind, printable(r.reason)) for r in rejected)
     with atomic_write(MANIFEST, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(COLUMNS)

@@ -1,11 +1,13 @@
 """The prepare stage's work: the source's images -> data/prepared/{manifest.csv, classes.json, rejected.csv,
 decoding.json} and the metrics.
 
-Every image is read once: its sha256 goes into the manifest and it is fully decoded; files that do not decode,
-names that are not UTF-8 and symbolic links that lead to no file are listed in rejected.csv with the reason, never
-fatal. Exact duplicate files keep their first copy only. Fewer than 2 classes (in the data, or in its train
-split) fail here, before any expensive stage. decoding.json records data.bit_depth, the rule every stage decodes
-high-bit images by.
+Every image is read once: its sha256 goes into the manifest and it is fully decoded. Every file of the source
+that does not become a row is listed in rejected.csv with its kind and reason, never fatal: a name without an
+image extension, a file outside a class folder, a symbolic link that leads to no file, a name that is not UTF-8,
+a file that does not decode, an image whose shorter side is below data.min_side, an exact duplicate (the first
+copy is kept). A cap that drops images (data.per_class) is a warning with the counts per class, and both go into
+the metrics. Fewer than 2 classes (in the data, or in its train split) fail here, before any expensive stage.
+decoding.json records data.bit_depth, the rule every stage decodes high-bit images by.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import os
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -24,36 +27,79 @@ from transfer_learning.common.hashing import sha256_bytes
 from transfer_learning.data import manifest
 from transfer_learning.data import sources
 from transfer_learning.data.decode import BadImage, BitDepth, decode
+from transfer_learning.data.manifest import Rejection
 from transfer_learning.params import DataParams
 
 log = logging.getLogger("prepare")
 BUILTIN_IMAGES = manifest.PREPARED / "images"
 
 
-def candidates(data: DataParams) -> tuple[list[sources.Candidate], list[tuple[Path, str]]]:
-    """(the candidates, capped per class; entries of the source that cannot be candidates, with the reason)."""
+@dataclass(frozen=True)
+class Found:
+    candidates: list[sources.Candidate]  # after data.per_class's cap
+    available: Counter[str]  # images per class before the cap
+    unusable: list[sources.Unusable]  # files of a folder source that are not candidates
+
+
+def candidates(data: DataParams) -> Found:
     if data.source == "fashion-mnist":
-        return sources.fashion_mnist_candidates(BUILTIN_IMAGES, data.per_class, data.seed), []
+        return Found(*sources.fashion_mnist_candidates(BUILTIN_IMAGES, data.cap, data.seed), [])
     if data.source == "digits":
-        return sources.digits_candidates(BUILTIN_IMAGES, data.per_class, data.seed), []
+        return Found(*sources.digits_candidates(BUILTIN_IMAGES, data.cap, data.seed), [])
     path = Path(data.source)
     found, unusable = (sources.csv_candidates(path), []) if path.is_file() else sources.folder_candidates(path)
-    return sources.cap_per_class(found, data.per_class, data.seed), unusable
+    return Found(sources.cap_per_class(found, data.cap, data.seed), Counter(c.label for c in found), unusable)
 
 
-def inspect(candidate: sources.Candidate, bit_depth: BitDepth) -> tuple[str | None, str | None]:
-    """(sha256, None) for a good image, (None, reason) for a bad one."""
+def cap_origin(data: DataParams) -> str:
+    """Where the cap in force comes from, in the words of params.yaml."""
+    if data.per_class != "auto":
+        return f"data.per_class: {'null' if data.per_class is None else data.per_class}"
+    if data.builtin:
+        return f"data.per_class: auto ({data.cap} per class for the built-in {data.source})"
+    return "data.per_class: auto (a folder or CSV is used whole)"
+
+
+def capped_classes(data: DataParams, found: Found) -> dict[str, dict[str, int]]:
+    """{class: {kept, available}} for each class the cap took images from; warns with the counts."""
+    kept = Counter(c.label for c in found.candidates)
+    capped = {label: {"kept": kept[label], "available": available}
+              for label, available in sorted(found.available.items()) if kept[label] < available}
+    if capped:
+        shown = ", ".join(f"{manifest.printable(label)} {n['kept']} of {n['available']}"
+                          for label, n in capped.items())
+        log.warning("%s caps %s at %d images per class: %d of %d images kept (%s); data.per_class: null uses "
+                    "every image", cap_origin(data), data.source, data.cap, sum(kept.values()),
+                    sum(found.available.values()), shown)
+    return capped
+
+
+def inspect(candidate: sources.Candidate, bit_depth: BitDepth, min_side: int) -> tuple[str | None, tuple[str, str]]:
+    """(sha256, ("", "")) for a good image, (None, (kind, reason)) for a bad one."""
     if not manifest.is_utf8(manifest.display_path(candidate.path)):
-        return None, "file or folder name is not valid UTF-8 (manifest.csv is UTF-8 text): rename it"
+        return None, ("name_not_utf8", "file or folder name is not valid UTF-8 (manifest.csv is UTF-8 text): rename it")
     try:
         data = candidate.path.read_bytes()
     except OSError as error:
-        return None, f"unreadable: {error.strerror}"
+        return None, ("unreadable", f"unreadable: {error.strerror}")
     try:
-        decode(data, bit_depth)
+        image = decode(data, bit_depth)
     except BadImage as error:
-        return None, str(error)
-    return sha256_bytes(data), None
+        return None, ("undecodable", str(error))
+    if min(image.size) < min_side:
+        return None, ("too_small", f"{image.width}x{image.height} pixels: the shorter side is below data.min_side "
+                                   f"({min_side}), too small to show what the backbone learnt to see")
+    return sha256_bytes(data), ("", "")
+
+
+def rejection_counts(rejected: list[Rejection], source: str) -> dict[str, int]:
+    """Rejections per kind (duplicates aside: metrics count them on their own); a warning when there are any."""
+    counts = Counter(r.kind for r in rejected if r.kind != "duplicate")
+    by_kind = {kind: counts[kind] for kind in manifest.REJECTION_KINDS if counts[kind]}
+    if by_kind:
+        log.warning("%d file(s) of %s not used, each listed with the reason in %s: %s", sum(by_kind.values()),
+                    source, manifest.REJECTED, ", ".join(f"{n} {kind}" for kind, n in by_kind.items()))
+    return by_kind
 
 
 def too_few_classes(labels: set[str], source: str, where: str) -> UserError:
@@ -65,30 +111,34 @@ def too_few_classes(labels: set[str], source: str, where: str) -> UserError:
 def prepare(data: DataParams) -> dict:
     """The source's images -> data/prepared/*; returns metrics/prepare.json's dict."""
     started = time.perf_counter()
-    found, unusable = candidates(data)
-    if len(labels := {c.label for c in found}) < 2:
+    found = candidates(data)
+    if len(labels := {c.label for c in found.candidates}) < 2:
         raise too_few_classes(labels, data.source, "in total")
-    log.info("%d candidate images from %s", len(found), data.source)
+    capped = capped_classes(data, found)
+    log.info("%d candidate images from %s", len(found.candidates), data.source)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        results = list(tqdm(pool.map(partial(inspect, bit_depth=data.bit_depth), found), total=len(found),
-                            desc="prepare", unit="img"))
+        results = list(tqdm(pool.map(partial(inspect, bit_depth=data.bit_depth, min_side=data.min_side),
+                                     found.candidates),
+                            total=len(found.candidates), desc="prepare", unit="img"))
 
-    rejected = [(manifest.display_path(path, follow_links=False), reason) for path, reason in unusable]
+    rejected = [Rejection(manifest.display_path(u.path, follow_links=False), u.kind, u.reason)
+                for u in found.unusable]
     first_copy: dict[str, sources.Candidate] = {}
     kept: list[tuple[sources.Candidate, str]] = []
-    duplicates = 0
-    for candidate, (digest, reason) in zip(found, results):
+    for candidate, (digest, (kind, reason)) in zip(found.candidates, results):
         path = manifest.display_path(candidate.path)
         if digest is None:
-            rejected.append((path, reason))
+            rejected.append(Rejection(path, kind, reason))
         elif digest in first_copy:
-            duplicates += 1
-            rejected.append((path, f"duplicate of {manifest.display_path(first_copy[digest].path)}"))
+            rejected.append(Rejection(path, "duplicate",
+                                      f"duplicate of {manifest.display_path(first_copy[digest].path)}"))
         else:
             first_copy[digest] = candidate
             kept.append((candidate, digest))
+    by_kind = rejection_counts(rejected, data.source)
+    duplicates = sum(r.kind == "duplicate" for r in rejected)
 
-    classes = sorted({c.label for c in found})
+    classes = sorted({c.label for c in found.candidates})
     per_class = Counter(c.label for c, _ in kept)
     empty = [label for label in classes if per_class[label] == 0]
     if empty:
@@ -116,8 +166,13 @@ def prepare(data: DataParams) -> dict:
     metrics = {
         "source": data.source,
         "classes": len(classes),
+        "available": sum(found.available.values()),
+        "per_class_cap": data.cap,
+        "per_class_cap_from": cap_origin(data),
+        "capped": capped,
         "images": len(rows),
-        "rejected": len(rejected) - duplicates,
+        "rejected": sum(by_kind.values()),
+        "rejected_by_kind": by_kind,
         "duplicates": duplicates,
         "train": split_counts["train"],
         "val": split_counts["val"],
@@ -125,12 +180,13 @@ def prepare(data: DataParams) -> dict:
         "min_per_class": min(per_class.values()),
         "max_per_class": max(per_class.values()),
         "bit_depth": data.bit_depth,
+        "min_side": data.min_side,
         "seconds": round(time.perf_counter() - started, 2),
     }
     log.info(
         "%d images in %d classes (train %d, val %d, test %d); rejected %d, duplicates %d; high-bit images "
         "decoded by data.bit_depth %s -> %s",
         len(rows), len(classes), split_counts["train"], split_counts["val"], split_counts["test"],
-        len(rejected) - duplicates, duplicates, data.bit_depth, manifest.MANIFEST,
+        sum(by_kind.values()), duplicates, data.bit_depth, manifest.MANIFEST,
     )
     return metrics

@@ -1,7 +1,9 @@
 """Where images come from: built-in datasets written out as PNG files, a folder of <class>/<image>, or a CSV.
 
 Each source yields `Candidate`s (path, label, optional fixed split); nothing is decoded here. A folder source
-also reports the entries it cannot offer (symbolic links that do not lead to a file) for rejected.csv.
+also reports the files it cannot offer for rejected.csv: names without an image extension, files outside a class
+folder, symbolic links that do not lead to a file. A CSV names its files itself: each is decoded, whatever its
+extension. A built-in source also says how many images each class has before data.per_class's cap.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import os
 import re
 import shutil
 import stat
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +42,14 @@ class Candidate:
     path: Path
     label: str
     split: str | None = None
+
+
+@dataclass(frozen=True)
+class Unusable:
+    """A file of a folder source that is not a candidate, and why (kind: one of manifest.REJECTION_KINDS)."""
+    path: Path
+    kind: str
+    reason: str
 
 
 def cap_per_class(candidates: list[Candidate], per_class: int | None, seed: int) -> list[Candidate]:
@@ -72,10 +83,18 @@ def link_problem(path: Path) -> str | None:
     return None
 
 
-def folder_candidates(root: Path) -> tuple[list[Candidate], list[tuple[Path, str]]]:
-    """(images of root/<class>/..., links that do not lead to a file, with the reason)."""
-    unusable = [(p, problem) for p in sorted(root.iterdir())  # a linked class folder is fine: p.is_dir()
-                if not p.is_dir() and not p.name.startswith(".") and (problem := link_problem(p)) is not None]
+def folder_candidates(root: Path) -> tuple[list[Candidate], list[Unusable]]:
+    """(images of root/<class>/..., the other files of the folder, with the reason). Entries of root whose name
+    starts with a dot are not looked at, as a file browser hides them."""
+    unusable = []
+    for path in sorted(root.iterdir()):
+        if path.name.startswith(".") or path.is_dir():  # a linked class folder is fine: is_dir follows the link
+            continue
+        if (problem := link_problem(path)) is not None:
+            unusable.append(Unusable(path, "link", problem))
+        else:
+            unusable.append(Unusable(path, "outside_class_folder",
+                                     f"not inside a class folder: the label is the folder, {root}/<class>/<image>"))
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise UserError(f"data.source: folder {root} has no class folders; expected {root}/<class>/<image>")
@@ -84,11 +103,14 @@ def folder_candidates(root: Path) -> tuple[list[Candidate], list[tuple[Path, str
         images = []
         for path in sorted(folder.rglob("*")):
             if (problem := link_problem(path)) is not None:
-                unusable.append((path, problem))
+                unusable.append(Unusable(path, "link", problem))
             elif path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
                 images.append(path)
+            elif path.is_file():
+                unusable.append(Unusable(path, "extension", f"not an image file name: skipped, only "
+                                                            f"{' '.join(IMAGE_EXTENSIONS)} are read"))
         if not images:
-            links = [str(p) for p, _ in unusable if folder in p.parents]
+            links = [str(u.path) for u in unusable if u.kind == "link" and folder in u.path.parents]
             raise UserError(
                 f"data.source: class folder {folder} has no images ({', '.join(IMAGE_EXTENSIONS)})"
                 + (f", only symbolic links that do not lead to a file ({', '.join(links[:3])})" if links else "")
@@ -149,12 +171,14 @@ def write_pngs(images: np.ndarray, labels: list[str], names: list[str], out_dir:
 
 
 def write_capped_pngs(images: np.ndarray, labels: list[str], names: list[str], out_dir: Path,
-                      per_class: int | None, seed: int) -> list[Candidate]:
-    """A built-in dataset's seeded per-class choice, written out as PNG files (only the chosen ones)."""
+                      per_class: int | None, seed: int) -> tuple[list[Candidate], Counter[str]]:
+    """A built-in dataset's seeded per-class choice, written out as PNG files (only the chosen ones); and the
+    images per class the dataset has."""
     chosen = cap_per_class([Candidate(Path(n), label) for n, label in zip(names, labels)], per_class, seed)
     index = {n: i for i, n in enumerate(names)}
     picked = [index[str(c.path)] for c in chosen]
-    return write_pngs(images[picked], [labels[i] for i in picked], [names[i] for i in picked], out_dir)
+    written = write_pngs(images[picked], [labels[i] for i in picked], [names[i] for i in picked], out_dir)
+    return written, Counter(labels)
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -193,7 +217,8 @@ def _fashion_mnist_raw() -> Path:
     return raw
 
 
-def fashion_mnist_candidates(out_dir: Path, per_class: int | None, seed: int) -> list[Candidate]:
+def fashion_mnist_candidates(out_dir: Path, per_class: int | None, seed: int
+                             ) -> tuple[list[Candidate], Counter[str]]:
     raw = _fashion_mnist_raw()
     images = np.concatenate([_read_idx(raw / "train-images-idx3-ubyte"), _read_idx(raw / "t10k-images-idx3-ubyte")])
     targets = np.concatenate([_read_idx(raw / "train-labels-idx1-ubyte"), _read_idx(raw / "t10k-labels-idx1-ubyte")])
@@ -202,7 +227,7 @@ def fashion_mnist_candidates(out_dir: Path, per_class: int | None, seed: int) ->
     return write_capped_pngs(images, labels, names, out_dir, per_class, seed)
 
 
-def digits_candidates(out_dir: Path, per_class: int | None, seed: int) -> list[Candidate]:
+def digits_candidates(out_dir: Path, per_class: int | None, seed: int) -> tuple[list[Candidate], Counter[str]]:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
