@@ -89,6 +89,33 @@ def test_wrong_type_names_the_key(project):
     assert "data.per_class" in message and "'many'" in message
 
 
+@pytest.mark.parametrize("value", ["many", 0, -3, 2.5, "300", True, [300]])
+def test_a_per_class_that_is_not_auto_a_count_or_null_names_the_key_and_the_valid_values(project, value):
+    message = invalid(project, data={"per_class": value})
+    problems = message.splitlines()[1:]
+    assert len(problems) == 1 and problems[0].startswith("  data.per_class: valid: auto (300 per class for "
+                                                         "fashion-mnist and digits, every image of a folder or CSV)")
+    assert "null (every image)" in problems[0] and f"(got {value!r})" in problems[0]
+
+
+@pytest.mark.parametrize("value, words", [(0, "greater than or equal to 1"), (-1, "greater than or equal to 1"),
+                                          ("8", "valid integer"), (8.5, "valid integer"), (None, "valid integer")])
+def test_a_min_side_that_is_not_a_positive_count_names_the_key(project, value, words):
+    message = invalid(project, data={"min_side": value})
+    assert f"data.min_side: Input should be a {words}" in message or f"data.min_side: Input should be {words}" \
+        in message, message
+
+
+@pytest.mark.parametrize("source, per_class, cap", [
+    ("fashion-mnist", "auto", 300), ("digits", "auto", 300), ("photos", "auto", None), ("list.csv", "auto", None),
+    ("photos", 50, 50), ("fashion-mnist", 50, 50), ("fashion-mnist", None, None), ("photos", None, None)])
+def test_per_class_auto_caps_only_the_built_in_sources(project, source, per_class, cap):
+    (project.root / "photos").mkdir()
+    (project.root / "list.csv").write_text("path,label\n")
+    project.params(data={"source": source, "per_class": per_class})
+    assert load_params().data.cap == cap
+
+
 def test_wrong_value_for_a_union_names_the_key_as_written(project):
     message = invalid(project, finetune={"unfreeze": "some"})
     assert "finetune.unfreeze:" in message and "'all' or 'auto'" in message

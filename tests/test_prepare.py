@@ -410,23 +410,93 @@ def test_per_class_cap(project, three_classes):
 def test_per_class_cap_larger_than_class_keeps_all(project, three_classes):
     rows = run_prepare(project, source="photos", per_class=1000)
     assert len(rows) == 120
+    assert metrics()["capped"] == {} and metrics()["available"] == 120
+
+
+def test_a_folder_is_used_whole_under_per_class_auto_and_keeps_its_proportions(project, caplog):
+    """auto caps only the built-in demo sources: a folder with more than 300 images in a class keeps them all,
+    and its classes keep their proportions in every split (no balancing)."""
+    root = project.root / "photos"
+    plain_class(root / "many", 320, seed=1)
+    plain_class(root / "few", 150, seed=2)
+
+    rows = run_prepare(project, source="photos", per_class="auto")
+
+    assert Counter(r["label"] for r in rows) == {"many": 320, "few": 150}
+    for split in ("train", "val", "test"):
+        counts = Counter(r["label"] for r in rows if r["split"] == split)
+        assert abs(counts["many"] / sum(counts.values()) - 320 / 470) < 0.02, (split, counts)
+    written = metrics()
+    assert written["per_class_cap"] is None and written["capped"] == {}
+    assert written["available"] == written["images"] == 470
+    assert written["per_class_cap_from"] == "data.per_class: auto (a folder or CSV is used whole)"
+    assert "caps" not in caplog.text
+
+
+def test_an_explicit_cap_warns_and_records_what_it_dropped_per_class(project, caplog):
+    root = project.root / "photos"
+    plain_class(root / "ant", 40, seed=1)
+    plain_class(root / "bee", 30, seed=2)
+    plain_class(root / "cow", 10, seed=3)
+
+    rows = run_prepare(project, source="photos", per_class=25)
+
+    assert Counter(r["label"] for r in rows) == {"ant": 25, "bee": 25, "cow": 10}
+    written = metrics()
+    assert written["capped"] == {"ant": {"kept": 25, "available": 40}, "bee": {"kept": 25, "available": 30}}
+    assert written["per_class_cap"] == 25 and written["per_class_cap_from"] == "data.per_class: 25"
+    assert written["available"] == 80 and written["images"] == 60
+    warning = next(r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "caps" in r.getMessage())
+    assert "data.per_class: 25" in warning and "60 of 80 images" in warning
+    assert "ant 25 of 40" in warning and "bee 25 of 30" in warning and "cow" not in warning
+
+
+def csv_of_two_classes(project, many: int, few: int) -> str:
+    rows = []
+    for c, (label, count) in enumerate((("cat", many), ("dog", few))):
+        for i in range(count):
+            rgb(project.root / "ds" / "img" / f"{label}{i}.png", seed=c * 1000 + i, size=8)
+            rows.append((f"img/{label}{i}.png", label))
+    return csv_dataset(project, rows, header="path,label")
+
+
+def test_a_csv_is_used_whole_under_auto_and_capped_only_when_asked(project, caplog):
+    source = csv_of_two_classes(project, many=30, few=12)
+
+    assert Counter(r["label"] for r in run_prepare(project, source=source, per_class="auto")) == {"cat": 30, "dog": 12}
+    assert metrics()["capped"] == {} and "caps" not in caplog.text
+
+    rows = run_prepare(project, source=source, per_class=10)
+
+    assert Counter(r["label"] for r in rows) == {"cat": 10, "dog": 10}
+    assert metrics()["capped"] == {"cat": {"kept": 10, "available": 30}, "dog": {"kept": 10, "available": 12}}
+    assert "cat 10 of 30, dog 10 of 12" in caplog.text
 
 
 # ---------------------------------------------------------------- built-in sources
 
 
 def test_builtin_digits(project):
-    rows = run_prepare(project, source="digits", per_class=20)
-    assert len(rows) == 200
+    """Every digit (8x8 pixels, at most 183 per class) is kept: auto's 300 per class drops none of them, and 8 px
+    is data.min_side's default."""
+    rows = run_prepare(project, source="digits", per_class="auto")
+    assert len(rows) == 1797
     assert json.loads(CLASSES.read_text()) == [str(d) for d in range(10)]
-    assert Counter(r["label"] for r in rows) == {str(d): 20 for d in range(10)}
+    assert min(Counter(r["label"] for r in rows).values()) == 174
     for row in rows:
         path = Path(row["path"])
         assert path.suffix == ".png" and path.is_file()
         assert Path("data/prepared/images") in path.parents
         assert row["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert Image.open(rows[0]["path"]).size == (8, 8)
-    assert metrics()["classes"] == 10 and metrics()["images"] == 200
+    written = metrics()
+    assert written["classes"] == 10 and written["images"] == written["available"] == 1797
+    assert written["rejected"] == 0 and written["rejected_by_kind"] == {} and written["capped"] == {}
+    assert written["per_class_cap"] == 300
+    assert written["per_class_cap_from"] == "data.per_class: auto (300 per class for the built-in digits)"
+
+    assert Counter(r["label"] for r in run_prepare(project, source="digits", per_class=20)) == {
+        str(d): 20 for d in range(10)}
 
 
 def test_fashion_mnist_classes_and_files_are_torchvisions():
@@ -453,6 +523,7 @@ def test_builtin_fashion_mnist(project):
             assert image.size == (28, 28)
         assert decoding.decode(path.read_bytes(), "auto").size == (28, 28)
     assert metrics()["rejected"] == 0
+    assert metrics()["capped"] == {c: {"kept": 10, "available": 7000} for c in classes}
 
 
 def test_raising_per_class_only_adds_images():
@@ -463,6 +534,58 @@ def test_raising_per_class_only_adds_images():
     large = {c.path for c in cap_per_class(pool, 11, seed=3)}
     assert len(small) == 30 and len(large) == 33 and small < large
     assert small != {c.path for c in cap_per_class(pool, 10, seed=4)}
+
+
+# ---------------------------------------------------------------- every file not used is listed, with the reason
+
+
+def test_files_that_are_not_images_and_images_too_small_are_listed_with_the_reason(project, caplog):
+    root = project.root / "photos"
+    plain_class(root / "a", 10, seed=1)
+    plain_class(root / "b", 10, seed=2)
+    notes = root / "a" / "notes.txt"
+    notes.write_text("taken on the beach\n")
+    tiny = save(Image.fromarray(noise(3, size=3)), root / "b" / "tiny.png")
+    narrow = save(Image.fromarray(noise(4)[:7, :]), root / "b" / "narrow.png")  # 16 wide, 7 high
+    loose = rgb(root / "unsorted.png", seed=5)
+
+    rows = run_prepare(project, source="photos")
+
+    assert len(rows) == 20
+    with open(REJECTED, newline="") as handle:
+        listed = {row["path"]: (row["kind"], row["reason"]) for row in csv.DictReader(handle)}
+    assert set(listed) == {rel(notes), rel(tiny), rel(narrow), rel(loose)}
+    assert listed[rel(notes)][0] == "extension" and ".png" in listed[rel(notes)][1]
+    assert listed[rel(tiny)] == ("too_small", "3x3 pixels: the shorter side is below data.min_side (8), too small "
+                                              "to show what the backbone learnt to see")
+    assert listed[rel(narrow)][0] == "too_small" and "16x7" in listed[rel(narrow)][1]
+    assert listed[rel(loose)][0] == "outside_class_folder"
+    written = metrics()
+    assert written["rejected_by_kind"] == {"extension": 1, "outside_class_folder": 1, "too_small": 2}
+    assert written["rejected"] == 4 and written["min_side"] == 8
+    assert "4 file(s) of photos not used" in caplog.text
+    assert "1 extension, 1 outside_class_folder, 2 too_small" in caplog.text
+
+    rows = run_prepare(project, source="photos", min_side=3)
+    assert {rel(tiny), rel(narrow)} <= {r["path"] for r in rows}
+    assert metrics()["rejected_by_kind"] == {"extension": 1, "outside_class_folder": 1}
+
+
+def test_a_csv_row_is_decoded_whatever_its_extension_and_checked_for_size(project):
+    """A CSV names its files: a PNG saved as .dat is an image; a tiny one is rejected as in a folder."""
+    rows = []
+    for i in range(20):
+        rgb(project.root / "ds" / f"{i}.png", seed=i, size=8)
+        rows.append((f"{i}.png", "ab"[i % 2]))
+    save(Image.fromarray(noise(30)), project.root / "ds" / "odd.dat", format="PNG")
+    save(Image.fromarray(noise(31, size=4)), project.root / "ds" / "small.png")
+    rows += [("odd.dat", "a"), ("small.png", "b")]
+
+    manifest_rows = run_prepare(project, source=csv_dataset(project, rows, header="path,label"))
+
+    assert "ds/odd.dat" in {r["path"] for r in manifest_rows} and len(manifest_rows) == 21
+    assert list(read_rejected()) == ["ds/small.png"]
+    assert metrics()["rejected_by_kind"] == {"too_small": 1}
 
 
 # ---------------------------------------------------------------- the bit-depth rule, recorded for every stage
