@@ -23,7 +23,16 @@ $(FASHION_MNIST):
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || echo "note: dataset-fashion-mnist not installed; prepare will try torchvision's download"; \
 	else echo "note: not root or no apt-get; prepare will try torchvision's download of Fashion-MNIST"; fi
 
+# `make run SOURCE=<folder or CSV>`: the pipeline on your own images, used whole. data.source in params.yaml becomes
+# SOURCE (a folder or CSV as its absolute path), and prepare re-reads it even when params.yaml already said so: DVC
+# tracks params.yaml, not the files of your folder, so images added since the last run would go unseen otherwise.
+# `make run` alone runs what params.yaml says (the demo, Fashion-MNIST, until a SOURCE is set).
+SOURCE ?=
 run: setup
+ifneq ($(strip $(SOURCE)),)
+	@$(PY) -m transfer_learning.data.set_source "$(SOURCE)"
+	dvc repro --force --single-item prepare
+endif
 	dvc repro
 
 # pytest-xdist with three workers on two cores: the end-to-end tests wait on dvc, git and torchrun subprocesses, so

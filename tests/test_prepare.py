@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -753,3 +754,32 @@ def test_prepare_does_not_import_torch(project, three_classes):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
     assert len(read_manifest()) == 120
+
+
+# ---------------------------------------------------------------- `make run SOURCE=...`'s first step
+
+
+def test_set_source_writes_an_absolute_path_and_keeps_every_other_line(project):
+    from transfer_learning.data.set_source import set_source
+    from transfer_learning.params import load_params
+
+    shutil.copy(REPO / "params.yaml", "params.yaml")
+    before = Path("params.yaml").read_text().splitlines()
+    plain_class(project.root / "my photos" / "a", 2, seed=1)
+    plain_class(project.root / "my photos" / "b", 2, seed=2)
+
+    written = set_source("my photos")
+
+    assert written == (project.root / "my photos").resolve().as_posix()
+    assert load_params(resolve_backbone=False).data.source == written
+    after = Path("params.yaml").read_text().splitlines()
+    changed = [(old, new) for old, new in zip(before, after) if old != new]
+    assert len(after) == len(before) and len(changed) == 1
+    assert changed[0][1].startswith(f"  source: {written} # fashion-mnist | digits")
+
+    with pytest.raises(UserError, match="SOURCE=nowhere: not a folder") as caught:
+        set_source("nowhere")
+    assert "params.yaml is unchanged" in str(caught.value)
+    assert Path("params.yaml").read_text().splitlines() == after
+
+    assert set_source("digits") == "digits" and load_params(resolve_backbone=False).data.source == "digits"
