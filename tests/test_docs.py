@@ -25,7 +25,7 @@ README_MAX_LINES = 250
 REQUIRED = "required"  # what docs/params.md writes in the default column of a key without a default
 HEAD_KEY = "<name>"  # how docs/params.md writes the head name in heads.<name>.<key>
 
-KEY_ROW = re.compile(r"^\|\s*`(?P<key>[A-Za-z_][\w.<>]*)`\s*\|\s*(?P<default>[^|]*)\|")
+KEY_ROW = re.compile(r"^\|\s*`(?P<key>[A-Za-z_][\w.<>]*)`\s*\|")
 HEAD_TYPE_HEADING = re.compile(r"^#+ .*`type: (?P<type>\w+)`")
 
 
@@ -78,10 +78,11 @@ def code_keys(model: type[BaseModel] = Params, prefix: str = "") -> dict[str, di
 
 # ---- the keys docs/params.md has ---------------------------------------------------------------------------------
 
-def doc_keys(text: str) -> dict[str, dict[str, str]]:
-    """Section ('' or the head type of the `type: X` heading above) -> key -> the default cell, from the tables'
-    rows whose first cell is one backticked key. A key documented twice in one section is kept twice (as key#2)."""
-    found: dict[str, dict[str, str]] = {}
+def doc_rows(text: str) -> dict[str, dict[str, list[str]]]:
+    """Section ('' or the head type of the `type: X` heading above) -> key -> the row's cells after the key (default,
+    valid values, read by), from the tables' rows whose first cell is one backticked key. A key documented twice in
+    one section is kept twice (as key#2)."""
+    found: dict[str, dict[str, list[str]]] = {}
     section = ""
     for line in text.splitlines():
         if line.startswith("#"):
@@ -94,8 +95,13 @@ def doc_keys(text: str) -> dict[str, dict[str, str]]:
             key = row["key"]
             while key in keys:
                 key += "#2"
-            keys[key] = row["default"].strip()
+            keys[key] = [cell.strip() for cell in line.strip().strip("|").split(" | ")[1:]]
     return found
+
+
+def doc_keys(text: str) -> dict[str, dict[str, str]]:
+    """Section -> key -> the default cell."""
+    return {section: {key: cells[0] for key, cells in keys.items()} for section, keys in doc_rows(text).items()}
 
 
 def _parsed_default(cell: str) -> Any:
@@ -165,6 +171,35 @@ def test_a_missing_an_extra_and_a_wrong_default_are_each_found():
     assert "data.seed" not in documented[""] and "data.seeds" in documented[""]
     assert not _same(_parsed_default(documented[""]["layers.adopt"]), code_keys()[""]["layers.adopt"])
     assert _same(_parsed_default("`1.0e-4`"), 1e-4) and not _same(_parsed_default("`1`"), True)
+
+
+MACHINE = "(machine)"  # how docs/params.md marks a setting that cannot change a result
+
+
+def declared_params() -> set[str]:
+    """Every params entry a stage of dvc.yaml declares, a foreach stage's ${key} written as <name>."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    return {str(entry).replace("${key}", HEAD_KEY) for stage in stages.values()
+            for entry in stage.get("do", stage).get("params", [])}
+
+
+def _declared(key: str, entries: set[str]) -> bool:
+    return any(key == entry or key.startswith(entry + ".") for entry in entries)
+
+
+def test_machine_settings_are_the_keys_no_stage_declares():
+    """docs/params.md marks a key (machine) exactly when no stage of dvc.yaml declares it: changing it re-runs
+    nothing, and every other key re-runs the stages that read it."""
+    entries = declared_params()
+    wrong = []
+    for section, keys in doc_rows(PARAMS_DOC.read_text()).items():
+        for key, cells in keys.items():
+            machine = MACHINE in cells[-1]
+            if machine and _declared(key, entries):
+                wrong.append(f"{key}: docs/params.md says {MACHINE}, but a stage in dvc.yaml declares it")
+            elif not machine and not _declared(key, entries):
+                wrong.append(f"{key}: no stage in dvc.yaml declares it; docs/params.md should mark it {MACHINE}")
+    assert not wrong, "\n".join(wrong)
 
 
 # ---- README and the guides ---------------------------------------------------------------------------------------
