@@ -31,7 +31,7 @@ SOURCE ?=
 run: setup
 ifneq ($(strip $(SOURCE)),)
 	@$(PY) -m transfer_learning.data.set_source "$(SOURCE)"
-	dvc repro --force --single-item prepare
+	dvc repro --force prepare
 endif
 	dvc repro
 
