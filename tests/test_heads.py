@@ -233,6 +233,29 @@ def test_sklearn_head_mistakes_fail_naming_the_key(features):
         fit_head("h", spec({**knn, "grid": {"n_neighbors": [0]}}), train, val)
 
 
+def test_more_neighbours_than_train_rows_fails_naming_the_key_before_any_fit(features, caplog):
+    rows = len(read_split("train"))
+    knn = {"type": "sklearn", "estimator": "sklearn.neighbors.KNeighborsClassifier"}
+    # logreg comes first: the error must come before it is fitted, not after
+    load_params_with(heads={"logreg": FAST_HEADS["logreg"], "knn": {**knn, "grid": {"n_neighbors": [5, rows + 1]}}})
+    with pytest.raises(UserError, match=rf"^heads\.knn\.grid\.n_neighbors: {rows + 1} neighbours asked for, and "
+                                        rf"the train split has {rows} rows \(data/features/train\.h5\); valid: 1 to "
+                                        rf"{rows}$"):
+        train_heads.main()
+    assert "val accuracy" not in caplog.text and not head_files.HEADS_DIR.exists()
+
+    train, val = splits()
+    few = train.plain().__class__(train.features[:3], train.labels[:3], train.views[:3], train.paths[:3],
+                                  train.classes, train.fingerprint)
+    with pytest.raises(UserError, match=r"^heads\.h\.params\.n_neighbors: 4 neighbours asked for, and the train "
+                                        r"split has 3 rows"):
+        fit_head("h", spec({**knn, "params": {"n_neighbors": 4}}), few, val)
+    with pytest.raises(UserError, match=r"^heads\.h\.params\.n_neighbors: 5 neighbours asked for "
+                                        r"\(KNeighborsClassifier's default: the key is not set\)"):
+        fit_head("h", spec(knn), few, val)
+    assert fit_head("h", spec({**knn, "params": {"n_neighbors": 3}}), few, val).chosen == {}  # all rows: fine
+
+
 def test_an_empty_val_split_is_a_clear_error(features):
     train, _ = splits()
     with pytest.raises(UserError, match="data.val_fraction"):

@@ -75,6 +75,26 @@ def estimator_and_grid(name: str, spec: Spec) -> tuple[BaseEstimator, dict[str, 
     return estimator.set_params(**chosen), {k: list(v) for k, v in spec.grid.items()}
 
 
+def check_fits_the_data(name: str, spec: Spec, estimator: BaseEstimator, grid: dict[str, list[Any]],
+                        train_rows: int) -> None:
+    """Before any fit: a value the train split cannot support fails naming its key. A neighbours estimator votes
+    among its n_neighbors nearest train rows, so it cannot ask for more rows than there are (scikit-learn would
+    fit it, then fail on its first prediction)."""
+    if "n_neighbors" not in estimator.get_params():
+        return
+    params, default = getattr(spec, "params", {}), ""
+    if "n_neighbors" in grid:
+        key, values = f"heads.{name}.grid.n_neighbors", grid["n_neighbors"]
+    else:
+        key, values = f"heads.{name}.params.n_neighbors", [estimator.get_params()["n_neighbors"]]
+        if "n_neighbors" not in params:
+            default = f" ({type(estimator).__name__}'s default: the key is not set)"
+    too_many = [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v > train_rows]
+    if too_many:
+        raise UserError(f"{key}: {', '.join(map(str, too_many))} neighbours asked for{default}, and the train split "
+                        f"has {train_rows} rows (data/features/train.h5); valid: 1 to {train_rows}")
+
+
 def fit_head(name: str, spec: Spec, train: SplitFeatures, val: SplitFeatures, workers: int = 1) -> FittedHead:
     """The shared selection path: every grid point fitted on train, scored on val, the best one kept (the first on
     a tie, in the grid's order). `workers` threads fit the grid points of a scikit-learn estimator side by side,
@@ -84,6 +104,7 @@ def fit_head(name: str, spec: Spec, train: SplitFeatures, val: SplitFeatures, wo
                         "set data.val_fraction above 0")
     started = time.perf_counter()
     estimator, grid = estimator_and_grid(name, spec)
+    check_fits_the_data(name, spec, estimator, grid, len(train))
     scaler = StandardScaler().fit(train.features)
     train_x, val_x = scaler.transform(train.features), scaler.transform(val.features)
     points = list(ParameterGrid(grid))
@@ -114,7 +135,11 @@ def fit_head(name: str, spec: Spec, train: SplitFeatures, val: SplitFeatures, wo
     best: tuple[float, BaseEstimator, dict] | None = None
     candidates = []
     for point, candidate in zip(points, fits):
-        predicted = candidate.classes_[estimator_scores(candidate, val_x).argmax(axis=1)]
+        try:
+            predicted = candidate.classes_[estimator_scores(candidate, val_x).argmax(axis=1)]
+        except (ValueError, TypeError) as error:
+            raise UserError(f"heads.{name}: scoring {type(candidate).__name__} with {point or spec} on the val split "
+                            f"failed: {error}") from None
         accuracy = float(np.mean(predicted == val.labels))
         candidates.append({"params": point, "val_accuracy": accuracy})
         log.info("head %s: %s val accuracy %.4f", name, point or "(no grid)", accuracy)

@@ -19,7 +19,7 @@ from transfer_learning.features.split_files import read_split
 from transfer_learning.heads import files as head_files
 from transfer_learning.heads.files import FittedHead
 from transfer_learning.heads.records import RECORDS_DIR, write_record
-from transfer_learning.heads.selection import estimator_and_grid, fit_head
+from transfer_learning.heads.selection import check_fits_the_data, estimator_and_grid, fit_head
 from transfer_learning.params import HeadSpec, SklearnHead
 
 log = logging.getLogger("train_heads")
@@ -84,6 +84,8 @@ def train_heads(heads: dict[str, HeadSpec], only: list[str] | None = None) -> di
     train, val = read_split("train"), read_split("val").plain()
     if train.fingerprint != val.fingerprint:
         raise UserError("data/features/train.h5 and val.h5 come from different extract runs: run `dvc repro extract`")
+    for name, spec in chosen.items():  # and every grid against the data, before the first fit
+        check_fits_the_data(name, spec, *estimator_and_grid(name, spec), len(train))
     augmented = int((train.views > 0).sum())
     log.info("training %d head(s) on %d train rows (%d of them augmented views), selecting on %d val rows",
              len(chosen), len(train), augmented, len(val))
