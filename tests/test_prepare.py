@@ -430,8 +430,8 @@ def test_a_folder_is_used_whole_under_per_class_auto_and_keeps_its_proportions(p
     written = metrics()
     assert written["per_class_cap"] is None and written["capped"] == {}
     assert written["available"] == written["images"] == 470
-    assert written["per_class_cap_from"] == "data.per_class: auto (a folder or CSV is used whole)"
-    assert "caps" not in caplog.text
+    assert written["per_class_cap_from"] == "data.per_class: auto, a folder or CSV is used whole"
+    assert "at most" not in caplog.text
 
 
 def test_an_explicit_cap_warns_and_records_what_it_dropped_per_class(project, caplog):
@@ -447,8 +447,8 @@ def test_an_explicit_cap_warns_and_records_what_it_dropped_per_class(project, ca
     assert written["capped"] == {"ant": {"kept": 25, "available": 40}, "bee": {"kept": 25, "available": 30}}
     assert written["per_class_cap"] == 25 and written["per_class_cap_from"] == "data.per_class: 25"
     assert written["available"] == 80 and written["images"] == 60
-    warning = next(r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "caps" in r.getMessage())
-    assert "data.per_class: 25" in warning and "60 of 80 images" in warning
+    warning = next(r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "at most" in r.getMessage())
+    assert warning.startswith("photos: at most 25 images per class (data.per_class: 25): 60 of 80 images kept")
     assert "ant 25 of 40" in warning and "bee 25 of 30" in warning and "cow" not in warning
 
 
@@ -465,7 +465,7 @@ def test_a_csv_is_used_whole_under_auto_and_capped_only_when_asked(project, capl
     source = csv_of_two_classes(project, many=30, few=12)
 
     assert Counter(r["label"] for r in run_prepare(project, source=source, per_class="auto")) == {"cat": 30, "dog": 12}
-    assert metrics()["capped"] == {} and "caps" not in caplog.text
+    assert metrics()["capped"] == {} and "at most" not in caplog.text
 
     rows = run_prepare(project, source=source, per_class=10)
 
@@ -494,7 +494,7 @@ def test_builtin_digits(project):
     assert written["classes"] == 10 and written["images"] == written["available"] == 1797
     assert written["rejected"] == 0 and written["rejected_by_kind"] == {} and written["capped"] == {}
     assert written["per_class_cap"] == 300
-    assert written["per_class_cap_from"] == "data.per_class: auto (300 per class for the built-in digits)"
+    assert written["per_class_cap_from"] == "data.per_class: auto, the demo's size for a built-in source"
 
     assert Counter(r["label"] for r in run_prepare(project, source="digits", per_class=20)) == {
         str(d): 20 for d in range(10)}

@@ -56,8 +56,8 @@ def cap_origin(data: DataParams) -> str:
     if data.per_class != "auto":
         return f"data.per_class: {'null' if data.per_class is None else data.per_class}"
     if data.builtin:
-        return f"data.per_class: auto ({data.cap} per class for the built-in {data.source})"
-    return "data.per_class: auto (a folder or CSV is used whole)"
+        return "data.per_class: auto, the demo's size for a built-in source"
+    return "data.per_class: auto, a folder or CSV is used whole"
 
 
 def capped_classes(data: DataParams, found: Found) -> dict[str, dict[str, int]]:
@@ -68,8 +68,8 @@ def capped_classes(data: DataParams, found: Found) -> dict[str, dict[str, int]]:
     if capped:
         shown = ", ".join(f"{manifest.printable(label)} {n['kept']} of {n['available']}"
                           for label, n in capped.items())
-        log.warning("%s caps %s at %d images per class: %d of %d images kept (%s); data.per_class: null uses "
-                    "every image", cap_origin(data), data.source, data.cap, sum(kept.values()),
+        log.warning("%s: at most %d images per class (%s): %d of %d images kept (%s); data.per_class: null uses "
+                    "every image", data.source, data.cap, cap_origin(data), sum(kept.values()),
                     sum(found.available.values()), shown)
     return capped
 
