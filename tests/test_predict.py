@@ -1,6 +1,9 @@
-"""predict and the deploy ONNX: the real exported MobileNetV2 with ONNX Runtime, real heads, real image files."""
+"""predict and the deploy ONNX: the real exported MobileNetV2 with ONNX Runtime, real heads of every type, the real
+fine-tuned model, real image files. What evaluate shows is what predict and the deployed file serve."""
+import contextlib
 import contextlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -9,49 +12,184 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 
 from stages import evaluate, extract, train_heads
 from stages import predict as predict_cli
 from tests.conftest import REPO, built_once
+from tests.test_finetune import HEADS as FINETUNE_HEADS
+from tests.test_finetune import finetuned, heads_trained, set_params  # noqa: F401 - fixtures, shared builds
 from transfer_learning.backbone import files as backbone_files
-from transfer_learning.backbone.onnx_export import cpu_session
 from transfer_learning.common.errors import UserError
-from transfer_learning.deploy import predict
+from transfer_learning.data import manifest
+from transfer_learning.deploy import predict, served
 from transfer_learning.deploy.onnx import PIXELS, PROBABILITIES
-from transfer_learning.features.split_files import read_split
+from transfer_learning.evaluate.choice import BEST_KEY, EVALUATE_METRICS
+from transfer_learning.evaluate.report import CONFUSION_PLOTS
+from transfer_learning.features.split_files import read_plain_keys, read_split
+from transfer_learning.finetune import files as finetune_files
 from transfer_learning.heads import files as head_files
 
-HEADS = {
-    "logreg": {"type": "logistic", "C": [1.0]},
-    "mlp": {"type": "mlp", "hidden": [16], "epochs": 5},
-    "knn": {"type": "sklearn", "estimator": "sklearn.neighbors.KNeighborsClassifier", "grid": {"n_neighbors": [1]}},
-}
+# test_finetune's heads (logreg, knn) plus the two torch heads, trained long enough for clear classes
+HEADS = {**FINETUNE_HEADS,
+         "linear": {"type": "linear", "epochs": 30, "lr": 1.0e-2, "patience": 5},
+         "mlp": {"type": "mlp", "hidden": [16], "epochs": 30, "lr": 1.0e-2, "patience": 5}}
+MODELS = sorted(HEADS) + [finetune_files.MODEL_NAME]
+INT8 = {"precision": "int8", "calibration_images": 6}
 
 
 @pytest.fixture(scope="module")
-def trained(exported, tmp_path_factory) -> Path:
-    """`exported` (digits PNGs, MobileNetV2) with features extracted, heads trained and evaluated, once."""
-    import yaml
-
+def every_model(finetuned, tmp_path_factory) -> Path:
+    """test_finetune's fine-tuned project (logreg and kNN heads, one epoch of fine-tuning) with a linear and an MLP
+    head added and evaluate run: every kind of model the pipeline serves, at fp32."""
     def build(root: Path) -> None:
-        shutil.copytree(exported, root, dirs_exist_ok=True)
+        shutil.copytree(finetuned, root, dirs_exist_ok=True)
         with contextlib.chdir(root):
-            params = yaml.safe_load(Path("params.yaml").read_text())
-            params["heads"] = HEADS
-            Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+            set_params(heads=HEADS)
+            train_heads.main(["linear", "mlp"])
+            evaluate.main()
+
+    return built_once(tmp_path_factory, "predict-every-model", build)
+
+
+@pytest.fixture(scope="module")
+def every_model_int8(every_model, tmp_path_factory) -> Path:
+    """`every_model` at extract.precision int8: features, heads and evaluate again. The fine-tuned model stays as
+    it is: one float ONNX export with its own backbone, which extract.precision does not change."""
+    def build(root: Path) -> None:
+        shutil.copytree(every_model, root, dirs_exist_ok=True)
+        with contextlib.chdir(root):
+            set_params(extract=INT8)
             extract.main()
             train_heads.main()
             evaluate.main()
 
-    return built_once(tmp_path_factory, "predict-trained", build)
+    return built_once(tmp_path_factory, "predict-every-model-int8", build)
+
+
+def work_copy(source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    work = tmp_path / "work"
+    shutil.copytree(source, work)
+    monkeypatch.chdir(work)
+    return work
 
 
 @pytest.fixture
-def here(trained, monkeypatch) -> Path:
-    monkeypatch.chdir(trained)
-    return trained
+def here(every_model, monkeypatch) -> Path:
+    """`every_model` itself, read only."""
+    monkeypatch.chdir(every_model)
+    return every_model
+
+
+@pytest.fixture
+def every_model_work(every_model, tmp_path, monkeypatch) -> Path:
+    return work_copy(every_model, tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def every_model_int8_work(every_model_int8, tmp_path, monkeypatch) -> Path:
+    return work_copy(every_model_int8, tmp_path, monkeypatch)
+
+
+def evaluated_scores(model: str, test) -> np.ndarray:
+    """What evaluate scores a model by on the test split: a head on the extracted features, the fine-tuned model's
+    test_scores.npz."""
+    if model == finetune_files.MODEL_NAME:
+        return finetune_files.read_test_scores(read_plain_keys("test"))
+    return head_files.load(model).scores(test.features)
+
+
+def pixels_of_the_test_images() -> np.ndarray:
+    preprocessing = backbone_files.load().preprocessing.with_bit_depth(manifest.read_bit_depth())
+    return torch.stack([predict.load_pixels(Path(p), preprocessing) for p in read_split("test").plain().paths]).numpy()
+
+
+def assert_served_alike(capsys, providers: tuple[str, ...] = ("CPUExecutionProvider",), atol: float = 1e-4) -> None:
+    """For every model: evaluate's class (plots/confusion/<model>.csv), `python -m stages.predict`'s and the deployed
+    file's (ONNX Runtime on uint8 pixels) are the same on every test image; the deployed probabilities are
+    evaluate's within `atol`. Every image's top two classes are further apart than 10 × atol, so one class each
+    is what all three must give, whatever the rounding."""
+    test = read_split("test").plain()
+    classes, paths, pixels = test.classes, test.paths, pixels_of_the_test_images()
+    for model in MODELS:
+        scores = evaluated_scores(model, test)
+        top_two = np.sort(scores, axis=1)[:, -2:]
+        assert (top_two[:, 1] - top_two[:, 0]).min() > 10 * atol, f"{model}: a test image is too close to call"
+        evaluated = [line.split(",")[1] for line in (CONFUSION_PLOTS / f"{model}.csv").read_text().splitlines()[1:]]
+        assert evaluated == [classes[i] for i in scores.argmax(axis=1)], model
+
+        capsys.readouterr()
+        assert predict_cli.main([*paths, "--model", model, "--json", "--top-k", "1"]) == 0
+        output = json.loads(capsys.readouterr().out)
+        predicted = {p["path"]: p["top"][0]["class"] for p in output["predictions"]}
+
+        assert predict_cli.main(["--deploy", "--model", model]) == 0
+        deployed_file = Path(capsys.readouterr().out.strip())
+        assert deployed_file == Path(f"models/deploy/{model}.onnx")
+        props = {p.key: p.value for p in onnx.load(str(deployed_file)).metadata_props}
+        assert json.loads(props["classes"]) == classes and props["model"] == model
+        session = ort.InferenceSession(str(deployed_file), providers=list(providers))
+        assert [(i.name, i.type) for i in session.get_inputs()] == [(PIXELS, "tensor(uint8)")], model
+        assert [o.name for o in session.get_outputs()] == [PROBABILITIES], model
+        probabilities = session.run([PROBABILITIES], {PIXELS: pixels})[0]
+        one = session.run([PROBABILITIES], {PIXELS: pixels[:1]})[0]  # the batch dimension stays dynamic
+        deployed = [classes[i] for i in probabilities.argmax(axis=1)]
+
+        assert evaluated == [predicted[p] for p in paths] == deployed, model
+        np.testing.assert_allclose(probabilities, scores, atol=atol, err_msg=model)
+        np.testing.assert_allclose(one, probabilities[:1], atol=atol, err_msg=model)
+        np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-5, err_msg=model)
+
+
+def test_evaluate_predict_and_the_deployed_file_agree_on_every_test_image_at_fp32(every_model_work, capsys):
+    assert_served_alike(capsys)
+
+
+def test_evaluate_predict_and_the_deployed_file_agree_on_every_test_image_at_int8(every_model_int8_work, capsys):
+    assert json.loads(Path("metrics/extract.json").read_text())["precision"] == "int8"
+    assert_served_alike(capsys)
+
+
+@pytest.mark.gpu
+def test_evaluate_predict_and_the_deployed_file_agree_on_every_test_image_at_fp16(every_model_work, capsys,
+                                                                                onnxruntime_cuda):
+    set_params(extract={"precision": "fp16", "providers": ["CUDAExecutionProvider"]})
+    extract.main()
+    train_heads.main()
+    evaluate.main()
+    # float16 activations: other kernels on other batch shapes round differently, within 1e-3 of probabilities
+    assert_served_alike(capsys, providers=("CUDAExecutionProvider",), atol=1e-3)
+
+
+def test_deploy_without_a_model_writes_what_evaluate_chose_the_fine_tuned_model_included(every_model_work, capsys,
+                                                                                         caplog):
+    best = json.loads(EVALUATE_METRICS.read_text())[BEST_KEY]
+    val = {name: served.val_accuracy_of(name) for name in MODELS}  # each model's own record
+    assert best == max(MODELS, key=val.get)  # the first of equals: evaluate's order
+    with caplog.at_level(logging.INFO):
+        assert predict_cli.main(["--deploy"]) == 0
+    assert capsys.readouterr().out.strip() == f"models/deploy/{best}.onnx"
+    assert f"model {best}: chosen by val accuracy {val[best]:.4f}, the best of the {len(MODELS)} model(s) in " \
+           "metrics/evaluate.json" in caplog.text
+
+    # evaluate choosing among the fine-tuned model and the heads it beats on val: it is the one deployed
+    beaten = [name for name in sorted(HEADS) if val[name] < val["finetune"]]
+    set_params(evaluate={"models": ["finetune", *beaten]})
+    evaluate.main()
+    assert json.loads(EVALUATE_METRICS.read_text())[BEST_KEY] == "finetune"
+    assert "| finetune ★ |" in Path("reports/summary.md").read_text()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert predict_cli.main(["--deploy"]) == 0
+    assert capsys.readouterr().out.strip() == "models/deploy/finetune.onnx"
+    assert f"model finetune: chosen by val accuracy {val['finetune']:.4f}" in caplog.text
+    session = ort.InferenceSession("models/deploy/finetune.onnx", providers=["CPUExecutionProvider"])
+    probabilities = session.run([PROBABILITIES], {PIXELS: pixels_of_the_test_images()})[0]
+    np.testing.assert_allclose(probabilities, evaluated_scores("finetune", read_split("test").plain()), atol=1e-4)
+    assert predict_cli.main([read_split("test").paths[0], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "finetune"
 
 
 def test_predictions_of_the_test_images_match_the_head_on_extracted_features(here):
@@ -83,6 +221,7 @@ def test_a_folder_with_a_bad_file_still_predicts_the_others(here, tmp_path):
     assert any(line.startswith(f"{folder / 'threes' / 'broken.png'}: ERROR not a decodable image") for line in lines)
     assert f"{tmp_path / 'missing.jpg'}: ERROR no such file or folder" in lines
     assert "2 of 8 input(s) could not be predicted" in result.stderr
+    assert "model knn: named with --model" in result.stderr
 
 
 def test_json_output_and_the_default_model(here):
@@ -90,57 +229,32 @@ def test_json_output_and_the_default_model(here):
     result = run_cli(str(image), "--json", "--top-k", "4")
     assert result.returncode == 0, result.stderr
     output = json.loads(result.stdout)
-    assert output["model"] == predict.default_model()
+    best = json.loads(EVALUATE_METRICS.read_text())[BEST_KEY]
+    assert output["model"] == best and f"model {best}: chosen by val accuracy" in result.stderr
     [prediction] = output["predictions"]
     assert prediction["path"] == str(image) and len(prediction["top"]) == 4
     assert {"class", "score"} == set(prediction["top"][0])
 
 
-def pixels_of(paths: list[str]) -> torch.Tensor:
-    preprocessing = backbone_files.load().preprocessing
-    return torch.stack([predict.load_pixels(Path(p), preprocessing) for p in paths])
-
-
-@pytest.mark.parametrize("model", ["logreg", "mlp", "knn"])
-def test_deploy_onnx_gives_the_two_step_probabilities(here, model):
-    path = predict.deploy(model)
-    assert path == Path(f"models/deploy/{model}.onnx")
-    deployed = onnx.load(str(path))
-    props = {p.key: p.value for p in deployed.metadata_props}
-    assert json.loads(props["classes"]) == read_split("test").classes and props["head"] == model
-
-    session = cpu_session(path)
-    test = read_split("test")
-    two_step = predict.TwoStepPredictor(head_files.load(model), backbone_files.ONNX.read_bytes(), batch_size=8,
-                                        providers=["CPUExecutionProvider"])
-    preprocessing = backbone_files.load().preprocessing
-    for batch in (test.paths[:1], test.paths[1:4]):  # two batch sizes: the batch dimension stays dynamic
-        pixels = pixels_of(batch)
-        got = session.run([PROBABILITIES], {PIXELS: pixels.numpy()})[0]
-        expected = two_step(pixels, preprocessing)
-        assert got.shape == expected.shape == (len(batch), 10)
-        np.testing.assert_allclose(got, expected, atol=1e-5)
-
-
-def test_a_pickled_head_cannot_be_deployed(trained, tmp_path, monkeypatch):
-    import yaml
-
-    shutil.copytree(trained, tmp_path / "project")
-    monkeypatch.chdir(tmp_path / "project")
-    params = yaml.safe_load(Path("params.yaml").read_text())
-    params["heads"] = {"logreg": HEADS["logreg"],  # NearestCentroid: no skl2onnx converter, so it is pickled
-                       "centroid": {"type": "sklearn", "estimator": "NearestCentroid", "allow_pickle": True}}
-    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+def test_a_pickled_head_cannot_be_deployed_even_when_chosen(every_model_work):
+    set_params(heads={"logreg": HEADS["logreg"],  # NearestCentroid: no skl2onnx converter, so it is pickled
+                      "centroid": {"type": "sklearn", "estimator": "NearestCentroid", "allow_pickle": True}})
     train_heads.main()
-    with pytest.raises(UserError, match="head 'centroid' is a pickled scikit-learn estimator.*deployable heads: logreg"):
+    with pytest.raises(UserError, match=r"head 'centroid' \(named with --model\) is a pickled scikit-learn "
+                                        r"estimator.*deployable models: logreg, finetune \(--model NAME\)"):
         predict.deploy("centroid")
+    set_params(evaluate={"models": ["centroid"]})
+    evaluate.main()
+    with pytest.raises(UserError, match=r"head 'centroid' \(the chosen model\) is a pickled scikit-learn estimator"):
+        predict.deploy()  # never another model in its place
+    assert not Path("models/deploy").exists()
 
 
 def test_an_unknown_model_lists_the_trained_ones(here):
-    result = run_cli("images", "--model", "nope")
-    assert result.returncode == 2
-    assert "no trained head 'nope' in models/heads; trained: knn, logreg, mlp" in result.stderr
-
+    for argv in (["images", "--model", "nope"], ["--deploy", "--model", "nope"]):
+        with pytest.raises(UserError, match="no trained head 'nope' in models/heads; trained: knn, linear, logreg, "
+                                            "mlp"):
+            predict_cli.main(argv)
 
 
 def test_a_head_trained_on_other_features_is_refused(here):
@@ -150,31 +264,61 @@ def test_a_head_trained_on_other_features_is_refused(here):
         predict.check_features_match(head, backbone_files.load())
 
 
-def test_the_default_model_is_the_best_on_val_not_on_test(here, tmp_path, monkeypatch):
-    board = tmp_path / "evaluate.json"
-    monkeypatch.setattr(predict, "EVALUATE_METRICS", board)
-    board.write_text(json.dumps({  # test accuracy ranks knn, mlp, logreg; val ranks mlp, knn, logreg
-        "knn": {"accuracy": 0.99, "val_accuracy": 0.8}, "logreg": {"accuracy": 0.5, "val_accuracy": 0.7},
-        "mlp": {"accuracy": 0.6, "val_accuracy": 0.9}, "best": "mlp"}))
-    assert predict.default_model() == "mlp"
-    board.write_text(json.dumps({
-        "knn": {"accuracy": 0.99, "val_accuracy": 0.95}, "mlp": {"accuracy": 0.9, "val_accuracy": 0.6},
-        "logreg": {"accuracy": 0.5, "val_accuracy": 0.7}}))
-    assert predict.default_model() == "knn"
-    assert predict.default_model(deployable=True) == "knn"  # an ONNX head: deployable like the others
+def test_the_fine_tuned_model_on_images_prepared_otherwise_is_refused(every_model_work):
+    meta_file = finetune_files.FINETUNE_DIR / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["preprocessing"]["resize"] += 32
+    meta_file.write_text(json.dumps(meta))
+    for serve in (lambda: predict.predict([Path(read_split("test").paths[0])], "finetune", top_k=1),
+                  lambda: predict.deploy("finetune")):
+        with pytest.raises(UserError, match=r"models/finetune was fine-tuned on images prepared otherwise .*"
+                                            r"run `dvc repro`"):
+            serve()
 
 
-def test_without_val_accuracy_in_evaluate_json_the_heads_own_record_decides(trained, tmp_path, monkeypatch):
+@pytest.fixture
+def heads_only(every_model, tmp_path, monkeypatch) -> Path:
+    """A folder with `every_model`'s heads and no fine-tuned model, for the choice's records."""
     work = tmp_path / "project"
-    shutil.copytree(trained / "models", work / "models")
+    shutil.copytree(every_model / "models" / "heads", work / "models" / "heads")
+    (work / "metrics").mkdir()
     monkeypatch.chdir(work)
-    for name, val_accuracy in {"knn": 0.5, "logreg": 0.6, "mlp": 0.9}.items():
-        meta_file = Path("models/heads") / name / "head.json"
-        meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "val_accuracy": val_accuracy}))
-    board = Path("evaluate.json")  # as evaluate wrote it before it recorded val accuracy
-    board.write_text(json.dumps({"knn": {"accuracy": 0.99}, "logreg": {"accuracy": 0.8}, "mlp": {"accuracy": 0.5}}))
-    monkeypatch.setattr(predict, "EVALUATE_METRICS", board)
-    assert predict.default_model() == "mlp"
+    return work
+
+
+def set_val_accuracies(**val_accuracy: float) -> None:
+    for name, value in val_accuracy.items():
+        meta_file = head_files.HEADS_DIR / name / "head.json"
+        meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "val_accuracy": value}))
+
+
+def test_the_chosen_model_is_evaluates_best_on_val_never_on_test(heads_only):
+    set_val_accuracies(knn=0.8, linear=0.6, logreg=0.7, mlp=0.9)
+    # test accuracy ranks knn first; val ranks mlp first
+    scores = {"knn": {"accuracy": 0.99}, "linear": {"accuracy": 0.3}, "logreg": {"accuracy": 0.5},
+              "mlp": {"accuracy": 0.6}}
+    EVALUATE_METRICS.write_text(json.dumps({**scores, BEST_KEY: "mlp"}))
+    assert served.chosen_model().name == "mlp"
+    EVALUATE_METRICS.write_text(json.dumps(scores))  # from before evaluate named its choice: the same rule
+    choice = served.chosen_model()
+    assert choice.name == "mlp" and "the best of 4 trained model(s) by their own records" in choice.why
+    EVALUATE_METRICS.unlink()
+    assert served.chosen_model().name == "mlp"
+    set_val_accuracies(knn=0.9)  # a tie: the first in evaluate's order (heads alphabetically)
+    assert served.chosen_model().name == "knn"
+
+
+def test_an_out_of_date_evaluate_json_is_an_error_not_a_guess(heads_only):
+    set_val_accuracies(knn=0.8, linear=0.6, logreg=0.7, mlp=0.9)
+    entries = {name: {"accuracy": 0.5} for name in ("knn", "linear", "logreg", "mlp")}
+    EVALUATE_METRICS.write_text(json.dumps({**entries, BEST_KEY: "logreg"}))  # mlp's val accuracy rose since
+    with pytest.raises(UserError, match=r"names 'logreg' \(val accuracy 0.7\) as the best on val, and 'mlp' has val "
+                                        r"accuracy 0.9 in its own record. metrics/evaluate.json is out of date: run "
+                                        r"`dvc repro evaluate`"):
+        served.chosen_model()
+    EVALUATE_METRICS.write_text(json.dumps({**entries, BEST_KEY: "finetune"}))  # no fine-tuned model here
+    with pytest.raises(UserError, match=r"names 'finetune' as the best on val, and it is not trained"):
+        served.chosen_model()
 
 
 def test_an_empty_argument_is_an_error_not_the_current_folder(here, capsys):
@@ -185,19 +329,14 @@ def test_an_empty_argument_is_an_error_not_the_current_folder(here, capsys):
     assert "an image or folder argument is empty" in output.err and output.out == ""
 
 
-def test_damaged_records_are_errors_that_name_the_file(trained, tmp_path, monkeypatch):
-    work = tmp_path / "project"
-    shutil.copytree(trained / "models", work / "models")
-    monkeypatch.chdir(work)
-    board = Path("evaluate.json")
-    monkeypatch.setattr(predict, "EVALUATE_METRICS", board)
-    board.write_text('{"logreg": {"val_accuracy": 0.9}, "mlp": ')  # cut short
+def test_damaged_records_are_errors_that_name_the_file(heads_only):
+    EVALUATE_METRICS.write_text('{"logreg": {"val_accuracy": 0.9}, "mlp": ')  # cut short
     with pytest.raises(UserError, match=r"evaluate.json is not valid JSON .*`dvc repro evaluate` \(or name the "
                                         r"model: --model\)"):
-        predict.default_model()
-    board.unlink()
+        served.chosen_model()
+    EVALUATE_METRICS.unlink()
     head_json = Path("models/heads/mlp/head.json")
     head_json.write_bytes(head_json.read_bytes()[:-30])
     with pytest.raises(UserError, match=r"models/heads/mlp/head.json is not valid JSON .*`dvc checkout "
                                         r"models/heads/mlp`"):
-        predict.default_model()
+        served.chosen_model()

@@ -1,10 +1,12 @@
-"""One ONNX file for deployment without this repo: uint8 pixels -> normalization -> backbone -> head ->
-probabilities, with the class names and the resize/crop it expects in its metadata.
+"""One ONNX file for deployment without this repo: uint8 pixels -> normalization -> the model -> probabilities,
+with the class names and the resize/crop it expects in its metadata. Every deployed file, head or fine-tuned
+model, takes the same input and gives the same output.
 
 A layered head is written as ONNX ops directly (Sub, Div, Gemm, Relu, Softmax) from its saved layers; a
 scikit-learn head already is an ONNX graph (head.onnx), brought to the backbone's opset. Either is joined to
-models/backbone.onnx with onnx.compose, so deploying never re-exports the backbone. A head without probabilities
-(e.g. LinearSVC) outputs its decision scores under the same output name; its metadata says which.
+the backbone at extract.precision with onnx.compose, so deploying never re-exports the backbone. The fine-tuned
+model (models/finetune/model.onnx: normalized floats in) gets the same normalization in front. A head without
+probabilities (e.g. LinearSVC) outputs its decision scores under the same output name; its metadata says which.
 """
 from __future__ import annotations
 
@@ -103,31 +105,90 @@ def onnx_head_model(head: Head, like: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _used_domains(graph: onnx.GraphProto) -> set[str]:
+    domains = set()
+    for node in graph.node:
+        domains.add(node.domain)
+        for attribute in node.attribute:
+            for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                domains |= _used_domains(subgraph)
+    return domains
+
+
+def used_opsets_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` importing only the operator sets its nodes use (and the default one). ONNX Runtime's optimizer, which
+    the int8 quantization runs first, declares every domain it knows (ai.onnx.ml 5 among them, no node of it), and
+    onnx.compose refuses to join two models that import one domain at different versions."""
+    used = _used_domains(model.graph) | {"", "ai.onnx"}
+    for function in model.functions:
+        used |= {function.domain} | {node.domain for node in function.node}
+    kept = [opset for opset in model.opset_import if opset.domain in used]
+    if len(kept) < len(model.opset_import):
+        del model.opset_import[:]
+        model.opset_import.extend(kept)
+    return model
+
+
+def joinable(first: onnx.ModelProto, second: onnx.ModelProto, second_name: str) -> None:
+    """Raises a UserError when the two models need one operator set at two versions (after used_opsets_only)."""
+    versions = {opset.domain or "ai.onnx": opset.version for opset in first.opset_import}
+    clashes = [f"{opset.domain or 'ai.onnx'} {versions[opset.domain or 'ai.onnx']} vs {opset.version}"
+               for opset in second.opset_import
+               if versions.get(opset.domain or "ai.onnx", opset.version) != opset.version]
+    if clashes:
+        raise UserError(f"{second_name} cannot be joined to the backbone in one file: both use an ONNX operator set "
+                        f"beyond the standard one, at other versions ({'; '.join(clashes)}); predict still serves it "
+                        "in two steps (`python -m stages.predict IMAGES --model NAME`)")
+
+
+def with_pixels_input(model: onnx.ModelProto, preprocessing: Preprocessing,
+                      outputs: list[str] | None = None) -> onnx.ModelProto:
+    """`model` (normalized float INPUT in) with uint8 PIXELS in: the normalization joined in front."""
+    return compose.merge_models(normalization_model(preprocessing, model), model, io_map=[(INPUT, INPUT)],
+                                outputs=outputs)
+
+
+def described(model: onnx.ModelProto, name: str, classes: list[str], preprocessing: Preprocessing,
+              probabilistic: bool) -> onnx.ModelProto:
+    """`model` with what a user of the file needs in its metadata, checked."""
+    model.graph.name = name
+    helper.set_model_props(model, {
+        "model": name,
+        "classes": json.dumps(classes),
+        "preprocessing": json.dumps(preprocessing.to_json()),
+        "input": f"{PIXELS}: uint8 N×3×{preprocessing.crop}×{preprocessing.crop}, RGB, resized so the short side "
+                 f"is {preprocessing.resize} ({preprocessing.interpolation}) then center-cropped",
+        "output": PROBABILITIES + (": probabilities" if probabilistic else
+                                   ": decision scores (this head has no probabilities); the class is the argmax"),
+    })
+    onnx.checker.check_model(model)
+    return model
+
+
 def build(backbone_onnx: Path | bytes, head: Head, preprocessing: Preprocessing) -> onnx.ModelProto:
     """`backbone_onnx`: models/backbone.onnx, or the checked bytes of the backbone at extract.precision."""
     if isinstance(backbone_onnx, bytes):
         backbone = onnx.load_from_string(backbone_onnx)
     else:
         backbone = onnx.load(str(backbone_onnx))
+    backbone = used_opsets_only(backbone)
     if head.onnx_bytes is not None:
-        head_part = onnx_head_model(head, backbone)
+        head_part = used_opsets_only(onnx_head_model(head, backbone))
+        joinable(backbone, head_part, f"head {head.name!r}")
     else:
         feature_dim = backbone.graph.output[0].type.tensor_type.shape.dim[1].dim_value or int(head.arrays["mean"].size)
         head_part = head_model(head, feature_dim, backbone)
-    model = compose.merge_models(normalization_model(preprocessing, backbone), backbone, io_map=[(INPUT, INPUT)])
-    model = compose.merge_models(model, head_part, io_map=[(OUTPUT, OUTPUT)])
-    model.graph.name = f"backbone+{head.name}"
-    helper.set_model_props(model, {
-        "classes": json.dumps(head.classes),
-        "preprocessing": json.dumps(preprocessing.to_json()),
-        "input": f"{PIXELS}: uint8 N×3×{preprocessing.crop}×{preprocessing.crop}, RGB, resized so the short side "
-                 f"is {preprocessing.resize} ({preprocessing.interpolation}) then center-cropped",
-        "head": head.name,
-        "output": PROBABILITIES + (": probabilities" if head.probabilistic else
-                                   ": decision scores (this head has no probabilities); the class is the argmax"),
-    })
-    onnx.checker.check_model(model)
-    return model
+    model = compose.merge_models(with_pixels_input(backbone, preprocessing), head_part, io_map=[(OUTPUT, OUTPUT)])
+    return described(model, head.name, head.classes, preprocessing, head.probabilistic)
+
+
+def build_finetuned(model_onnx: bytes, name: str, classes: list[str], preprocessing: Preprocessing
+                    ) -> onnx.ModelProto:
+    """The fine-tuned model's ONNX (normalized images in, probabilities and logits out) with pixels in and
+    probabilities out, like every deployed file."""
+    model = used_opsets_only(onnx.load_from_string(model_onnx))
+    return described(with_pixels_input(model, preprocessing, outputs=[PROBABILITIES]), name, classes, preprocessing,
+                     probabilistic=True)
 
 
 def write(model: onnx.ModelProto, name: str, directory: Path = DEPLOY_DIR) -> Path:

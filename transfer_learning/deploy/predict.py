@@ -2,8 +2,8 @@
 (`python -m stages.predict`, not a DVC stage).
 
 Folders are searched recursively for images. A file that cannot be read is reported, and the others are still
-predicted. The default model is the one with the best val accuracy (what every model was tuned on; the test split
-only reports). ONNX Runtime runs on extract.providers.
+predicted. The default model, served by predict and written by --deploy, is the one evaluate chose: the best val
+accuracy (evaluate/choice.py; the test split only reports). ONNX Runtime runs on extract.providers.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from transfer_learning.data.decode import BadImage
 from transfer_learning.data.formats import IMAGE_EXTENSIONS
 from transfer_learning.data.images import Preprocessing
 from transfer_learning.deploy import onnx as deploy_onnx
+from transfer_learning.deploy.served import model_to_serve, recorded_meta, trained_models
 from transfer_learning.features import quantize
 from transfer_learning.features.fingerprint import fingerprint
 from transfer_learning.features.runtime import FeatureRunner
@@ -32,7 +33,6 @@ from transfer_learning.heads import files as head_files
 from transfer_learning.params import load_params
 
 log = logging.getLogger("predict")
-EVALUATE_METRICS = Path("metrics/evaluate.json")
 
 
 @dataclass
@@ -57,50 +57,6 @@ def image_files(inputs: list[str]) -> tuple[list[Path], list[Prediction]]:
         else:
             missing.append(Prediction(given, error="no such file or folder"))
     return files, missing
-
-
-def read_json(path: Path, remedy: str) -> dict:
-    """A JSON object from `path`, or a UserError naming the file and `remedy`."""
-    try:
-        value = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing: {remedy}") from None
-    except (UnicodeDecodeError, ValueError) as error:
-        raise UserError(f"{path} is not valid JSON ({error}): {remedy}") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path} holds a {type(value).__name__}, not a JSON object: {remedy}")
-    return value
-
-
-def recorded_meta(model: str) -> dict:
-    """What training recorded about a model (val accuracy, format), read without loading the model."""
-    if model == finetune_files.MODEL_NAME:
-        return finetune_files.read_meta()
-    path = head_files.HEADS_DIR / model / "head.json"
-    return read_json(path, f"restore it with `dvc checkout {path.parent}` or rebuild it with `dvc repro train_heads`")
-
-
-def default_model(deployable: bool = False) -> str:
-    """The trained model with the best val accuracy (the best deployable one for --deploy), among those
-    metrics/evaluate.json lists when it lists any; ties go to the earlier one in that file (or in name order).
-    The test accuracy never chooses: it is the held-out report of the choice."""
-    trained = [name for name in head_files.trained_names()
-               if not deployable or recorded_meta(name)["format"] != head_files.PICKLE]
-    if not deployable and finetune_files.trained():
-        trained.append(finetune_files.MODEL_NAME)
-    if not trained:
-        raise UserError("no trained head in models/heads" + (" that can be deployed (every head but a pickled one)"
-                                                             if deployable else "") + ": run `dvc repro` first")
-    remedy = f"restore it with `dvc checkout {EVALUATE_METRICS}` or `dvc repro evaluate` (or name the model: --model)"
-    evaluated = read_json(EVALUATE_METRICS, remedy) if EVALUATE_METRICS.is_file() else {}
-    candidates = [m for m in evaluated if m in trained] or trained
-
-    def val_accuracy(model: str) -> float:
-        entry = evaluated.get(model)
-        recorded = entry.get("val_accuracy") if isinstance(entry, dict) else None
-        return recorded if recorded is not None else recorded_meta(model)["val_accuracy"]
-
-    return max(candidates, key=val_accuracy)  # max keeps the first of equals
 
 
 def check_features_match(head: head_files.Head, backbone: backbone_files.Backbone) -> bytes:
@@ -142,10 +98,21 @@ class TwoStepPredictor:
         return self.head.scores(self.runner(preprocessing.normalize(pixels).numpy()))
 
 
+def check_finetuned_preprocessing(preprocessing: Preprocessing) -> None:
+    """The fine-tuned model takes images prepared as it was trained on them: the same resize, crop, normalization
+    and decoding as `preprocessing`, what predict gives every model."""
+    recorded = finetune_files.read_meta().get("preprocessing")
+    if recorded is None or Preprocessing.from_json(recorded) != preprocessing:
+        raise UserError(f"{finetune_files.FINETUNE_DIR} was fine-tuned on images prepared otherwise than "
+                        f"{backbone_files.ONNX} and data/prepared now prepare them (the backbone, its preprocessing or "
+                        "data.bit_depth changed): run `dvc repro`")
+
+
 class FineTunedPredictor:
     """models/finetune/model.onnx, once it matches the sha256 in meta.json: images in, probabilities out."""
 
-    def __init__(self, batch_size: int, providers: list[str]):
+    def __init__(self, batch_size: int, providers: list[str], preprocessing: Preprocessing):
+        check_finetuned_preprocessing(preprocessing)
         self.classes = finetune_files.read_meta()["classes"]
         self.runner = FeatureRunner(finetune_files.verified_bytes(finetune_files.ONNX), providers, batch_size)
 
@@ -153,11 +120,11 @@ class FineTunedPredictor:
         return self.runner(preprocessing.normalize(pixels).numpy())
 
 
-def predictor_for(model: str, backbone: backbone_files.Backbone, batch_size: int):
+def predictor_for(model: str, backbone: backbone_files.Backbone, preprocessing: Preprocessing, batch_size: int):
     """(predictor, class names)"""
     providers = load_params(resolve_estimators=False, resolve_backbone=False).extract.providers
     if model == finetune_files.MODEL_NAME:
-        predictor = FineTunedPredictor(batch_size, providers)
+        predictor = FineTunedPredictor(batch_size, providers, preprocessing)
         return predictor, predictor.classes
     head = head_files.load(model)
     backbone_onnx = check_features_match(head, backbone)
@@ -167,7 +134,7 @@ def predictor_for(model: str, backbone: backbone_files.Backbone, batch_size: int
 def predict(files: list[Path], model: str, top_k: int, batch_size: int = 32) -> list[Prediction]:
     backbone = backbone_files.load()
     preprocessing = backbone.preprocessing.with_bit_depth(manifest.read_bit_depth())
-    predictor, classes = predictor_for(model, backbone, batch_size)
+    predictor, classes = predictor_for(model, backbone, preprocessing, batch_size)
     results = [Prediction(str(path)) for path in files]
     for start in range(0, len(files), batch_size):
         batch, positions = [], []
@@ -187,19 +154,28 @@ def predict(files: list[Path], model: str, top_k: int, batch_size: int = 32) -> 
     return results
 
 
-def deploy(model: str) -> Path:
-    if model == finetune_files.MODEL_NAME:
-        raise UserError(f"{finetune_files.onnx_path()} is already one standalone ONNX file (normalized float images "
-                        "in, probabilities out); --deploy builds one for the heads")
-    head = head_files.load(model)
-    if head.meta["format"] == head_files.PICKLE:
-        deployable = [n for n in head_files.trained_names() if recorded_meta(n)["format"] != head_files.PICKLE]
-        raise UserError(f"head {model!r} is a pickled scikit-learn estimator (allow_pickle: true), which has no ONNX "
-                        f"form; deployable heads: {', '.join(deployable) or 'none'}")
+def deploy(named: str | None = None) -> Path:
+    """models/deploy/<model>.onnx of `named` (--model), else of the chosen model: uint8 pixels in, probabilities
+    out, whichever the model."""
+    model = model_to_serve(named)
     backbone = backbone_files.load()
-    backbone_onnx = check_features_match(head, backbone)
     preprocessing = backbone.preprocessing.with_bit_depth(manifest.read_bit_depth())  # recorded in its metadata
-    return deploy_onnx.write(deploy_onnx.build(backbone_onnx, head, preprocessing), model)
+    if model == finetune_files.MODEL_NAME:
+        check_finetuned_preprocessing(preprocessing)
+        built = deploy_onnx.build_finetuned(finetune_files.verified_bytes(finetune_files.ONNX), model,
+                                            finetune_files.read_meta()["classes"], preprocessing)
+    else:
+        head = head_files.load(model)
+        if head.meta["format"] == head_files.PICKLE:
+            deployable = [n for n in trained_models() if n == finetune_files.MODEL_NAME
+                          or recorded_meta(n)["format"] != head_files.PICKLE]
+            how = "named with --model" if named else "the chosen model"
+            raise UserError(f"head {model!r} ({how}) is a pickled scikit-learn estimator (allow_pickle: true), which "
+                            f"has no ONNX form; deployable models: {', '.join(deployable) or 'none'} (--model NAME)")
+        built = deploy_onnx.build(check_features_match(head, backbone), head, preprocessing)
+    path = deploy_onnx.write(built, model)
+    log.info("deployed %s to %s", model, path)
+    return path
 
 
 def print_text(results: list[Prediction], probabilistic: bool) -> None:

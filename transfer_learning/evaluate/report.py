@@ -13,6 +13,7 @@ import numpy as np
 
 from transfer_learning.common.atomic import atomic_write_text
 from transfer_learning.common.hashing import sha256_file
+from transfer_learning.evaluate.choice import BEST_KEY, best_first
 
 log = logging.getLogger("evaluate")
 
@@ -22,7 +23,6 @@ SUMMARY = Path("reports/summary.md")
 # per PNG: the sha256 of what it shows (model name, classes, test labels, predictions) and of its bytes
 IMAGES_INDEX = CONFUSION_IMAGES / "index.json"
 PNG_STYLE = 2  # part of what a PNG shows: a change to the drawing (confusion_image.py) bumps it
-BEST_KEY = "best"  # metrics/evaluate.json's key naming the best model by val accuracy (no head may take the name)
 COLUMNS = [("accuracy", "test accuracy"), ("balanced_accuracy", "balanced acc."), ("macro_f1", "macro F1"),
            ("top5_accuracy", "top-5"), ("log_loss", "log loss")]
 
@@ -38,11 +38,8 @@ class Evaluated:
 
 
 def ranked_by_val(results: list[Evaluated]) -> list[Evaluated]:
-    """Best val accuracy first: the split every head chose its hyperparameters on, and fine-tuning its best epoch,
-    so picking the best there is one more selection on val and the test split stays unseen. Ties keep the order
-    given (evaluate.models, or for `all` the heads alphabetically, then finetune); a model without a val
-    accuracy comes last."""
-    return sorted(results, key=lambda r: -r.val_accuracy if r.val_accuracy is not None else float("inf"))
+    """Best val accuracy first, the chosen model's rule (evaluate/choice.py)."""
+    return best_first(results, lambda r: r.val_accuracy)
 
 
 def write_confusion_csv(name: str, labels: np.ndarray, predicted: np.ndarray, classes: list[str]) -> Path:
