@@ -74,7 +74,9 @@ def set_params(project: Path, per_class: int) -> None:
 
 
 def extract_metrics(project: Path) -> dict:
-    return json.loads((project / "metrics" / "extract.json").read_text())
+    """metrics/extract.json with the stage's timings (reports/timings/extract.json) beside its fields."""
+    return {**json.loads((project / "metrics" / "extract.json").read_text()),
+            **json.loads((project / "reports" / "timings" / "extract.json").read_text())}
 
 
 class TimedRunner:
@@ -207,7 +209,7 @@ def phases(sides: Sides, reps: int) -> dict[str, Timing]:
 
 def incremental(project: Path, per_class: int, reps: int) -> tuple[dict[str, Timing], dict, int]:
     """With 90 % of the rows in the store vs cold (empty store): the stage's seconds (whole process) and its
-    compute_seconds (metrics/extract.json), as Timings keyed more/cold/more_compute/cold_compute; the last +10 %
+    compute_seconds (reports/timings/extract.json), as Timings keyed more/cold/more_compute/cold_compute; the last +10 %
     run's metrics; the last cold run's peak RSS."""
     store = project / "data/feature-store"
     set_params(project, per_class)
@@ -310,7 +312,7 @@ def main() -> None:
                      f"(target <= 0.25; {more_metrics['computed']} computed; Python start-up and imports, ~5 s, are "
                      f"on both sides)", more.median / cold.median, more, cold))
     more, cold = added["more_compute"], added["cold_compute"]
-    print(ratio_line("  the same, compute phase only (metrics/extract.json compute_seconds)", more.median / cold.median,
+    print(ratio_line("  the same, compute phase only (reports/timings/extract.json compute_seconds)", more.median / cold.median,
                      more, cold))
     print(f"peak RSS (one run each): {big['images']} images {big_rss} MB vs {more_metrics['images']} images "
           f"{small_rss} MB   ratio = {big_rss / small_rss:5.2f}  (target <= 1.2)")

@@ -65,7 +65,9 @@ def main() -> None:
 
         def train_heads() -> None:
             run_stage(project, "train_heads")
-            records.append(json.loads((project / "metrics/heads.json").read_text()))
+            records.append({name.stem: {**json.loads(name.read_text()),
+                                        **json.loads((project / "reports/timings/heads" / name.name).read_text())}
+                            for name in sorted((project / "metrics/heads").glob("*.json"))})
 
         timings = interleaved({"heads": train_heads, "extract": extract_train_rows}, reps=args.reps)
 

@@ -198,7 +198,8 @@ def main() -> None:
                 project.run(sys.executable, "-m", f"stages.{stage.split('@')[0]}", *argv)
             return measured(stage, run)
 
-        parts = interleaved({"train_heads@logreg": stage_alone("train_heads@logreg", "logreg"),
+        parts = interleaved({"check_params": stage_alone("check_params"),
+                             "train_heads@logreg": stage_alone("train_heads@logreg", "logreg"),
                              "finetune": stage_alone("finetune"), "evaluate": stage_alone("evaluate")},
                             reps=args.reps, warmup=1)
 

@@ -100,7 +100,8 @@ def main() -> None:
         for precision in ("fp32", "int8"):
             set_params(project, args.per_class, precision)
             run_stage(project, "extract")
-            metrics = json.loads(Path("metrics/extract.json").read_text())
+            metrics = {**json.loads(Path("metrics/extract.json").read_text()),
+                       **json.loads(Path("reports/timings/extract.json").read_text())}
             results[precision] = {"metrics": metrics, **logistic_head()}
         report(project, results, args)
 

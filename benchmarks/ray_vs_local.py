@@ -5,7 +5,7 @@
 1. cold-store extract wall time (the whole stage process, Ray's start-up included), ray / local  (target <= 1.5),
    for each Ray pool shape asked (`default`: params.yaml's extract.ray; `AxC`: A actors of num_cpus_per_actor C,
    i.e. round(C) ONNX Runtime threads each); the repetitions of every side taken in turn (A B C A B C ...)
-2. Ray's start-up (to the first rows back) and rows/s per actor after it, from metrics/extract.json
+2. Ray's start-up (to the first rows back) and rows/s per actor after it, from reports/timings/extract.json
 3. the driver's store-write rate: rows/s that store.add + commit absorb, on precomputed rows (the single writer
    every actor's rows go through)
 Temporary project on the built-in Fashion-MNIST, MobileNetV2 @224 with IMAGENET1K_V1, CPU. The default data is 300
@@ -52,7 +52,8 @@ def cold_extract(project: Path, per_class: int, engine: str, pool: str) -> dict:
     shutil.rmtree(project / "data/feature-store", ignore_errors=True)
     set_params(project, per_class, engine, pool)
     run_stage(project, "extract")
-    metrics = json.loads((project / "metrics/extract.json").read_text())
+    metrics = {**json.loads((project / "metrics/extract.json").read_text()),
+               **json.loads((project / "reports/timings/extract.json").read_text())}
     assert metrics["engine"] == engine and metrics["reused"] == 0, metrics
     return metrics
 

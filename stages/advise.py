@@ -1,4 +1,5 @@
-"""advise: data/prepared + models/backbone -> metrics/advice.json + reports/advice.md.
+"""advise: data/prepared + models/backbone -> metrics/advice.json + reports/advice.md + reports/timings/advise.json
+(the similarity measurement's seconds).
 
 Counts the train images per class, measures how close a seeded sample of them is to the backbone's pretraining
 data (transfer_learning/advise/advisor.py), and recommends a strategy and its unfreeze depth from the quadrant
@@ -13,7 +14,7 @@ from transfer_learning.advise import advisor
 from transfer_learning.backbone import files as backbone_files
 from transfer_learning.common.atomic import atomic_write_text
 from transfer_learning.common.errors import UserError, run_main
-from transfer_learning.common.metrics import write_metrics
+from transfer_learning.common.metrics import write_metrics, write_timings
 from transfer_learning.data import manifest
 from transfer_learning.params import load_params
 
@@ -44,6 +45,7 @@ def main() -> None:
 
     advice = advisor.advise(counts, measured, params, backbone.weights, [b.name for b in backbone.anatomy.blocks])
     write_metrics("advice", advice)
+    write_timings("advise", {"seconds": round(measured.seconds, 2)} if measured else {})
     atomic_write_text(REPORT, advisor.report(advice))
     log.info("%s data (median %g train images per class), %s domain -> %s, finetune.unfreeze: %s -> %s",
              advice["size"], advice["images_per_class"]["median"], advice["domain"], advice["strategy"],

@@ -1,6 +1,6 @@
-"""evaluate: data/features/test.h5 + models/heads + models/finetune -> metrics/evaluate.json,
-plots/confusion/<model>.csv, reports/confusion/<model>.png, reports/summary.md, and metrics/heads.json (the
-heads' records in metrics/heads/<name>.json, gathered).
+"""evaluate: data/features/test.h5 + models/heads + models/finetune -> metrics/evaluate.json (test metrics),
+plots/confusion/<model>.csv, reports/confusion/<model>.png and reports/summary.md (val and test side by side, the
+training times from reports/timings/).
 
 The best model is the best on val; test accuracy is reported beside it and chooses nothing
 (transfer_learning/evaluate/run.py).

@@ -1,5 +1,5 @@
 """finetune: models/backbone + an init head from train_heads -> models/finetune/ (model.onnx, model.pt, meta.json,
-test_scores.npz) + metrics/finetune.json + plots/finetune/ (dvclive curves).
+test_scores.npz) + metrics/finetune.json + plots/finetune/ (dvclive curves) + reports/timings/finetune.json.
 
 LP-FT: the head starts as the linear probe trained on cached features (finetune.init_head), then the last
 `finetune.unfreeze` blocks and the head train together at low learning rates (transfer_learning/finetune/).
@@ -7,7 +7,7 @@ finetune.nproc (x nnodes) above 1 trains data-parallel in torchrun's workers; th
 With finetune.enabled false (the default) the stage only records that it was skipped, without importing torch.
 """
 from transfer_learning.common.errors import run_main
-from transfer_learning.common.metrics import write_metrics
+from transfer_learning.common.metrics import pop_timings, write_metrics, write_timings
 from transfer_learning.finetune.files import skip
 from transfer_learning.params import load_params
 
@@ -18,10 +18,13 @@ def main() -> None:
     params = load_params()
     if not params.finetune.enabled:
         write_metrics("finetune", skip())
+        write_timings("finetune", {})
         return
     from transfer_learning.finetune.launch import finetune
 
-    write_metrics("finetune", finetune(params))
+    metrics = finetune(params)
+    write_timings("finetune", pop_timings(metrics))
+    write_metrics("finetune", metrics)
 
 
 if __name__ == "__main__":

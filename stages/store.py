@@ -1,6 +1,7 @@
 """python -m stages.store list | verify | gc: upkeep of the feature store (extract.store, or --store).
 
-  list            every fingerprint folder: rows, MB, files, rejected files, last use; every fine-tune run folder
+  list            every fingerprint folder: rows, MB, files, rejected files, last use, and under it what the
+                  fingerprint stands for (backbone, cut, pooling, precision, dtype, input); every fine-tune run folder
   verify          every file checked as a run checks it (digests, finite features); a bad one is moved aside
                   (its rows are recomputed by the next run) and named; exit status 1 if any
   gc [--dry-run]  deletes what this repo does not refer to and nothing used for --days days
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--store", help="the store folder (default: extract.store in params.yaml)")
     parser = argparse.ArgumentParser(prog="python -m stages.store", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("list", parents=[common], help="fingerprints with rows, size, files and last use")
+    commands.add_parser("list", parents=[common], help="fingerprints with what they stand for, rows, size, files and last use")
     commands.add_parser("verify", parents=[common], help="check every file; move bad ones aside; exit 1 if any")
     collect = commands.add_parser("gc", parents=[common], help="delete what nothing refers to (see the module doc)")
     collect.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")

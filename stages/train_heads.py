@@ -1,22 +1,19 @@
-"""train_heads: data/features/{train,val}.h5 -> models/heads/<name>/ + metrics/heads/<name>.json + plots/heads/<name>/.
+"""train_heads: data/features/{train,val}.h5 -> models/heads/<name>/ + metrics/heads/<name>.json + plots/heads/<name>/
++ reports/timings/heads/<name>.json.
 
 `python -m stages.train_heads NAME` trains the head params.yaml `heads` names NAME: dvc.yaml runs one such stage
-per head (train_heads@<name>), so a one-head edit retrains one head. With no name it trains every head, replaces
-all of models/heads, and also writes metrics/heads.json (in the pipeline, evaluate gathers that file).
+per head (train_heads@<name>), so a one-head edit retrains one head. With no name it trains every head and replaces
+all of models/heads.
 """
 import sys
 
 from transfer_learning.common.errors import run_main
-from transfer_learning.heads.records import write_combined
 from transfer_learning.heads.train import train_heads
 from transfer_learning.params import load_params
 
 
 def main(names: list[str] | None = None) -> None:
-    heads = load_params().heads
-    train_heads(heads, only=names)
-    if not names:
-        write_combined(list(heads))
+    train_heads(load_params().heads, only=names)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import yaml
 
 from tests.conftest import DEFAULT_PARAMS, REPO, merged
 
+PLOTS_PAGE = "plots_page.html"  # the project's .dvc/config names it as plots.html_template
+
 
 def stage_env() -> dict[str, str]:
     """The stages run `python`: the interpreter running the tests, whatever venv it is in."""
@@ -32,6 +34,9 @@ class DvcRepo:
         self.run("git", "config", "user.name", "test")
         self.dvc("init", "-q")
         self.dvc("config", "core.analytics", "false")
+        shutil.copy(REPO / ".dvc" / PLOTS_PAGE, root / ".dvc" / PLOTS_PAGE)  # `dvc plots show` renders offline
+        with (root / ".dvc" / "config").open("a") as config:
+            config.write(f"[plots]\n    html_template = {PLOTS_PAGE}\n")
         self.run("git", "add", "-A")
         self.run("git", "commit", "-qm", "init")
 

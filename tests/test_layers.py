@@ -101,6 +101,7 @@ def test_one_graph_gives_every_blocks_rows_as_the_cut_export_computes_them_and_t
     m = sweep_metrics()
     best = m["best"]["block"]
     assert m["computed"] == m["images"] == 40 and best in SWEPT and list(m["adopted"]) == [str(best)]
+    assert "seconds" not in m and json.loads(Path("reports/timings/layers.json").read_text())["total"] > 0
     table = Path("plots/layers/accuracy.csv").read_text().splitlines()
     assert table[0].startswith("block,name,feature_dim,val_accuracy") and [r.split(",")[0] for r in table[1:]] == \
         ["2", "5"]
@@ -187,4 +188,4 @@ def test_disabled_writes_a_skip_record_without_importing_torch(work):
                          env={"PYTHONPATH": str(REPO), "PATH": ""})
     assert run.stdout.strip() == "False"
     assert sweep_metrics() == {"enabled": False}
-    assert Path("plots/layers/accuracy.csv").read_text().startswith("block,name")
+    assert [p.name for p in Path("plots/layers").iterdir()] == ["nothing-to-plot.txt"]  # no empty chart

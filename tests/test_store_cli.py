@@ -17,6 +17,7 @@ from stages import store as store_cli
 from tests.dvc_repo import DvcRepo
 from tests.test_feature_store import data_offset, flip, write_legacy
 from transfer_learning.common.errors import UserError
+from transfer_learning.features.fingerprint import about, digest, fingerprint_spec
 from transfer_learning.features.store import FeatureStore, store_key
 
 DIM = 8
@@ -77,6 +78,44 @@ def test_list_shows_rows_size_files_and_last_use(tmp_path, capsys):
     assert lines[f"finetune/{run_dir.name}"][1:4] == ["-", "2.0", "1"]
     assert lines[f"quantized/{model.name}"][1:5] == ["-", "0.0", "1", "1"]  # one copy moved aside
     assert "not a store folder" not in out
+
+
+def test_list_names_what_each_fingerprint_stands_for_when_its_description_is_its_own(tmp_path, capsys):
+    store = tmp_path / "store"
+    preprocessing = {"resize": 256, "crop": 224, "mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bilinear",
+                     "antialias": True, "bit_depth": "auto"}
+    spec = fingerprint_spec("ab" * 32, preprocessing, "float16", "int8")
+    described = about(spec, "backbone features", arch="mobilenet_v2", weights="IMAGENET1K_V1", cut="penultimate",
+                      cut_node="flatten", pool="avg", feature_dim=DIM)
+    with FeatureStore(store, digest(spec), DIM, "float16", about=described) as written:
+        written.add([store_key(f"{1:064x}", "0")], np.ones((1, DIM), np.float32))
+    block_spec = fingerprint_spec("cd" * 32 + "/block_005", preprocessing, "float32")
+    with FeatureStore(store, digest(block_spec), DIM, about=about(
+            block_spec, "layer sweep block", arch="resnet18", weights=None, block=5, block_name="layer2",
+            node="layer2", pool="max", feature_dim=DIM)):
+        pass
+    old = fill(store, "fp-old")  # written before folders were described
+    forged = fill(store, "fp-forged")
+    (forged / "about.json").write_text((store / digest(spec) / "about.json").read_text())  # another folder's
+
+    status, out = run(capsys, "list", "--store", str(store))
+    described_as = {line.split()[0]: following.removeprefix("  = ") for line, following in
+                    zip(out.splitlines(), out.splitlines()[1:]) if following.startswith("  = ")}
+    assert status == 0
+    assert described_as[digest(spec)] == (
+        "backbone features: mobilenet_v2 IMAGENET1K_V1, cut penultimate (node flatten), pool avg, features: 8, "
+        "int8 float16, input 224 px of 256 (bilinear, bit depth auto)")
+    assert described_as[digest(block_spec)].startswith(
+        "layer sweep block: resnet18 random init, block 5 (layer2, node layer2), pool max, features: 8, fp32 float32")
+    assert described_as[old.name].startswith("(no description")
+    assert described_as[forged.name] == "(about.json does not describe this fingerprint: not shown)"
+    assert len(described_as) == 4
+
+    with pytest.raises(ValueError, match="another fingerprint's"):  # a run cannot file a description elsewhere
+        FeatureStore(store, fp("elsewhere"), DIM, about=described)
+    with FeatureStore(store, digest(spec), DIM, "float16"):  # a run that says nothing leaves the description
+        pass
+    assert json.loads((store / digest(spec) / "about.json").read_text())["arch"] == "mobilenet_v2"
 
 
 def test_verify_names_and_moves_aside_bad_files_stamps_legacy_ones_and_counts_as_no_use(tmp_path, capsys):

@@ -1,6 +1,6 @@
 """The evaluate stage's work: every trained model on the test split -> plots/confusion/<model>.csv,
-reports/confusion/<model>.png, reports/summary.md and the metrics; and metrics/heads.json, the heads' records
-gathered from metrics/heads/<name>.json (one train_heads stage per head writes each).
+reports/confusion/<model>.png, reports/summary.md and metrics/evaluate.json (the test metrics; each model's val
+accuracy stays in its own record, metrics/heads/<name>.json or metrics/finetune.json, and the summary shows both).
 
 The best model is the best on val, the split every head chose its hyperparameters on (and fine-tuning its
 epoch); test accuracy is reported beside it and chooses nothing. Everything is loaded and scored before any
@@ -8,14 +8,13 @@ old output is replaced, so a model that fails to load leaves the previous plots 
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
-from pathlib import Path
 
 import numpy as np
 
 from transfer_learning.common.errors import UserError
+from transfer_learning.common.metrics import read_timings
 from transfer_learning.data.manifest import SPLITS
 from transfer_learning.evaluate.report import (
     BEST_KEY,
@@ -30,7 +29,6 @@ from transfer_learning.evaluate.scoring import score
 from transfer_learning.features.split_files import read_labels, read_plain_keys, read_split
 from transfer_learning.finetune import files as finetune_files
 from transfer_learning.heads import files as head_files
-from transfer_learning.heads import records as head_records
 
 log = logging.getLogger("evaluate")
 
@@ -53,8 +51,7 @@ def evaluate_finetuned(test, keys: list[str]) -> tuple[Evaluated, np.ndarray]:
     scores = finetune_files.read_test_scores(keys)
     metrics = score(test.labels, scores, probabilistic=True)
     name = finetune_files.MODEL_NAME
-    metrics_file = Path("metrics/finetune.json")
-    seconds = json.loads(metrics_file.read_text()).get("seconds") if metrics_file.is_file() else None
+    seconds = read_timings("finetune").get("seconds")
     start = f"LP-FT from {meta['init_head']}" if meta["init_head"] else "fresh head"
     kind = f"fine-tuned (unfreeze {meta['unfreeze']}, {start}{', random init' if not meta['weights'] else ''})"
     log.info("%s: test accuracy %.4f", name, metrics["accuracy"])
@@ -62,7 +59,7 @@ def evaluate_finetuned(test, keys: list[str]) -> tuple[Evaluated, np.ndarray]:
             scores.argmax(axis=1))
 
 
-def evaluate_head(name: str, test, record: dict) -> tuple[Evaluated, np.ndarray]:
+def evaluate_head(name: str, test) -> tuple[Evaluated, np.ndarray]:
     """A head's row of the report, and its predicted class per test image."""
     head = head_files.load(name)
     if head.meta["features_fingerprint"] != test.fingerprint:
@@ -73,17 +70,13 @@ def evaluate_head(name: str, test, record: dict) -> tuple[Evaluated, np.ndarray]
     chosen = ", ".join(f"{k}={v}" for k, v in {**head.meta["chosen"], **head.meta["details"]}.items()) or "–"
     log.info("%s: test accuracy %.4f", name, metrics["accuracy"])
     return (Evaluated(name, f"{head.meta['type']} head", metrics, head.meta["val_accuracy"], chosen,
-                      record.get("train_seconds")), scores.argmax(axis=1))
-
-
-def _rounded(value: float | None) -> float | None:
-    return None if value is None else round(float(value), 6)
+                      read_timings(f"heads/{name}").get("train_seconds")), scores.argmax(axis=1))
 
 
 def evaluate(models: list[str] | str, heads: list[str]) -> dict:
     """Every model `models` names (evaluate.models; `all`: the `heads` of params.yaml, alphabetically, and the
-    fine-tuned model if there is one) on the test split -> the confusion plots and images, reports/summary.md and
-    metrics/heads.json; returns metrics/evaluate.json's dict. The heads come from params.yaml, not from the folders
+    fine-tuned model if there is one) on the test split -> the confusion plots and images and reports/summary.md;
+    returns metrics/evaluate.json's dict. The heads come from params.yaml, not from the folders
     in models/heads: a head removed from params leaves its stage's old folder behind, which is not evaluated."""
     test = read_split("test").plain()
     if len(test) == 0:
@@ -94,9 +87,8 @@ def evaluate(models: list[str] | str, heads: list[str]) -> dict:
     if not names:
         raise UserError("no trained model to evaluate: add a head under `heads` in params.yaml")
 
-    records = head_records.read_records(sorted(heads))  # train seconds: kept out of models/heads
     evaluated = [evaluate_finetuned(test, read_plain_keys("test")) if name == finetune_files.MODEL_NAME
-                 else evaluate_head(name, test, records.get(name, {})) for name in names]
+                 else evaluate_head(name, test) for name in names]
     labels_views = {split: read_labels(split) for split in SPLITS}
     counts = {split: np.bincount(labels[views == 0], minlength=len(classes))
               for split, (labels, views) in labels_views.items()}
@@ -111,8 +103,7 @@ def evaluate(models: list[str] | str, heads: list[str]) -> dict:
     log.info("confusion images: %d drawn (%s), %d unchanged and kept", len(drawn), ", ".join(drawn) or "none",
              len(evaluated) - len(drawn))
     write_summary(results, classes, counts, int(labels_views["train"][1].max(initial=0)))
-    head_records.write_combined(sorted(heads))
     log.info("best on val: %s (val accuracy %.4f, test accuracy %.4f); side by side in reports/summary.md",
              best.name, best.val_accuracy if best.val_accuracy is not None else float("nan"),
              best.metrics["accuracy"])
-    return {**{r.name: {**r.metrics, "val_accuracy": _rounded(r.val_accuracy)} for r in results}, BEST_KEY: best.name}
+    return {**{r.name: r.metrics for r in results}, BEST_KEY: best.name}

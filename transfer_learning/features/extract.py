@@ -7,8 +7,10 @@ previous batch.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 from torch.utils.data import DataLoader
@@ -22,7 +24,7 @@ from transfer_learning.data.images import Preprocessing
 from transfer_learning.data.pixels import NormalizeTable
 from transfer_learning.data.manifest import SPLITS
 from transfer_learning.features import quantize
-from transfer_learning.features.fingerprint import fingerprint
+from transfer_learning.features.fingerprint import about, digest, fingerprint_spec
 from transfer_learning.features.runtime import FeatureRunner
 from transfer_learning.features.split_files import FEATURES_DIR, SplitRows, write_split
 from transfer_learning.features.store import FeatureStore, resolve_store, store_key
@@ -30,6 +32,21 @@ from transfer_learning.features.views import ViewDataset, ViewRequest, collate, 
 from transfer_learning.params import ExtractParams
 
 log = logging.getLogger("extract")
+EXPORT_RECORD = Path("metrics/export.json")  # the cut and pooling export made models/backbone.onnx with
+
+
+def described(spec: dict, backbone: backbone_files.Backbone, source_sha256: str, feature_dim: int) -> dict:
+    """What the features' fingerprint stands for, for `python -m stages.store list`: the backbone, and the cut and
+    pooling export recorded for this very ONNX file (unknown when its record is of another file)."""
+    try:
+        exported = json.loads(EXPORT_RECORD.read_text())
+    except (OSError, ValueError):
+        exported = {}
+    if not isinstance(exported, dict) or exported.get("onnx_sha256") != source_sha256:
+        exported = {}
+    return about(spec, "backbone features", arch=backbone.arch, weights=backbone.weights,
+                 cut=exported.get("cut"), cut_node=exported.get("cut_node"), pool=exported.get("pool"),
+                 feature_dim=feature_dim)
 
 
 def compute(store: FeatureStore, todo: dict[str, ViewRequest], runner: FeatureRunner,
@@ -74,14 +91,15 @@ def extract(params: ExtractParams) -> dict:
     # the data's rule for high-bit images is part of preprocessing.to_json(), hence of the fingerprint
     preprocessing = backbone.preprocessing.with_bit_depth(manifest.read_bit_depth())
     onnx_bytes = backbone_files.ONNX.read_bytes()  # hashed and run from the same bytes: no re-read in between
+    source_sha256 = sha256_bytes(onnx_bytes)
     # fp32: the same bytes; int8/fp16: the model cached in <store>/quantized/ (its name goes into the metrics,
     # where `stages.store gc` finds which cached models the repo refers to)
     onnx_bytes, model_file = quantize.backbone_and_file(params, onnx_bytes, rows, preprocessing)
     runner = FeatureRunner(onnx_bytes, params.providers, params.batch_size)
     feature_dim = runner.feature_dim or int(
         runner(np.zeros((1, 3, preprocessing.crop, preprocessing.crop), np.float32)).shape[1])
-    features_fingerprint = fingerprint(sha256_bytes(onnx_bytes), preprocessing.to_json(), params.dtype,
-                                       params.precision)
+    spec = fingerprint_spec(sha256_bytes(onnx_bytes), preprocessing.to_json(), params.dtype, params.precision)
+    features_fingerprint = digest(spec)
 
     per_split: dict[str, SplitRows] = {split: SplitRows([], [], [], []) for split in SPLITS}
     wanted: dict[str, ViewRequest] = {}
@@ -96,7 +114,8 @@ def extract(params: ExtractParams) -> dict:
             split.labels.append(label_index[row.label])
             split.views.append(view)
 
-    with FeatureStore(resolve_store(params.store), features_fingerprint, feature_dim, params.dtype) as store:
+    with FeatureStore(resolve_store(params.store), features_fingerprint, feature_dim, params.dtype,
+                      about=described(spec, backbone, source_sha256, feature_dim)) as store:
         todo = {key: request for key, request in wanted.items() if key not in store}
         log.info("%d images, %d rows with views: %d reused from the store %s, %d to compute",
                  len(rows), len(wanted), len(wanted) - len(todo), store.dir, len(todo))

@@ -3,7 +3,9 @@
 Layout: `<store>/<fingerprint>/` holds HDF5 files with datasets `keys` (N,) and `features` (N×D) and attrs
 `fingerprint`, `rows`, `feature_dim`, `features_sha256`, `keys_sha256`. Normally that is one file (`base-*.h5`);
 during a run, every commit adds a segment file, and `compact()` merges them back into one at the end. The
-folder's mtime is its last use (set by every run that opens it), for `python -m stages.store gc`.
+folder's mtime is its last use (set by every run that opens it), for `python -m stages.store gc`. A run that says
+what its fingerprint stands for (`about`, features/fingerprint.py) leaves that beside the rows, for
+`python -m stages.store list`; nothing reads it to decide what to serve.
 
 Why segments rather than appending in place: HDF5 is not crash-safe. A process killed while HDF5 metadata is
 being written can leave the whole file unreadable, and with it every row computed before. Here a file only
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import os
 import re
@@ -46,7 +49,9 @@ import h5py
 import numpy as np
 from filelock import FileLock, Timeout
 
+from transfer_learning.common.atomic import atomic_write_text
 from transfer_learning.common.errors import UserError
+from transfer_learning.features.fingerprint import ABOUT, digest
 
 log = logging.getLogger(__name__)
 KEY_DTYPE = "S96"  # "<sha256 hex>/<view id>", checked in store_key: numpy would truncate silently
@@ -143,9 +148,13 @@ def decode_keys(raw: np.ndarray) -> list[str]:
 
 class FeatureStore:
     def __init__(self, root: Path | str, fingerprint: str, feature_dim: int, dtype: str = "float32",
-                 commit_rows: int = 1024, commit_seconds: float = 5.0, lock_timeout: float = 600.0):
+                 commit_rows: int = 1024, commit_seconds: float = 5.0, lock_timeout: float = 600.0,
+                 about: dict | None = None):
+        if about is not None and digest(about["fingerprint_spec"]) != fingerprint:
+            raise ValueError(f"the description given for store folder {fingerprint} is another fingerprint's")
         self.dir = Path(root) / fingerprint
         self.fingerprint = fingerprint
+        self.about = about
         self.feature_dim = feature_dim
         self.dtype = np.dtype(dtype)
         self.commit_rows = int(os.environ.get(COMMIT_ROWS, commit_rows))
@@ -216,6 +225,11 @@ class FeatureStore:
 
     def _load(self) -> None:
         self.dir.mkdir(exist_ok=True)  # under the lock: `stages.store gc` deletes folders under it
+        if self.about is not None:
+            text = json.dumps(self.about, indent=2, sort_keys=True) + "\n"
+            path = self.dir / ABOUT
+            if not path.is_file() or path.read_text(errors="replace") != text:
+                atomic_write_text(path, text)
         os.utime(self.dir)  # the folder's mtime says when a run last used it (`stages.store gc` keeps recent ones)
         for stale in self.dir.glob("*.part"):
             stale.unlink()

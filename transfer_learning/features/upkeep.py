@@ -1,6 +1,7 @@
 """Upkeep of the feature store (extract.store, or --store), behind `python -m stages.store list | verify | gc`.
 
-  list            every fingerprint folder: rows, MB, files, rejected files, last use; every fine-tune run folder
+  list            every fingerprint folder: rows, MB, files, rejected files, last use, and what the fingerprint
+                  stands for (backbone, cut, pooling, precision, dtype, input size); every fine-tune run folder
   verify          every file checked as a run checks it (digests, finite features); a bad one is moved aside
                   (its rows are recomputed by the next run) and named; exit status 1 if any
   gc [--dry-run]  deletes what this repo does not refer to and nothing used for --days days (the rule below)
@@ -42,6 +43,7 @@ from filelock import FileLock, Timeout
 
 from transfer_learning.common.errors import UserError
 from transfer_learning.features.split_files import FEATURES_DIR
+from transfer_learning.features.fingerprint import ABOUT, read_about
 from transfer_learning.features.store import FINGERPRINT_PATTERN, FeatureStore
 
 FINETUNE = "finetune"
@@ -129,6 +131,29 @@ def days_ago(seconds: float) -> str:
     return f"{(time.time() - seconds) / DAY:.1f} days ago"
 
 
+def description(folder: Path) -> str:
+    """What a fingerprint folder's rows are, in words, from the ABOUT a run wrote beside them; shown only when the
+    spec in it hashes to the folder's name."""
+    described = read_about(folder)
+    if described is None:
+        return (f"({ABOUT} does not describe this fingerprint: not shown)" if (folder / ABOUT).exists() else
+                "(no description: written before the store described its folders; the next run using it adds one)")
+    parts = [f"{described.get('arch')} {described.get('weights') or 'random init'}"]
+    if "block" in described:
+        parts.append(f"block {described['block']} ({described.get('block_name')}, node {described.get('node')})")
+    elif described.get("cut") is not None:
+        parts.append(f"cut {described['cut']} (node {described.get('cut_node')})")
+    for key, label in (("pool", "pool "), ("feature_dim", "features: ")):
+        if described.get(key) is not None:
+            parts.append(f"{label}{described[key]}")
+    parts += [f"{described.get('precision')} {described.get('dtype')}"]
+    size = described.get("input") or {}
+    if size:
+        parts.append(f"input {size.get('crop')} px of {size.get('resize')} ({size.get('interpolation')}, "
+                     f"bit depth {size.get('bit_depth')})")
+    return f"{described.get('rows')}: " + ", ".join(parts)
+
+
 def list_store(store: Path) -> int:
     folders, runs = store_folders(store)
     print(f"{'fingerprint':<64}  {'rows':>8}  {'MB':>9}  {'files':>5}  {'rejected':>8}  last used")
@@ -138,6 +163,7 @@ def list_store(store: Path) -> int:
         total += size
         print(f"{folder.name:<64}  {rows_in(folder):>8}  {size / 1e6:>9.1f}  {len(list(folder.glob('*.h5'))):>5}  "
               f"{len(list(folder.glob('*.rejected-*'))):>8}  {when(folder.stat().st_mtime)}")
+        print(f"  = {description(folder)}")
     for run in runs:
         size = size_of(run)
         total += size

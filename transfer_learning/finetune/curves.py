@@ -1,5 +1,5 @@
-"""plots/finetune/ (dvclive): the fine-tune loop's curves per epoch. Imports no torch: a skipped stage writes them
-too (with no rows)."""
+"""plots/finetune/ (dvclive): the fine-tune loop's curves per epoch. Imports no torch: a skipped stage writes its
+note in their place."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,7 +11,7 @@ CURVES = ("train_loss", "val_loss", "train_accuracy", "val_accuracy")
 
 
 def write_curves(history: list[dict]) -> None:
-    """A curve per epoch, step = epoch; epoch 0, before any update, has the val curves only. Its metrics.json holds
-    the last epoch; metrics/finetune.json the best one."""
+    """A curve per epoch, step = epoch; epoch 0, before any update, has the val curves only (metrics/finetune.json
+    holds the best epoch). No history (finetune.enabled: false): no curve, a note saying why."""
     curves.write_curves(PLOTS_DIR, ((r["epoch"], c, r[c]) for r in history for c in CURVES if r[c] is not None),
-                        empty=CURVES)
+                        nothing_to_plot="finetune.enabled is false: nothing was fine-tuned, so there is no curve.")

@@ -33,7 +33,7 @@ def skip() -> dict:
     shutil.rmtree(FINETUNE_DIR, ignore_errors=True)
     FINETUNE_DIR.mkdir(parents=True)
     atomic_write_text(FINETUNE_DIR / "skipped.json", json.dumps({"enabled": False}) + "\n")
-    write_curves([])  # the curves' files with no rows: no "plots/finetune is empty" from DVC
+    write_curves([])  # no curve: the folder holds a note (common/curves.py)
     print("finetune.enabled is false: skipped")
     return {"skipped": True, "run_fingerprint": None, "prefix_fingerprint": None}
 

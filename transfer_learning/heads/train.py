@@ -1,5 +1,6 @@
 """The train_heads stage's work: data/features/{train,val}.h5 -> models/heads/<name>/, the head's record in
-metrics/heads/<name>.json (heads/records.py) and the torch heads' training curves in plots/heads/<name>/.
+metrics/heads/<name>.json (heads/records.py), its training time in reports/timings/heads/<name>.json and the torch
+heads' training curves in plots/heads/<name>/.
 
 dvc.yaml runs one train_heads stage per head (`foreach: ${heads}`, each declaring only `heads.<name>`), so an edit
 to one head retrains that head alone. Every head chooses its hyperparameters on val (heads/selection.py) and is
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from transfer_learning.common import curves
 from transfer_learning.common.errors import UserError
+from transfer_learning.common.metrics import TIMINGS, write_timings
 from transfer_learning.features.split_files import read_split
 from transfer_learning.heads import files as head_files
 from transfer_learning.heads.files import FittedHead
@@ -28,14 +30,14 @@ CURVES = ("train_loss", "val_loss")
 FIT_WORKERS = 4  # a logistic fit casts the float32 train features to float64 per step: each worker holds such a copy
 
 
-def write_curves(fitted_heads: list[FittedHead], folder: Path = CURVES_DIR) -> None:
-    """`folder` (dvclive's layout): plots/metrics/<head>/train_loss.tsv and val_loss.tsv per epoch (step = epoch) for
-    every head trained by epochs (linear, mlp: the chosen grid point); with no such head, plots/metrics/train_loss.tsv
-    and val_loss.tsv with no rows. No dvclive summary: metrics/heads/<name>.json is the head's summary, and a JSON
-    file in the plotted folder would not be a plot."""
-    curves.write_curves(folder, ((r["epoch"], f"{fitted.name}/{curve}", r[curve])
-                                 for fitted in fitted_heads for r in getattr(fitted.estimator, "history_", [])
-                                 for curve in CURVES), empty=CURVES, summary=False)
+def write_curves(fitted: FittedHead, folder: Path) -> None:
+    """`folder` (dvclive's layout): plots/metrics/train_loss.tsv and val_loss.tsv per epoch (step = epoch) of a head
+    trained by epochs (linear, mlp: the chosen grid point); for a head fitted without epochs, no curve, only the
+    note saying so (common/curves.py)."""
+    curves.write_curves(folder, ((r["epoch"], curve, r[curve]) for r in getattr(fitted.estimator, "history_", [])
+                                 for curve in CURVES),
+                        nothing_to_plot=f"heads.{fitted.name} is a {fitted.spec.type} head, fitted without epochs: "
+                                        "it has no per-epoch curve.")
 
 
 def check_saveable(name: str, spec: SklearnHead, estimator) -> None:
@@ -55,13 +57,11 @@ def check_saveable(name: str, spec: SklearnHead, estimator) -> None:
 
 
 def record_of(fitted: FittedHead) -> dict:
-    """The head's line in metrics/heads.json (wall-clock seconds stay out of models/heads, so that retraining an
-    identical head leaves its hash as it was)."""
+    """metrics/heads/<name>.json: what the head chose on val (its training time goes to its timings file)."""
     return {
         "type": fitted.spec.type,
         "val_accuracy": round(fitted.val_accuracy, 6),
         "params": fitted.chosen,
-        "train_seconds": round(fitted.seconds, 2),
         "train_rows": fitted.train_rows,
         **fitted.details,
     }
@@ -96,16 +96,17 @@ def train_heads(heads: dict[str, HeadSpec], only: list[str] | None = None) -> di
     forms = [head_files.saved_form(fitted, train.classes, train.fingerprint) for fitted in fitted_heads]
     # every head is trained and converted: only now are the old files replaced
     if not only:
-        for folder in (head_files.HEADS_DIR, CURVES_DIR, RECORDS_DIR):
+        for folder in (head_files.HEADS_DIR, CURVES_DIR, RECORDS_DIR, TIMINGS / "heads"):
             shutil.rmtree(folder, ignore_errors=True)
     records = {}
     for fitted, form in zip(fitted_heads, forms):
         name = fitted.name
         shutil.rmtree(head_files.HEADS_DIR / name, ignore_errors=True)
         folder = head_files.write(form)
-        write_curves([fitted], CURVES_DIR / name)
+        write_curves(fitted, CURVES_DIR / name)
         records[name] = record_of(fitted)
         write_record(name, records[name])
+        write_timings(f"heads/{name}", {"train_seconds": round(fitted.seconds, 2)})
         log.info("head %s (%s): val accuracy %.4f with %s in %.1f s -> %s (%s)", name, fitted.spec.type,
                  fitted.val_accuracy, fitted.chosen or "its params", fitted.seconds, folder, form.meta["format"])
     log.info("%d head(s) trained in %.1f s", len(records), time.perf_counter() - started)

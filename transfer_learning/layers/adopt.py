@@ -16,7 +16,7 @@ import torch
 from transfer_learning.common.errors import UserError
 from transfer_learning.common.hashing import sha256_bytes
 from transfer_learning.data.images import Preprocessing
-from transfer_learning.features.fingerprint import fingerprint
+from transfer_learning.features.fingerprint import about, digest, fingerprint_spec
 from transfer_learning.features.runtime import FeatureRunner
 from transfer_learning.features.store import FeatureStore
 from transfer_learning.features.views import ViewDataset, ViewRequest
@@ -46,10 +46,13 @@ def verify_sample(source: FeatureStore, requests: dict[str, ViewRequest], runner
 
 
 def adopt(source: FeatureStore, requests: dict[str, ViewRequest], cut_onnx: bytes, preprocessing: Preprocessing,
-          store_root, dtype: str, providers: list[str], batch_size: int) -> dict:
-    """Copies `source`'s rows of `requests` into the store of the cut export `cut_onnx`, after the sample check."""
-    target_fingerprint = fingerprint(sha256_bytes(cut_onnx), preprocessing.to_json(), dtype)
-    with FeatureStore(store_root, target_fingerprint, source.feature_dim, dtype) as target:
+          store_root, dtype: str, providers: list[str], batch_size: int, model: dict) -> dict:
+    """Copies `source`'s rows of `requests` into the store of the cut export `cut_onnx`, after the sample check.
+    `model` says what the export is (arch, weights, cut, cut_node, pool), for the store folder's description."""
+    spec = fingerprint_spec(sha256_bytes(cut_onnx), preprocessing.to_json(), dtype)
+    target_fingerprint = digest(spec)
+    with FeatureStore(store_root, target_fingerprint, source.feature_dim, dtype,
+                      about=about(spec, "backbone features", **model, feature_dim=source.feature_dim)) as target:
         missing = [key for key in requests if key not in target]
         record = {"fingerprint": target_fingerprint, "adopted": 0, "already_there": len(requests) - len(missing)}
         if not missing:

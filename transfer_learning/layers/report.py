@@ -1,13 +1,16 @@
-"""The sweep's outputs: reports/layers.md, plots/layers/accuracy.csv (accuracy vs depth, a DVC plot) and
-metrics/layers.json, or the skip record when `layers.enabled` is false. No torch here: a disabled stage starts fast."""
+"""The sweep's outputs: reports/layers.md, plots/layers/accuracy.csv (accuracy vs depth, a DVC plot),
+metrics/layers.json and reports/timings/layers.json, or the skip record when `layers.enabled` is false (no plot:
+plots/layers holds a note, common/curves.py). No torch here: a disabled stage starts fast."""
 from __future__ import annotations
 
 import csv
 import io
+import shutil
 from pathlib import Path
 
 from transfer_learning.common.atomic import atomic_write_text
-from transfer_learning.common.metrics import write_metrics
+from transfer_learning.common.curves import write_nothing_to_plot
+from transfer_learning.common.metrics import write_metrics, write_timings
 
 REPORT = Path("reports/layers.md")
 PLOT = Path("plots/layers/accuracy.csv")
@@ -16,7 +19,8 @@ COLUMNS = ("block", "name", "feature_dim", "val_accuracy", "C", "head_seconds")
 
 
 def write_plot(blocks: list[dict]) -> None:
-    PLOT.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(PLOT.parent, ignore_errors=True)  # the skip's note included
+    PLOT.parent.mkdir(parents=True)
     text = io.StringIO()
     writer = csv.DictWriter(text, COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -29,19 +33,22 @@ def write_skipped() -> None:
     # a file in the folder: DVC warns on every default run about an empty output otherwise
     atomic_write_text(LAYERS_DIR / "README.txt", "The layer sweep's ONNX exports, kept (digest-checked) between "
                                                  "sweeps. Empty until `layers.enabled: true`.\n")
-    write_plot([])
+    write_nothing_to_plot(PLOT.parent, "layers.enabled is false: the layer sweep did not run, so there is no plot.")
     write_metrics("layers", {"enabled": False})
+    write_timings("layers", {})
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(REPORT, "# Layer sweep\n\nDisabled (`layers.enabled: false`). Run it with "
                               "`dvc exp run -S layers.enabled=true`.\n")
 
 
 def write_outputs(metrics: dict) -> None:
-    """metrics/layers.json gets everything but the per-block table, which goes to the report and the plot."""
-    blocks = metrics.pop("blocks")
+    """metrics/layers.json gets everything but the per-block table, which goes to the report and the plot, and the
+    seconds, which go to the timings file and the report."""
+    blocks, seconds = metrics.pop("blocks"), metrics.pop("seconds")
     write_plot(blocks)
     write_metrics("layers", metrics)
-    best, seconds = metrics["best"], metrics["seconds"]
+    write_timings("layers", seconds)
+    best = metrics["best"]
     adopted = metrics["adopted"].get(str(best["block"]), {})
     in_store = adopted.get("adopted", 0) + adopted.get("already_there", 0) == metrics["images"]
     lines = [

@@ -18,7 +18,7 @@ from transfer_learning.backbone import files as backbone_files
 from transfer_learning.common.hashing import sha256_bytes
 from transfer_learning.data import manifest
 from transfer_learning.features.extract import compute
-from transfer_learning.features.fingerprint import fingerprint
+from transfer_learning.features.fingerprint import about, digest, fingerprint_spec
 from transfer_learning.features.split_files import SplitFeatures
 from transfer_learning.features.store import FeatureStore, resolve_store, store_key
 from transfer_learning.features.views import ViewRequest, view_id
@@ -101,10 +101,13 @@ def sweep(params: Params) -> dict:
     head = LogisticHead(type="logistic", C=list(params.layers.C))
     results, adopted = [], {}
     with ExitStack() as stack:
-        stores = [stack.enter_context(FeatureStore(root, fingerprint(f"{graph_sha256}/{block.output}",
-                                                                     preprocessing.to_json(), extract.dtype),
-                                                   dim, extract.dtype))
-                  for block, dim in zip(blocks, dims)]
+        specs = [fingerprint_spec(f"{graph_sha256}/{block.output}", preprocessing.to_json(), extract.dtype)
+                 for block in blocks]
+        stores = [stack.enter_context(FeatureStore(
+            root, digest(spec), dim, extract.dtype,
+            about=about(spec, "layer sweep block", arch=backbone.arch, weights=backbone.weights, block=block.number,
+                        block_name=block.name, node=block.node, pool=params.backbone.pool, feature_dim=dim)))
+                  for block, dim, spec in zip(blocks, dims, specs)]
         todo = {key: request for key, request in requests.items() if any(key not in store for store in stores)}
         log.info("%d images x %d blocks: %d images reused from the store %s, %d to compute", len(requests),
                  len(blocks), len(requests) - len(todo), root, len(todo))
@@ -130,7 +133,9 @@ def sweep(params: Params) -> dict:
             block = next(b for b in blocks if b.number == number)
             cut = graph.cut_onnx(backbone, block, params.backbone.pool, params.export.opset)
             adopted[str(number)] = adopt(stores[blocks.index(block)], requests, cut, preprocessing, root,
-                                         extract.dtype, extract.providers, extract.batch_size)
+                                         extract.dtype, extract.providers, extract.batch_size,
+                                         model={"arch": backbone.arch, "weights": backbone.weights, "cut": number,
+                                                "cut_node": block.node, "pool": params.backbone.pool})
     best = max(results, key=lambda r: r["val_accuracy"])
     return {
         "enabled": True,
