@@ -22,12 +22,15 @@ from tests.conftest import REPO, built_once
 from tests.test_finetune import HEADS as FINETUNE_HEADS
 from tests.test_finetune import finetuned, heads_trained, set_params  # noqa: F401 - fixtures, shared builds
 from transfer_learning.backbone import files as backbone_files
+from transfer_learning.backbone.onnx_export import cpu_session
 from transfer_learning.common.errors import UserError
 from transfer_learning.data import manifest
+from transfer_learning.deploy import onnx as deploy_onnx
 from transfer_learning.deploy import predict, served
 from transfer_learning.deploy.onnx import PIXELS, PROBABILITIES
 from transfer_learning.evaluate.choice import BEST_KEY, EVALUATE_METRICS
 from transfer_learning.evaluate.report import CONFUSION_PLOTS
+from transfer_learning.features import quantize
 from transfer_learning.features.split_files import read_plain_keys, read_split
 from transfer_learning.finetune import files as finetune_files
 from transfer_learning.heads import files as head_files
@@ -161,6 +164,19 @@ def test_evaluate_predict_and_the_deployed_file_agree_on_every_test_image_at_fp1
     evaluate.main()
     # float16 activations: other kernels on other batch shapes round differently, within 1e-3 of probabilities
     assert_served_alike(capsys, providers=("CUDAExecutionProvider",), atol=1e-3)
+
+
+def test_an_fp16_backbone_joins_a_head_in_one_file(here, tmp_path):
+    """The fp16 build path without a GPU: the float16 backbone (float32 in and out) joined to a head is one valid
+    file that ONNX Runtime runs, giving the fp32 head's probabilities within float16 rounding."""
+    test = read_split("test").plain()
+    fp16 = quantize.to_fp16(backbone_files.ONNX.read_bytes())
+    preprocessing = backbone_files.load().preprocessing.with_bit_depth(manifest.read_bit_depth())
+    for name in ("logreg", "knn"):
+        head = head_files.load(name)
+        session = cpu_session(deploy_onnx.write(deploy_onnx.build(fp16, head, preprocessing), name, tmp_path))
+        probabilities = session.run([PROBABILITIES], {PIXELS: pixels_of_the_test_images()})[0]
+        np.testing.assert_allclose(probabilities, head.scores(test.features), atol=5e-2, err_msg=name)
 
 
 def test_deploy_without_a_model_writes_what_evaluate_chose_the_fine_tuned_model_included(every_model_work, capsys,

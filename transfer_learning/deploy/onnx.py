@@ -129,6 +129,32 @@ def used_opsets_only(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def topologically_sorted(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` with every node after the nodes it reads from, the order onnx.checker requires. The fp16 conversion
+    (onnxruntime.transformers.float16, keep_io_types) appends the Cast of the graph input at the end, which
+    ONNX Runtime accepts and the checker of the joined file does not. An already sorted graph keeps its order."""
+    graph = model.graph
+    produced = {name for node in graph.node for name in node.output if name}
+    ready = {name for node in graph.node for name in node.input if name and name not in produced}
+    remaining, ordered = list(graph.node), []
+    while remaining:
+        waiting = []
+        for node in remaining:
+            if all(not name or name in ready for name in node.input):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                waiting.append(node)
+        if len(waiting) == len(remaining):
+            raise ValueError(f"graph {graph.name!r} has a cycle through {[n.name for n in waiting][:5]}")
+        remaining = waiting
+    if any(a is not b for a, b in zip(ordered, graph.node)):
+        copies = [onnx.NodeProto.FromString(node.SerializeToString()) for node in ordered]
+        del graph.node[:]
+        graph.node.extend(copies)
+    return model
+
+
 def joinable(first: onnx.ModelProto, second: onnx.ModelProto, second_name: str) -> None:
     """Raises a UserError when the two models need one operator set at two versions (after used_opsets_only)."""
     versions = {opset.domain or "ai.onnx": opset.version for opset in first.opset_import}
@@ -171,7 +197,7 @@ def build(backbone_onnx: Path | bytes, head: Head, preprocessing: Preprocessing)
         backbone = onnx.load_from_string(backbone_onnx)
     else:
         backbone = onnx.load(str(backbone_onnx))
-    backbone = used_opsets_only(backbone)
+    backbone = topologically_sorted(used_opsets_only(backbone))
     if head.onnx_bytes is not None:
         head_part = used_opsets_only(onnx_head_model(head, backbone))
         joinable(backbone, head_part, f"head {head.name!r}")
