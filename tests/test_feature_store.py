@@ -1,12 +1,13 @@
 """The feature store on real HDF5 files: reuse, crash leftovers, corruption (real flipped bytes), fingerprints,
 locking, a full disk."""
 import json
+import logging
 import multiprocessing
 import re
 import shutil
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import h5py
@@ -103,31 +104,62 @@ def test_untrustworthy_files_are_reported_moved_aside_and_not_served(tmp_path, c
     assert not victim.exists() and list((tmp_path / "fp").glob(f"{victim.stem}.rejected-*"))
 
 
-def hold_lock(root, seconds, ready):
+def hold_lock(root, ready, release, released):
     with FeatureStore(root, "fp", DIM):
         ready.set()
-        time.sleep(seconds)
+        release.wait(60)
+        released.set()  # still holding the lock: set before the lock is given up
 
 
-def test_a_second_writer_waits_for_the_lock_or_fails_clearly(tmp_path):
-    ready = multiprocessing.Event()
-    holder = multiprocessing.Process(target=hold_lock, args=(tmp_path, 3, ready))
+class Seen(logging.Handler):
+    """Sets `event` when a log record holds `text`."""
+
+    def __init__(self, text: str, event: threading.Event):
+        super().__init__()
+        self.text, self.event = text, event
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.text in record.getMessage():
+            self.event.set()
+
+
+def test_a_second_writer_waits_for_the_lock_or_fails_clearly(tmp_path, caplog):
+    ready, release, released = (multiprocessing.Event() for _ in range(3))
+    holder = multiprocessing.Process(target=hold_lock, args=(tmp_path, ready, release, released))
     holder.start()
+    store_log = logging.getLogger(FeatureStore.__module__)
+    waiting = threading.Event()
+    seen = Seen("is in use by another process; waiting", waiting)
+    store_log.addHandler(seen)
     try:
         assert ready.wait(30)
         with pytest.raises(UserError, match="stayed locked by another process"):
             with FeatureStore(tmp_path, "fp", DIM, lock_timeout=0.5):
                 pass
-        started = time.monotonic()
-        with FeatureStore(tmp_path, "fp", DIM, lock_timeout=30):
-            assert time.monotonic() - started > 0.5  # it waited for the holder instead of failing
+        waiting.clear()
+        got_lock = []
+
+        def second_writer():
+            with FeatureStore(tmp_path, "fp", DIM, lock_timeout=60):
+                got_lock.append(released.is_set())
+
+        with caplog.at_level(logging.INFO, logger=FeatureStore.__module__):
+            writer = threading.Thread(target=second_writer)
+            writer.start()
+            assert waiting.wait(30)  # it found the lock held and waits for it...
+            assert not got_lock  # ...and has not got it while the holder holds it
+            release.set()
+            writer.join(60)
+        assert got_lock == [True]  # it got the lock once the holder had let it go, not before, and did not fail
     finally:
+        store_log.removeHandler(seen)
+        release.set()
         holder.join()
 
 
 def test_a_killed_holder_releases_the_lock(tmp_path):
-    ready = multiprocessing.Event()
-    holder = multiprocessing.Process(target=hold_lock, args=(tmp_path, 60, ready))
+    ready, release, released = (multiprocessing.Event() for _ in range(3))
+    holder = multiprocessing.Process(target=hold_lock, args=(tmp_path, ready, release, released))
     holder.start()
     assert ready.wait(30)
     holder.kill()

@@ -68,12 +68,10 @@ def test_two_processes_resume_after_a_sigkill_fail_with_a_workers_error_and_matc
     one, two = tmp_path / "one", tmp_path / "two"
     shutil.copytree(exported, two)
     set_finetune(two, **SETTINGS, nproc=2)
-    started = time.perf_counter()
     killed = run_stage(two, TRANSFER_LEARNING_KILL_AFTER_EPOCH="1")
-    killed_seconds = time.perf_counter() - started
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    deadline = time.monotonic() + 20
-    while processes_in(two) and time.monotonic() < deadline:  # the workers die with their launcher
+    deadline = time.monotonic() + 120  # a bound against hanging, not a timing: they die with their launcher
+    while processes_in(two) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert processes_in(two) == []
     checkpoint = checkpoint_of(two)
@@ -90,9 +88,7 @@ def test_two_processes_resume_after_a_sigkill_fail_with_a_workers_error_and_matc
     assert "epoch 1 of 3 done" in failed.stderr  # it had resumed
     assert torch.load(checkpoint, weights_only=True)["epoch"] == 2  # nothing written is lost
 
-    started = time.perf_counter()
     resumed = run_stage(two)
-    resumed_seconds = time.perf_counter() - started
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     together = json.loads((two / "metrics/finetune.json").read_text())
     assert together["resumed_from_epoch"] == 2 and together["processes"] == 2 and together["epochs_run"] == 3
@@ -100,29 +96,34 @@ def test_two_processes_resume_after_a_sigkill_fail_with_a_workers_error_and_matc
 
     # one process on the same data and epochs (the loop alone: the stage's outputs are checked above)
     shutil.copytree(exported, one)
-    shutil.copytree(two / "store", one / "store", ignore=shutil.ignore_patterns("finetune"), dirs_exist_ok=True)
+    shutil.copytree(two / "store", one / "store", dirs_exist_ok=True)  # the prefix's export and rows (fit gets
+    # a checkpoint path of its own: the two-process one is not resumed)
     set_finetune(one, **SETTINGS)
-    started = time.perf_counter()
     with contextlib.chdir(one):
         params = load_params(resolve_estimators=False, resolve_backbone=False)
-        prepared = run.prepare(params, run.default_device(), params.finetune.batch_size)
+        prepared = run.prepare(params, params.finetune.batch_size)
         alone = fit(prepared.setup.net, prepared.train_inputs, prepared.val_inputs, params.finetune, run.SEED,
                     tmp_path / "alone.pt", run.default_device())
         setup = prepared.setup
         assert run.run_fingerprint(params, setup.unfreeze, setup.bn, setup.head, prepared.train, prepared.val) == \
             together["run_fingerprint"]  # nproc is not in it: either may resume the other's checkpoint
-    alone_seconds = time.perf_counter() - started
+    # the same run up to float rounding: the ranks add their shares in another order than one process does. The run
+    # is well conditioned (a fresh head at the default learning rates: the val loss falls smoothly, 2.31 -> 2.08),
+    # so the rounding stays rounding (measured 1e-7 relative); fp16 autocast on CUDA has its own. An accuracy may
+    # differ by one image whose top two classes are that close.
+    rtol = 1e-2 if torch.cuda.is_available() else 1e-3
+    one_image = {"train_accuracy": 1 / len(prepared.train), "val_accuracy": 1 / len(prepared.val)}
     best = alone.history[alone.best_epoch]
-    assert abs(together["val_accuracy"] - best["val_accuracy"]) <= 0.01
-    # the same run to float rounding (fp16 autocast on CUDA: within its own rounding)
-    rtol = 1e-2 if torch.cuda.is_available() else 1e-4
+    assert abs(together["val_accuracy"] - best["val_accuracy"]) <= one_image["val_accuracy"] + 1e-9
     history = torch.load(checkpoint, weights_only=True)["history"]
-    for curve in ("train_loss", "val_loss", "train_accuracy", "val_accuracy"):
+    assert [r["epoch"] for r in history] == [r["epoch"] for r in alone.history] == [0, 1, 2, 3]
+    for curve in ("train_loss", "val_loss"):
         np.testing.assert_allclose([r[curve] or 0 for r in history], [r[curve] or 0 for r in alone.history],
-                                   rtol=rtol, atol=1e-6, err_msg=curve)
-    print(f"\nval accuracy: nproc 1 {best['val_accuracy']:.4f}, nproc 2 {together['val_accuracy']:.4f}; nproc 2 "
-          f"epochs 0-1 with the prefix: {killed_seconds:.1f} s, epoch 3 and the outputs: {resumed_seconds:.1f} s; "
-          f"nproc 1 in-process, 3 epochs with the prefix, no outputs: {alone_seconds:.1f} s")
+                                   rtol=rtol, err_msg=curve)
+    assert alone.history[3]["val_loss"] < alone.history[0]["val_loss"] * (1 - 10 * rtol)  # it trained
+    for curve, tolerance in one_image.items():
+        np.testing.assert_allclose([r[curve] or 0 for r in history], [r[curve] or 0 for r in alone.history],
+                                   rtol=0, atol=tolerance + 1e-9, err_msg=curve)
 
 
 def test_each_rank_takes_its_share_of_every_batch_and_the_last_one_is_evened_out():

@@ -1,37 +1,27 @@
-"""What the fine-tune loop eats: batches of images (augmented per epoch, seeded), or cached outputs of the frozen
-prefix, computed once per image and kept in the feature store under the prefix's own fingerprint."""
+"""What the fine-tune loop eats: batches of images (augmented per epoch, seeded); the frozen prefix's stored outputs
+come from finetune/prefix.py."""
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode, v2
-from tqdm import tqdm
 
 from transfer_learning.common.errors import UserError
 from transfer_learning.data import manifest
 from transfer_learning.data.images import Preprocessing
-from transfer_learning.features.fingerprint import PIPELINE_VERSION
-from transfer_learning.features.store import FeatureStore, store_key
+from transfer_learning.features.store import store_key
 from transfer_learning.features.views import (
     PLAIN_VIEW,
-    ViewDataset,
     ViewRequest,
     collate,
     one_thread_worker,
     read_image,
 )
 from transfer_learning.params import AugmentParams
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -109,50 +99,3 @@ def image_batches(dataset: Dataset, order: list[int], batch_size: int, workers: 
     """Normalized float batches in `order`."""
     for batch, _, errors in loader(dataset, order, batch_size, workers):
         yield preprocessing.normalize(checked(batch, errors))
-
-
-def prefix_fingerprint(weights_sha256: str, prefix_node: str, preprocessing: Preprocessing, device_type: str) -> str:
-    """The key of the prefix's cached outputs. The device type is in it: CUDA kernels give other (still fp32)
-    roundings than the CPU's, and rows of one key must come from one computation."""
-    spec = json.dumps({"weights": weights_sha256, "prefix_node": prefix_node, "preprocessing": preprocessing.to_json(),
-                       "pipeline": PIPELINE_VERSION, "kind": "finetune-prefix", "device": device_type},
-                      sort_keys=True)
-    return hashlib.sha256(spec.encode()).hexdigest()
-
-
-@contextlib.contextmanager
-def full_fp32():
-    """No TF32 (10-bit mantissa) in cuDNN convolutions or CUDA matmuls, whatever the GPU: cached rows are fp32."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-def cached_prefix(prefix, images: LabelledImages, shape: tuple[int, ...], store_root: Path, fingerprint: str,
-                  preprocessing: Preprocessing, batch_size: int, workers: int,
-                  device: torch.device = torch.device("cpu")) -> torch.Tensor:
-    """The frozen prefix's output for every image (plain view), N × shape, computed on `device` (where the
-    prefix's weights are) for the images the store lacks, the rest reused."""
-    keys = images.keys()
-    dim = int(np.prod(shape))
-    with FeatureStore(store_root, fingerprint, dim) as store:
-        todo = [i for i, key in enumerate(keys) if key not in store]
-        log.info("frozen prefix outputs %s: %d reused from %s, %d to compute", shape, len(keys) - len(todo),
-                 store.dir, len(todo))
-        if todo:
-            dataset = ViewDataset([images.requests[i] for i in todo], preprocessing)
-            done = 0
-            with tqdm(total=len(todo), desc="frozen prefix", unit="img") as bar:
-                for batch, _, errors in loader(dataset, list(range(len(todo))), batch_size, workers):
-                    with full_fp32():
-                        out = prefix(preprocessing.normalize(checked(batch, errors)).to(device)).cpu()
-                    store.add([keys[i] for i in todo[done:done + len(out)]], out.reshape(len(out), -1).numpy())
-                    done += len(out)
-                    bar.update(len(out))
-            store.commit()
-            store.compact()
-        rows = np.concatenate(list(store.gather(keys))) if keys else np.zeros((0, dim), np.float32)
-    return torch.from_numpy(rows).reshape(len(keys), *shape)

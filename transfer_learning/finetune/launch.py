@@ -25,7 +25,7 @@ from pathlib import Path
 
 from transfer_learning.common.errors import UserError, run_main
 from transfer_learning.finetune.distributed import LAUNCHER_PID
-from transfer_learning.finetune.run import default_device, prepare, train
+from transfer_learning.finetune.run import prepare, train
 from transfer_learning.params import Params, load_params
 
 log = logging.getLogger("finetune")
@@ -61,7 +61,7 @@ def worker_environment(nproc: int):
 
 def cache_prefix_outputs(params: Params) -> None:
     """The frozen prefix's outputs for the images the store lacks, computed here once rather than by each rank."""
-    prepare(params, default_device(), params.finetune.batch_size)
+    prepare(params, params.finetune.batch_size)
 
 
 def run_workers(params: Params, node_rank: int, result: Path) -> None:

@@ -3,7 +3,8 @@ model.pt, meta.json, test_scores.npz), the per-epoch curves in plots/finetune/ (
 
 LP-FT: the head starts as the linear probe trained on cached features (finetune.init_head), then the last
 `finetune.unfreeze` blocks and the head train together at low learning rates. When the frozen prefix sees no
-augmentation, its outputs are computed once and kept in the feature store: every epoch runs only the tail.
+augmentation, its outputs are computed once, in ONNX Runtime as extract computes features (finetune/prefix.py), and
+kept in the feature store: every epoch runs only the tail.
 With finetune.enabled false (the default) the stage only records that it was skipped.
 """
 from __future__ import annotations
@@ -37,9 +38,7 @@ from transfer_learning.finetune.data import (
     AugmentedImages,
     LabelledImages,
     augmentation,
-    cached_prefix,
     image_batches,
-    prefix_fingerprint,
     split_images,
 )
 from transfer_learning.finetune.distributed import LAUNCHER_PID, Group
@@ -47,6 +46,7 @@ from transfer_learning.finetune.curves import write_curves
 from transfer_learning.finetune.files import FINETUNE_DIR, LOGITS, PROBABILITIES
 from transfer_learning.finetune.loop import Inputs, fit
 from transfer_learning.finetune.model import FineTuneNet, Probabilities
+from transfer_learning.finetune.prefix import FrozenPrefix, frozen_prefix
 from transfer_learning.heads import files as head_files
 from transfer_learning.params import Params
 
@@ -58,7 +58,7 @@ for noisy in ("onnx_ir", "onnxscript"):
 KILL_AFTER_EPOCH = "TRANSFER_LEARNING_KILL_AFTER_EPOCH"
 FAIL_AFTER_EPOCH = "TRANSFER_LEARNING_FAIL_AFTER_EPOCH"
 WORKERS = 2
-PREFIX_BATCH = 64
+ORT_BATCH = 64  # images per ONNX Runtime call for the test scores
 SEED = 0  # the fresh head's init, the shuffling, the augmentation, dropout
 # how many processes train, and where: the same run up to float rounding (finetune/loop.py), so a checkpoint is
 # resumed whatever they are
@@ -107,14 +107,12 @@ def run_fingerprint(params: Params, unfreeze: int | str, bn: str, head: head_fil
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-def inputs_for(net: FineTuneNet, images: LabelledImages, augment, use_prefix_cache: bool, store: Path,
-               prefix_fp: str, preprocessing, batch_size: int, device: torch.device = torch.device("cpu")) -> Inputs:
-    if use_prefix_cache:  # computed where the net trains (the fingerprint holds the device type)
-        net.to(device)
-        shape = tuple(net.prefix_output(torch.zeros(1, 3, preprocessing.crop, preprocessing.crop, device=device)
-                                        ).shape[1:])
-        cached = cached_prefix(net.prefix_output, images, shape, store, prefix_fp, preprocessing, PREFIX_BATCH,
-                               WORKERS, device)
+def inputs_for(images: LabelledImages, augment, prefix: FrozenPrefix | None, preprocessing,
+               batch_size: int) -> Inputs:
+    """The split as the loop takes it: the frozen prefix's stored outputs when `prefix` is given, else images
+    (augmented when `augment` is)."""
+    if prefix is not None:
+        cached = prefix.rows(images, WORKERS)
         return Inputs(lambda order, _epoch: (cached[order[i:i + batch_size]]
                                              for i in range(0, len(order), batch_size)),
                       images.labels, from_prefix=True)
@@ -132,9 +130,9 @@ def inputs_for(net: FineTuneNet, images: LabelledImages, augment, use_prefix_cac
 
 
 def test_probabilities(onnx_model: bytes, images: LabelledImages, preprocessing, providers: list[str]) -> np.ndarray:
-    runner = FeatureRunner(onnx_model, providers, PREFIX_BATCH)
+    runner = FeatureRunner(onnx_model, providers, ORT_BATCH)
     out = []
-    for batch, _, errors in DataLoader(ViewDataset(images.requests, preprocessing), batch_size=PREFIX_BATCH,
+    for batch, _, errors in DataLoader(ViewDataset(images.requests, preprocessing), batch_size=ORT_BATCH,
                                        num_workers=WORKERS, collate_fn=collate):
         if errors:
             raise UserError(f"cannot read {len(errors)} test image(s): " + "; ".join(errors[:5]))
@@ -245,11 +243,15 @@ class Prepared:
     train_inputs: Inputs
     val_inputs: Inputs
     cache_train: bool
-    prefix_fp: str | None  # the store folder of the cached prefix outputs; None: no frozen prefix
+    prefix: FrozenPrefix | None  # the exported frozen prefix, its rows' store folder; None: no frozen prefix
     store: Path
 
+    @property
+    def prefix_fp(self) -> str | None:
+        return None if self.prefix is None else self.prefix.fingerprint
 
-def prepare(params: Params, device: torch.device, batch_size: int) -> Prepared:
+
+def prepare(params: Params, batch_size: int) -> Prepared:
     """The net (finetune.unfreeze, init_head, bn) and its inputs in batches of `batch_size`; the frozen prefix's
     outputs are computed here for the images the store lacks."""
     settings = params.finetune
@@ -269,12 +271,12 @@ def prepare(params: Params, device: torch.device, batch_size: int) -> Prepared:
         log.info("finetune.cache_prefix: true: the frozen prefix sees un-augmented images, finetune.augment is not used")
         augment = None
     store = resolve_store(params.extract.store)
-    prefix_fp = prefix_fingerprint(sha256_file(backbone_files.WEIGHTS), net.split.prefix_node or "", preprocessing,
-                                   device.type)
-    train_inputs = inputs_for(net, train, augment, cache_train, store, prefix_fp, preprocessing, batch_size, device)
-    val_inputs = inputs_for(net, val, None, has_prefix, store, prefix_fp, preprocessing, batch_size, device)
+    prefix = frozen_prefix(net, backbone, setup.cut_node, preprocessing, params.export, params.extract.providers,
+                           store) if has_prefix else None
+    train_inputs = inputs_for(train, augment, prefix if cache_train else None, preprocessing, batch_size)
+    val_inputs = inputs_for(val, None, prefix, preprocessing, batch_size)
     return Prepared(setup, backbone, preprocessing, classes, train, val, test, train_inputs, val_inputs, cache_train,
-                    prefix_fp if has_prefix else None, store)
+                    prefix, store)
 
 
 def default_device() -> torch.device:
@@ -288,7 +290,7 @@ def train(params: Params, group: Group | None = None) -> dict | None:
     settings = params.finetune
     device = default_device() if group is None else group.device
     world = 1 if group is None else group.world
-    prepared = prepare(params, device, settings.batch_size // world)
+    prepared = prepare(params, settings.batch_size // world)
     setup, net = prepared.setup, prepared.setup.net
     run_fp = run_fingerprint(params, setup.unfreeze, setup.bn, setup.head, prepared.train, prepared.val)
     checkpoint = prepared.store / "finetune" / run_fp / "checkpoint.pt"
@@ -317,6 +319,7 @@ def train(params: Params, group: Group | None = None) -> dict | None:
         "trainable_params": sum(p.numel() for p in net.parameters() if p.requires_grad),
         "init_head": settings.init_head,
         "cached_prefix": prepared.cache_train,
+        "prefix_onnx_max_abs_diff": None if prepared.prefix is None else prepared.prefix.max_abs_diff,
         "device": device.type,
         "processes": world,
         "epochs_run": len(outcome.history) - 1,
