@@ -225,31 +225,40 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "stages.predict", *args], capture_output=True, text=True, env=env)
 
 
-def test_a_folder_with_a_bad_file_still_predicts_the_others(here, tmp_path):
+def folder_with_a_bad_file(here: Path, tmp_path: Path) -> Path:
     folder = tmp_path / "new"
     shutil.copytree(here / "images" / "3", folder / "threes")
     (folder / "threes" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    result = run_cli(str(folder), str(tmp_path / "missing.jpg"), "--model", "knn", "--top-k", "2")
-    assert result.returncode == 1
-    lines = result.stdout.splitlines()
+    return folder
+
+
+def test_a_folder_with_a_bad_file_still_predicts_the_others(here, tmp_path, capsys, caplog):
+    folder = folder_with_a_bad_file(here, tmp_path)
+    with caplog.at_level(logging.INFO):
+        assert predict_cli.main([str(folder), str(tmp_path / "missing.jpg"), "--model", "knn", "--top-k", "2"]) == 1
+    output = capsys.readouterr()
+    lines = output.out.splitlines()
     good = [line for line in lines if "ERROR" not in line]
     assert len(good) == 6 and all(line.count(" 0.") + line.count(" 1.") == 2 for line in good)
     assert any(line.startswith(f"{folder / 'threes' / 'broken.png'}: ERROR not a decodable image") for line in lines)
     assert f"{tmp_path / 'missing.jpg'}: ERROR no such file or folder" in lines
-    assert "2 of 8 input(s) could not be predicted" in result.stderr
-    assert "model knn: named with --model" in result.stderr
+    assert "2 of 8 input(s) could not be predicted" in output.err
+    assert "model knn: named with --model" in caplog.text
 
 
-def test_json_output_and_the_default_model(here):
-    image = sorted((here / "images" / "7").iterdir())[0]
-    result = run_cli(str(image), "--json", "--top-k", "4")
-    assert result.returncode == 0, result.stderr
+def test_the_command_line_json_the_default_model_and_the_exit_status(here, tmp_path):
+    """`python -m stages.predict` itself, once: its log, its JSON, and exit status 1 when an input failed."""
+    folder = folder_with_a_bad_file(here, tmp_path)
+    result = run_cli(str(folder), "--json", "--top-k", "4")
+    assert result.returncode == 1, result.stderr
     output = json.loads(result.stdout)
     best = json.loads(EVALUATE_METRICS.read_text())[BEST_KEY]
     assert output["model"] == best and f"model {best}: chosen by val accuracy" in result.stderr
-    [prediction] = output["predictions"]
-    assert prediction["path"] == str(image) and len(prediction["top"]) == 4
-    assert {"class", "score"} == set(prediction["top"][0])
+    assert "1 of 7 input(s) could not be predicted" in result.stderr
+    predictions = {Path(p["path"]).name: p for p in output["predictions"]}
+    assert len(predictions) == 7 and predictions["broken.png"]["error"].startswith("not a decodable image")
+    good = [p for name, p in predictions.items() if name != "broken.png"]
+    assert all(len(p["top"]) == 4 and {"class", "score"} == set(p["top"][0]) for p in good)
 
 
 def test_a_pickled_head_cannot_be_deployed_even_when_chosen(every_model_work):
