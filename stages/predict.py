@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("an image or folder argument is empty (an unset shell variable?); name the files or folders, "
                      "`.` for the current folder")
     if args.deploy:
+        if args.inputs:
+            parser.error("--deploy writes the model's ONNX file and predicts nothing: give it no images or folders")
         print(deploy(args.model))
         return 0
     if not args.inputs:

@@ -354,6 +354,14 @@ def test_an_empty_argument_is_an_error_not_the_current_folder(here, capsys):
     assert "an image or folder argument is empty" in output.err and output.out == ""
 
 
+def test_images_given_to_deploy_are_an_error_not_ignored(here, capsys):
+    with pytest.raises(SystemExit) as exited:
+        predict_cli.main(["images/7", "--deploy"])
+    assert exited.value.code == 2 and "--deploy writes the model's ONNX file and predicts nothing" in \
+        capsys.readouterr().err
+    assert not Path("models/deploy").exists()
+
+
 def test_damaged_records_are_errors_that_name_the_file(heads_only):
     EVALUATE_METRICS.write_text('{"logreg": {"val_accuracy": 0.9}, "mlp": ')  # cut short
     with pytest.raises(UserError, match=r"evaluate.json is not valid JSON .*`dvc repro evaluate` \(or name the "
