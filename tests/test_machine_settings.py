@@ -3,6 +3,7 @@ over processes) re-runs no stage but the params check: the stages do not declare
 `dvc repro` before any work. On a copy of the committed pipeline that tests/test_pipeline_dvc.py builds once."""
 from __future__ import annotations
 
+import contextlib
 import typing
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def stale_stages(root: Path) -> set[str]:
     """What `dvc repro` would run, as `dvc status` computes it (DVC's Python API: one process for every check)."""
     from dvc.repo import Repo
 
-    with Repo(str(root)) as repo:
+    with contextlib.chdir(root), Repo() as repo:
         return set(repo.status())
 
 
