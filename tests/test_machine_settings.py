@@ -1,6 +1,7 @@
 """A setting that cannot change a result (where extract runs, how wide, where the store is, how a fine-tune is spread
-over processes) re-runs no stage but the params check: the stages do not declare it. A mistyped key still stops
-`dvc repro` before any work. On a copy of the committed pipeline that tests/test_pipeline_dvc.py builds once."""
+over processes) re-runs no stage but the params check: the stages do not declare it (a mistyped key still stops
+`dvc repro` before any work: tests/test_pipeline_dvc.py). On a copy of the committed pipeline that
+tests/test_pipeline_dvc.py builds once."""
 from __future__ import annotations
 
 import contextlib
@@ -93,7 +94,7 @@ def stale_stages(root: Path) -> set[str]:
 
 
 @pytest.mark.slow
-def test_a_machine_setting_reruns_only_the_params_check_and_a_typo_still_stops_the_run(baseline, tmp_path):
+def test_a_machine_setting_reruns_only_the_params_check(baseline, tmp_path):
     import torch
 
     repo = DvcRepo.copy_of(baseline, tmp_path / "repo")
@@ -114,10 +115,3 @@ def test_a_machine_setting_reruns_only_the_params_check_and_a_typo_still_stops_t
     assert "Running stage 'check_params'" in out
     assert "Running stage" not in out.replace("Running stage 'check_params'", ""), out
     assert stale_stages(repo.root) == set()
-
-    # a mistyped key, with an edit a stage does declare: the check stops the run before that stage
-    params_file.write_text(yaml.safe_dump(merged(every, {"backbone": {"cutt": 14}, "data": {"seed": 1}}),
-                                          sort_keys=False))
-    out = repo.dvc("repro", check=False)
-    assert "backbone.cutt: unknown key" in out and "Running stage 'check_params'" in out
-    assert "Running stage" not in out.replace("Running stage 'check_params'", ""), out
