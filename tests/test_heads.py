@@ -334,9 +334,7 @@ def test_augmented_views_are_train_rows(project):
 
 def test_same_params_twice_give_identical_metrics_and_heads(features):
     def outputs():
-        heads, scores = run_stages()
-        for head in heads.values():
-            head.pop("train_seconds")  # wall-clock time, the one thing that may differ
+        heads, scores = run_stages()  # wall-clock times, the one thing that may differ, are not in the metrics
         files = {p: p.read_bytes() for p in sorted(Path("models/heads").rglob("*")) if p.is_file()}
         return heads, scores, files, Path("reports/summary.md").read_text().split("★ best")[0]
 
@@ -374,8 +372,8 @@ def test_the_best_model_is_chosen_on_val_and_test_is_only_reported(project):
     write_features(test_noise=2.0)
     heads = {"knn": {"type": "sklearn", "estimator": "KNeighborsClassifier", "grid": {"n_neighbors": [15]}},
              "logreg": {"type": "logistic", "C": [1.0]}}
-    _, scores = run_stages(heads=heads)
-    assert scores["logreg"]["val_accuracy"] > scores["knn"]["val_accuracy"]
+    records, scores = run_stages(heads=heads)
+    assert records["logreg"]["val_accuracy"] > records["knn"]["val_accuracy"]
     assert scores["knn"]["accuracy"] > scores["logreg"]["accuracy"]  # the disagreement this test is about
     assert scores[BEST_KEY] == "logreg"
     rows = [line for line in Path("reports/summary.md").read_text().splitlines() if line.startswith("| ")]
@@ -385,8 +383,8 @@ def test_the_best_model_is_chosen_on_val_and_test_is_only_reported(project):
 
 def test_ties_on_val_go_to_the_first_model_in_evaluate_models(features):
     same = {"type": "logistic", "C": [1.0]}
-    _, scores = run_stages(heads={"b": same, "a": same}, evaluate={"models": ["b", "a"]})
-    assert scores["a"]["val_accuracy"] == scores["b"]["val_accuracy"] and scores[BEST_KEY] == "b"
+    records, scores = run_stages(heads={"b": same, "a": same}, evaluate={"models": ["b", "a"]})
+    assert records["a"]["val_accuracy"] == records["b"]["val_accuracy"] and scores[BEST_KEY] == "b"
     _, scores = run_stages(heads={"b": same, "a": same})  # all: the heads alphabetically
     assert scores[BEST_KEY] == "a"
 
