@@ -4,7 +4,6 @@ import json
 import logging
 import multiprocessing
 import re
-import shutil
 import subprocess
 import sys
 import threading
