@@ -445,7 +445,7 @@ def project_finetuned(finetuned, tmp_path, monkeypatch) -> Path:
     return work
 
 
-def test_lp_ft_starts_exactly_where_the_init_head_is(project_finetuned):
+def test_lp_ft_starts_where_the_init_head_is_within_one_val_image(project_finetuned):
     metrics = json.loads(Path("metrics/finetune.json").read_text())
     head = head_files.load("logreg")
     # the same head on features computed two ways (extract's graph; the prefix's rows through the torch tail, under

@@ -105,7 +105,8 @@ def test_two_processes_resume_after_a_sigkill_fail_with_a_workers_error_and_matc
         alone = fit(prepared.setup.net, prepared.train_inputs, prepared.val_inputs, params.finetune, run.SEED,
                     tmp_path / "alone.pt", run.default_device())
         setup = prepared.setup
-        assert run.run_fingerprint(params, setup.unfreeze, setup.bn, setup.head, prepared.train, prepared.val) == \
+        assert run.run_fingerprint(params, setup.unfreeze, setup.bn, setup.head, prepared.train, prepared.val,
+                                   prepared.prefix_fp) == \
             together["run_fingerprint"]  # nproc is not in it: either may resume the other's checkpoint
     # the same run up to float rounding: the ranks add their shares in another order than one process does. The run
     # is well conditioned (a fresh head at the default learning rates: the val loss falls smoothly, 2.31 -> 2.08),

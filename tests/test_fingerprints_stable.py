@@ -79,6 +79,9 @@ def test_finetune_run_fingerprint(prepared):
     val = LabelledImages([ViewRequest("c.png", SHA_B, 0)], np.array([1], dtype=np.int64))
     assert run_fingerprint(params, 2, "frozen", head, train, val) == RUN
     assert run_fingerprint(params, "all", "train", None, train, val) == RUN_FRESH_HEAD
+    # the frozen prefix's rows are inputs: another export's rows are another run
+    with_rows = {run_fingerprint(params, 2, "frozen", head, train, val, prefix_rows) for prefix_rows in (SHA_A, SHA_B)}
+    assert len(with_rows) == 2 and RUN not in with_rows
 
 
 STORE_DIGESTS = ["6b54b8e41082fe0c1cddb0d5c888964250f3eea075a895705d5d7ca0df7aacea",

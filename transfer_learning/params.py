@@ -446,7 +446,7 @@ class FinetuneParams(Section):
 
 class AdviseParams(Section):
     """The strategy advisor's thresholds (transfer_learning/advise/advisor.py); rules of thumb, documented in
-    README.md."""
+    docs/finetune.md."""
 
     # train images per class (the median class) at or above which the data counts as large: about ImageNet's
     # 1,000-1,300 per class, the scale at which these architectures are trained from scratch

@@ -306,8 +306,8 @@ def report(advice: dict[str, Any]) -> str:
             f"pretrained classifier. {sim['measure']} = {sim['how']}. Also measured, for "
             f"information: the classifier's {other} (mean over images; entropy divided by its maximum).")]
     lines += ["", (
-        "The thresholds are rules of thumb with documented defaults (README, Strategy advisor); the experiments "
-        "that compare strategies (`dvc exp run -S finetune.unfreeze=…`) are the final word."),
+        "The thresholds are rules of thumb with documented defaults (docs/finetune.md, \"The strategy advisor\"); "
+        "the experiments that compare strategies (`dvc exp run -S finetune.unfreeze=…`) are the final word."),
         "", "## Train images per class", "", "| class | images |", "|---|---:|"]
     lines += [f"| {name} | {n} |" for name, n in counts["train"].items()]
     return "\n".join(lines) + "\n"

@@ -32,7 +32,10 @@ from transfer_learning.features.views import ViewDataset, ViewRequest, collate, 
 from transfer_learning.params import ExtractParams
 
 log = logging.getLogger("extract")
-EXPORT_RECORD = Path("metrics/export.json")  # the cut and pooling export made models/backbone.onnx with
+# The cut and pooling export made models/backbone.onnx with, for the store folder's description only. Not a DVC dep
+# of extract: it also holds export's measured parity, which can change (export.atol, another CPU) without a feature
+# changing; a record of another ONNX file (sha256 differs) is not used.
+EXPORT_RECORD = Path("metrics/export.json")
 
 
 def described(spec: dict, backbone: backbone_files.Backbone, source_sha256: str, feature_dim: int) -> dict:
@@ -53,11 +56,9 @@ def compute(store: FeatureStore, todo: dict[str, ViewRequest], runner: FeatureRu
             preprocessing: Preprocessing, batch_size: int, workers: int) -> float:
     """Runs the backbone over `todo`, committing to the store as it goes; returns the seconds it took.
 
-    Normalizing in a thread beside ONNX Runtime was measured no faster on 2 cores (0.86 vs 0.87 of ORT alone):
-    ORT's two threads meet at a barrier after every operator, so any CPU taken from either is lost wall time.
-    The other variants measured no faster for the same reason (normalizing in the workers or in two threads, a
-    warm-up run while the workers start, one decode worker, ...) are listed with their figures in the README
-    ("Speed and memory")."""
+    Normalizing stays in this thread, between ONNX Runtime calls: ORT's threads meet at a barrier after every
+    operator, so CPU taken from any of them by a concurrent normalizer is lost wall time (benchmarks/README.md,
+    "Extract: speed and memory")."""
     started = time.perf_counter()
     keys = list(todo)
     normalize = NormalizeTable.of(preprocessing)

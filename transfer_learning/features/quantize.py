@@ -31,26 +31,9 @@ from transfer_learning.features.runtime import GPU_PROVIDERS
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "fp16", "int8")
 QUANTIZED_DIR = "quantized"
-# Measured on the default data (Fashion-MNIST 3000, MobileNetV2 @224, logistic head, test accuracy vs fp32 88.2):
-# per-tensor weights 84.0, per-channel 86.9, per-channel with the stem and first block (the first 3 convs) kept in
-# fp32 87.6 (val 88.0 vs 87.4) - the layers nearest the pixels are the ones quantization hurts. Percentile or
-# Entropy calibration and 256 instead of 64 calibration images did not help (86.4-86.9). uint8 activations with
-# int8 weights is the pair ORT's x86 kernels (VNNI) run fastest.
-# Then chosen on val only, on 10,000 Fashion-MNIST images (--per-class 1000; the default data's test images left
-# out): val accuracy (1,420 images) and int8-vs-fp32 cosine of val rows, fp32 88.8:
-#   this recipe 88.0 (cos 0.981) | + first block 2 in fp32 (fp32_first_convs 6) 87.7 (0.983, slower: x1.6 bare
-#   instead of x2.0) | + the last block and 1x1 conv in fp32 (fp32_from_last_convs 4) 87.7 (0.982) | both 87.3
-#   (0.984) | CalibMovingAverage 88.0 (0.981) | symmetric QInt8 activations 84.9 on the default val (0.947) |
-#   Add nodes left out: the same model. A per-layer SQNR (onnxruntime.quantization.qdq_loss_debug) shows the error
-#   spread over every block, none dominating: keeping more layers in fp32 raises the cosine a little and not the
-#   accuracy, and costs speed. int8 costs ~0.8 points of val accuracy with any of these recipes.
-# Searched again on the same val images, paired (images right only at int8 / only at fp32), logistic head C=0.01
-# (fp32's best): this recipe 87.96 (20 / 32: -0.85, standard error of the difference sqrt(52)/1420 = 0.51 points);
-# Percentile 99.999 87.68 (23 / 39, cos 0.984); MinMax on 512 images 87.39 (22 / 42). On a 3,000-image train
-# subset (fp32 86.76) this recipe -0.07 and none better: Entropy gives the very same model and
-# QDQKeepRemovableActivations the same rows; Add left unquantized, the depthwise convs in fp32 -0.07; MinMax on
-# 256 / 512 images -0.49; Percentile 99.99 -0.92 (cos 0.987: a higher cosine is not a higher accuracy);
-# CalibTensorRangeSymmetric -9.5. So the recipe stays.
+# Per-channel int8 weights with uint8 activations (the pair ORT's x86 kernels run fastest); the first 3 convs stay
+# fp32 because the layers nearest the pixels are the ones quantization hurts most. Chosen on val; the recipes
+# compared and their figures are in benchmarks/README.md ("int8 features").
 INT8_OPTIONS = {"format": "QDQ", "per_channel": True, "activation_type": "QUInt8", "weight_type": "QInt8",
                 "reduce_range": False, "fp32_first_convs": 3, "pre_process": True}
 FP16_OPTIONS = {"keep_io_types": True}

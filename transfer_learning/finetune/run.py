@@ -89,8 +89,10 @@ def init_head(name: str | None) -> head_files.Head | None:
 
 
 def run_fingerprint(params: Params, unfreeze: int | str, bn: str, head: head_files.Head | None,
-                    train: LabelledImages, val: LabelledImages) -> str:
-    """Everything the training depends on: a checkpoint is resumed only under the same fingerprint."""
+                    train: LabelledImages, val: LabelledImages, prefix_rows: str | None = None) -> str:
+    """Everything the training depends on: a checkpoint is resumed only under the same fingerprint. `prefix_rows`
+    is the store fingerprint of the frozen prefix's rows the run reads (val always, train when cached): rows of
+    another export of the prefix are other inputs, so a checkpoint trained on them is not this run's."""
     spec = {
         "version": FINETUNE_VERSION,
         "finetune": {**params.finetune.model_dump(exclude={"enabled", *DISTRIBUTION}), "unfreeze": unfreeze, "bn": bn},
@@ -104,6 +106,8 @@ def run_fingerprint(params: Params, unfreeze: int | str, bn: str, head: head_fil
         "classes": manifest.read_classes(),
         "bit_depth": manifest.read_bit_depth(),
     }
+    if prefix_rows is not None:
+        spec["prefix_rows"] = prefix_rows
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -292,7 +296,8 @@ def train(params: Params, group: Group | None = None) -> dict | None:
     world = 1 if group is None else group.world
     prepared = prepare(params, settings.batch_size // world)
     setup, net = prepared.setup, prepared.setup.net
-    run_fp = run_fingerprint(params, setup.unfreeze, setup.bn, setup.head, prepared.train, prepared.val)
+    run_fp = run_fingerprint(params, setup.unfreeze, setup.bn, setup.head, prepared.train, prepared.val,
+                             prepared.prefix_fp)
     checkpoint = prepared.store / "finetune" / run_fp / "checkpoint.pt"
     log.info("training on %s%s; checkpoint %s", device, "" if group is None else f" (rank {group.rank} of {world})",
              checkpoint)
