@@ -238,7 +238,7 @@ def test_every_benchmark_is_in_benchmarks_readme():
 # ---- no file points outside the repository -----------------------------------------------------------------------
 
 # a design file kept outside the repository (docs/design.md is the repository's own), an issue tracker's numbers
-OUTSIDE_REFERENCE = re.compile(r"DESIGN\.md|(?i:\bissue [0-9]+|\bissue's|\(issue\b)")
+OUTSIDE_REFERENCE = re.compile(r"DESIGN\.md|(?i:\bissue [0-9]+|\bissue[']s|\(issue\b)")
 NOT_PROSE = {"tests/durations.json"}  # test ids and seconds
 
 

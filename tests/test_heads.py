@@ -282,7 +282,7 @@ def test_stages_write_metrics_plots_and_a_side_by_side_summary(features):
     assert heads["mlp"]["best_epoch"] <= heads["mlp"]["epochs_run"] <= 30
     for name, head in heads.items():
         assert head["type"] == FAST_HEADS[name]["type"] and "train_seconds" not in head  # timings: not metrics
-        assert json.loads(Path(f"reports/timings/heads/{name}.json").read_text())["train_seconds"] >= 0
+        assert "train_seconds" in json.loads(Path(f"reports/timings/heads/{name}.json").read_text())
         assert head["train_rows"] == len(read_split("train"))
         assert 0.85 < head["val_accuracy"] <= 1
 
