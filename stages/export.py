@@ -6,15 +6,14 @@ stage fails with the numbers (transfer_learning/backbone/export.py).
 """
 from transfer_learning.backbone.export import check_parity, export_backbone
 from transfer_learning.common.errors import run_main
-from transfer_learning.common.metrics import pop_timings, write_metrics, write_timings
+from transfer_learning.common.metrics import write_stage_results
 from transfer_learning.params import load_params
 
 
 def main() -> None:
     params = load_params()
     metrics = export_backbone(params.backbone, params.export)
-    write_timings("export", pop_timings(metrics))
-    write_metrics("export", metrics)  # first: a failed check leaves its numbers
+    write_stage_results("export", metrics)  # first: a failed check leaves its numbers
     check_parity(metrics)
 
 

@@ -7,7 +7,7 @@ finetune.nproc (x nnodes) above 1 trains data-parallel in torchrun's workers; th
 With finetune.enabled false (the default) the stage only records that it was skipped, without importing torch.
 """
 from transfer_learning.common.errors import run_main
-from transfer_learning.common.metrics import pop_timings, write_metrics, write_timings
+from transfer_learning.common.metrics import write_stage_results
 from transfer_learning.finetune.files import skip
 from transfer_learning.params import load_params
 
@@ -17,14 +17,12 @@ def main() -> None:
     # import torch
     params = load_params()
     if not params.finetune.enabled:
-        write_metrics("finetune", skip())
-        write_timings("finetune", {})
+        write_stage_results("finetune", skip())  # no timing fields: an empty timings file
         return
     from transfer_learning.finetune.launch import finetune
 
     metrics = finetune(params)
-    write_timings("finetune", pop_timings(metrics))
-    write_metrics("finetune", metrics)
+    write_stage_results("finetune", metrics)
 
 
 if __name__ == "__main__":

@@ -5,15 +5,14 @@ Every image is read and decoded once; every file that is not used is listed in r
 a cap (data.per_class) that drops images is a warning and a metric (transfer_learning/data/prepare.py).
 """
 from transfer_learning.common.errors import run_main
-from transfer_learning.common.metrics import pop_timings, write_metrics, write_timings
+from transfer_learning.common.metrics import write_stage_results
 from transfer_learning.data.prepare import prepare
 from transfer_learning.params import load_params
 
 
 def main() -> None:
     metrics = prepare(load_params().data)
-    write_timings("prepare", pop_timings(metrics))
-    write_metrics("prepare", metrics)
+    write_stage_results("prepare", metrics)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,13 @@ def pop_timings(values: dict[str, Any]) -> dict[str, Any]:
     return {key: values.pop(key) for key in TIMING_KEYS if key in values}
 
 
+def write_stage_results(name: str, values: dict[str, Any]) -> Path:
+    """A stage's result: its timing fields (removed from `values`) to reports/timings/<name>.json, the rest to
+    metrics/<name>.json."""
+    write_timings(name, pop_timings(values))
+    return write_metrics(name, values)
+
+
 def _write_json(path: Path, values: dict[str, Any]) -> Path:
     atomic_write_text(path, json.dumps(values, indent=2, sort_keys=True) + "\n")
     return path
