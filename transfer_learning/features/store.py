@@ -38,7 +38,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -61,10 +60,6 @@ DIGEST_ATTRS = ("features_sha256", "keys_sha256")
 COMPACT_ABOVE_FILES = 8
 READ_BYTES = 16 << 20  # a file is checked this much at a time
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-# fault injection for the crash tests: a process with this set to N kills itself (SIGKILL) right after its Nth
-# commit, so that "killed mid-run" lands at a known point instead of after a random sleep
-KILL_AFTER_COMMITS = "TRANSFER_LEARNING_KILL_AFTER_COMMITS"
-COMMIT_ROWS = "TRANSFER_LEARNING_COMMIT_ROWS"  # and this one commits every N rows: a kill mid-run on a few images
 
 
 class Untrusted(Exception):
@@ -157,7 +152,7 @@ class FeatureStore:
         self.about = about
         self.feature_dim = feature_dim
         self.dtype = np.dtype(dtype)
-        self.commit_rows = int(os.environ.get(COMMIT_ROWS, commit_rows))
+        self.commit_rows = commit_rows
         self.commit_seconds = commit_seconds  # at most this much work is lost to a kill
         self.last_commit = time.monotonic()
         self.lock = FileLock(str(self.dir) + ".lock", timeout=lock_timeout)
@@ -168,8 +163,6 @@ class FeatureStore:
         self.rejected: dict[str, str] = {}  # file name -> what was wrong with it
         self.digests: dict[Path, tuple[str, str]] = {}  # trusted file -> (features, keys) sha256 it was checked at
         self.stamped_files: list[str] = []  # written before digests; checked and given theirs
-        self.commits = 0
-        self.kill_after_commits = int(os.environ.get(KILL_AFTER_COMMITS, 0))
 
     @classmethod
     def existing(cls, folder: Path, **options) -> FeatureStore:
@@ -377,9 +370,6 @@ class FeatureStore:
         self.files.append(path)
         for row, key in enumerate(keys):
             self.index.setdefault(key, (path, row))
-        self.commits += 1
-        if self.commits == self.kill_after_commits:
-            os.kill(os.getpid(), signal.SIGKILL)
 
     def compact(self, above_files: int = COMPACT_ABOVE_FILES) -> None:
         """Merge every file into one once there are more than `above_files` (so a run that adds 10 rows
