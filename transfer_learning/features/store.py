@@ -20,11 +20,19 @@ but only chunked datasets have it, and a chunk layout makes `gather`'s scattered
 store never writes a non-finite row (`add` refuses it), so one found later means damage; `gather` checks the rows
 it serves too, and `compact` merges a file only if the bytes it reads still hash to the digests checked on open.
 Whatever a damaged file makes h5py raise (a bad attr, shape or header gives ValueError, TypeError, IndexError...)
-quarantines it; only an OSError with an errno (the disk, not the file) stops the run. Files written before digests
-existed are checked as far as they can be (structure, keys, finite features) and rewritten once with their digests.
+quarantines it; only an OSError with an errno (the disk, not the file) stops the run. A file without digests
+(written before files carried them) is moved aside like any other that fails its check: nothing shows that its
+bytes are the ones written, and a stamp would make whatever it holds trusted from then on. Anything under a store
+file's name that is not a regular file (a directory, a symbolic link, looping or not, a FIFO) is moved aside too,
+before it is opened: the store writes only regular files, and opening a FIFO would block.
 
-A write that finds the disk full removes its .part and stops with one error naming the space it needed; it is not
-retried, and the rows committed before stay.
+The width and dtype a folder's files must have are what its fingerprint stands for: the run's model, or for
+`existing()` (verify, which has no model) the folder's own record, ABOUT, whose spec hashes to the folder's name.
+Never a vote of the files, which a stray file of another model could win.
+
+A commit that finds the disk full removes its .part and stops with one error naming the space it needed; it is
+not retried, and the rows committed before stay. The end-of-run merge finding the disk full stops nothing: it says
+so (log, `merge_skipped`) with the space it needs, and the files it would have merged keep serving every row.
 
 One writer per fingerprint: a lock file (fcntl, so it is released even when the holder is killed). A second
 process waits for it, up to `lock_timeout` seconds, then fails with a clear message.
