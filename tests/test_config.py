@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel
 
 from transfer_learning import params as config
+from transfer_learning.common.dvc_outputs import dvc_outputs
 from transfer_learning.common.errors import UserError
 from transfer_learning.evaluate.report import BEST_KEY
 from transfer_learning.finetune import files as finetune_files
@@ -307,6 +308,39 @@ def test_a_store_through_a_symlink_to_a_project_folder_is_refused(project):
     message = invalid(project, extract={"store": "link"})
     assert "extract.store: the feature store needs a folder of its own: 'link' is or holds the project's folder data" \
         in message
+
+
+@pytest.mark.parametrize("store, output, owner", [
+    ("models/backbone/fs", "models/backbone", "stage download in dvc.yaml"),
+    ("models/backbone.onnx/fs", "models/backbone.onnx", "stage export in dvc.yaml"),
+    ("models/heads/logreg/store", "models/heads/*", "stage train_heads in dvc.yaml"),
+    ("models/heads/a-head-params.yaml-does-not-name/x", "models/heads/*", "stage train_heads in dvc.yaml"),
+    ("plots/heads/mlp/store", "plots/heads/*", "stage train_heads in dvc.yaml"),
+    ("models/finetune/store", "models/finetune", "stage finetune in dvc.yaml"),
+])
+def test_a_store_inside_a_dvc_yaml_output_is_refused_naming_the_output(project, store, output, owner):
+    (project.root / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    message = invalid(project, extract={"store": store})
+    assert (f"extract.store: the feature store needs a folder of its own: {store!r} is inside {output}, an output "
+            f"of {owner}") in message
+
+
+@pytest.mark.parametrize("git", [True, False], ids=["checkout", "no-git"])
+def test_a_store_inside_a_dvc_tracked_folder_is_refused_naming_its_dvc_file(project, git):
+    if git:
+        subprocess.run(["git", "init", "-q"], cwd=project.root, check=True)
+    (project.root / "raw").mkdir()
+    (project.root / "raw" / "images.dvc").write_text("outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  path: images\n")
+    message = invalid(project, extract={"store": "raw/images/store"})
+    assert "'raw/images/store' is inside raw/images, an output of raw/images.dvc" in message
+    project.params(extract={"store": "raw/store"})
+    assert load_params().extract.store == "raw/store"
+
+
+def test_the_repo_s_own_outputs_leave_the_default_store_valid():
+    outputs = dvc_outputs(REPO)
+    assert {"data/prepared", "data/features", "models/backbone", "models/heads/*"} <= {o.path for o in outputs}
+    assert load_params(REPO / "params.yaml").extract.store == "data/feature-store"
 
 
 @pytest.mark.parametrize("store", ["data/feature-store", "store", "models/feature-store", "{elsewhere}",

@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from transfer_learning.common import catalog
+from transfer_learning.common.dvc_outputs import output_holding
 from transfer_learning.common.errors import UserError
 
 PARAMS_FILE = Path("params.yaml")
@@ -36,7 +37,8 @@ BUILTIN_PER_CLASS = 300  # data.per_class: auto on a built-in source: the demo's
 # as its upkeep (gc, verify) deletes and renames what it finds in its folder
 PROJECT_FOLDERS = ("data", "models", "metrics", "plots", "reports", "stages", "transfer_learning", "tests",
                    "benchmarks", ".dvc", ".git", "data/prepared", "data/features")
-# folders that DVC or git own entirely (a stage's output is replaced as a whole): the store may not sit inside one
+# folders that DVC or git own entirely: the store may not sit inside one, nor inside any output of dvc.yaml or of a
+# .dvc file (transfer_learning/common/dvc_outputs.py), which DVC replaces as a whole
 OWNED_FOLDERS = ("data/prepared", "data/features", ".dvc", ".git")
 
 DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -233,14 +235,18 @@ class ExtractParams(Section):
         used = [folder for folder in PROJECT_FOLDERS
                 if target == (root / folder).resolve() or target in (root / folder).resolve().parents]
         inside = [folder for folder in OWNED_FOLDERS if (root / folder).resolve() in target.parents]
-        if not store.strip() or used or inside:
+        output = output_holding(root, target) if store.strip() and not used and not inside else None
+        if not store.strip() or used or inside or output:
             why = ("is empty" if not store.strip() else
-                   f"is or holds the project's folder {used[0]}" if used else f"is inside {inside[0]}")
+                   f"is or holds the project's folder {used[0]}" if used else f"is inside {inside[0]}" if inside
+                   else f"is inside {output.path}, an output of {output.owner} that DVC restores as a whole "
+                        "from its cache (the store and everything in it would be lost)")
             raise ValueError(
                 f"the feature store needs a folder of its own: {store!r} {why}, and the store's upkeep (gc, "
                 "verify) deletes and renames what it finds there; valid: a new folder such as data/feature-store, "
                 "or an absolute path outside the project; not the project root or a folder holding it, not "
-                f"{', '.join(PROJECT_FOLDERS)}, nor a folder inside {', '.join(OWNED_FOLDERS)}")
+                f"{', '.join(PROJECT_FOLDERS)}, nor a folder inside {', '.join(OWNED_FOLDERS)} or inside an output "
+                "of dvc.yaml or of a .dvc file")
         return store
 
     @field_validator("providers")
