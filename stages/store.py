@@ -4,7 +4,8 @@
                   fingerprint stands for (backbone, cut, pooling, precision, dtype, input); every fine-tune run folder
   verify          every file checked as a run checks it (digests, finite features); a bad one is moved aside
                   (its rows are recomputed by the next run) and named; exit status 1 if any
-  gc [--dry-run]  deletes what this repo does not refer to and nothing used for --days days
+  gc [--dry-run]  deletes what this repo does not refer to and nothing used for --days days; stops, deleting
+                  nothing, when it cannot read what a revision refers to (--force: dangerous, see gc --help)
 
 Only the store's own folders (`<64-hex fingerprint>/` with its `.lock` beside it, `finetune/<64-hex run>/`) are
 read, moved or deleted; anything else in the folder is named once and left alone. What gc keeps is documented in
@@ -31,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
                          help="keep anything used (and rejected files moved aside) in the last DAYS days (default 14)")
     collect.add_argument("--commits", type=int, default=50,
                          help="how many recent commits of all branches, tags and remotes refer (default 50)")
+    collect.add_argument("--force", action="store_true",
+                         help="DANGEROUS: when git, DVC's cache or a metrics file cannot be read for some revision, "
+                              "go on with what could be read instead of stopping; store folders only those "
+                              "revisions use are then deleted unless used within --days")
     args = parser.parse_args(argv)
 
     if args.store:
@@ -47,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return verify(store)
     if args.days < 0 or args.commits < 0:
         raise UserError("--days and --commits must be 0 or more")
-    return gc(store, args.days, args.commits, args.dry_run)
+    return gc(store, args.days, args.commits, args.dry_run, args.force)
 
 
 if __name__ == "__main__":

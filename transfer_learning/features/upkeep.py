@@ -11,46 +11,50 @@ Only the store's own folders are touched: `<fingerprint>/` (a 64-hex name with i
 else in the store folder is named once ("not a store folder, left alone") and never read, moved or deleted by any
 of the three commands.
 
+gc first reads what the project refers to (features/references.py): the workspace, the last --commits commits of
+all branches, tags and remotes, and every DVC experiment. If any of that cannot be read (git refuses the checkout
+or is not on PATH, an object is missing, a metrics file does not parse, DVC's cache holds a file it cannot read, a
+revision's data/features has no known fingerprint), gc deletes nothing: it names each cause and stops (exit status
+2). `--force` goes on with what could be read and is dangerous: a folder only an unread revision refers to is then
+deleted unless used within --days.
+
 gc keeps a fingerprint folder when any of these holds, and deletes it otherwise:
-  - its fingerprint is referred to by the workspace, one of the last --commits commits of all branches, tags and
-    remotes, or any DVC experiment: the `fingerprint` attr of data/features/*.h5, read from each revision's
-    dvc.lock (the md5 of data/features -> its listing in DVC's cache -> each split file in the cache), and the
-    fingerprints its metrics/extract.json and metrics/finetune.json (`prefix_fingerprint`: the fine-tune's cached
-    prefix outputs) record, which git holds, so this works when the cache does not have the files;
+  - one of those revisions refers to it: its data/features (`fingerprint` attr, via dvc.lock and DVC's cache),
+    metrics/extract.json's `fingerprint`, metrics/finetune.json's `prefix_fingerprint` (the fine-tune's cached
+    prefix outputs), metrics/layers.json's `block_fingerprints` (the layer sweep's rows per block) and `adopted`
+    (the `backbone.cut: N` folders the sweep filled);
   - it was used in the last --days days (each run that opens it sets the folder's mtime). This keeps an experiment
     that is running or not yet committed;
   - a run holds its lock.
 `finetune/<run>` folders (checkpoints) are kept when metrics/finetune.json's `run_fingerprint` in one of those
-revisions names them, or when one of their files changed in the last --days days. A `quantized/<digest>.onnx` model
-(with its .sha256 and .lock) is kept when metrics/extract.json's `quantized_model` in one of those revisions names
-it, when it was used in the last --days days (each reuse sets its mtime) or while a run holds its lock.
+revisions names them, or when one of their files changed in the last --days days; the fine-tune's kept
+frozen-prefix export (`finetune/<recipe digest>/prefix.onnx`, seconds to export again) only by --days. A
+`quantized/<digest>.onnx` model (with its .sha256 and .lock) is kept when metrics/extract.json's `quantized_model`
+in one of those revisions names it, when it was used in the last --days days (each reuse sets its mtime) or while
+a run holds its lock.
 `*.rejected-*` files (moved aside by a check) are deleted once rejected more than --days days ago.
 `--days 0` applies all of it now.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
 import time
 from datetime import datetime
 from pathlib import Path
 
 import h5py
-import yaml
 from filelock import FileLock, Timeout
 
 from transfer_learning.common.errors import UserError
-from transfer_learning.features.split_files import FEATURES_DIR
 from transfer_learning.features.fingerprint import ABOUT, read_about
+from transfer_learning.features.references import referenced
 from transfer_learning.features.store import FINGERPRINT_PATTERN, FeatureStore
 
 FINETUNE = "finetune"
 QUANTIZED = "quantized"  # features/quantize.py's QUANTIZED_DIR (not imported: that module imports onnxruntime)
 MODEL_COMPANIONS = (".sha256", ".lock")  # written beside each quantized model
-EXTRACT_METRICS = "metrics/extract.json"
-FINETUNE_METRICS = "metrics/finetune.json"
+PREFIX_EXPORT = "prefix.onnx"  # finetune/prefix.py keeps its export as finetune/<recipe digest>/prefix.onnx
 DAY = 86400.0
 
 
@@ -92,6 +96,14 @@ def quantized_models(store: Path) -> tuple[list[Path], list[Path]]:
     files = sorted(f for f in folder.iterdir() if model_of(f)) if folder.is_dir() and not folder.is_symlink() else []
     return ([f for f in files if f.name == model_of(f) and f.is_file()],
             [f for f in files if ".rejected-" in f.name and f.is_file()])
+
+
+def finetune_kind(folder: Path) -> str:
+    """What a `finetune/<64-hex>/` folder holds: a run's checkpoints, or the frozen prefix's export kept by its
+    recipe's digest (finetune/prefix.py: prefix.onnx with its record prefix.json)."""
+    if (folder / PREFIX_EXPORT).exists() or (folder / PREFIX_EXPORT).with_suffix(".json").exists():
+        return "fine-tune frozen-prefix export: kept to spare seconds of exporting; gc keeps it by --days only"
+    return "fine-tune run: its checkpoints, kept while metrics/finetune.json names the run (or by --days)"
 
 
 def size_of(folder: Path) -> int:
@@ -170,6 +182,7 @@ def list_store(store: Path) -> int:
         name = f"{FINETUNE}/{run.name}"
         print(f"{name:<64}  {'-':>8}  {size / 1e6:>9.1f}  {sum(1 for f in run.rglob('*') if f.is_file()):>5}  "
               f"{'-':>8}  {when(last_change(run))}")
+        print(f"  = {finetune_kind(run)}")
     models, rejected = quantized_models(store)
     for model in models:
         size = model.stat().st_size
@@ -186,168 +199,55 @@ def verify(store: Path) -> int:
     files = bad = size = 0
     for folder in store_folders(store)[0]:
         files += len(list(folder.glob("*.h5")))
-        size += sum(f.stat().st_size for f in folder.glob("*.h5"))
+        size += sum(f.lstat().st_size for f in folder.glob("*.h5"))  # lstat: a looping link is named, not followed
         last_used = folder.stat().st_mtime
         with FeatureStore.existing(folder) as checked:
             for name, problem in checked.rejected.items():
                 print(f"BAD      {folder / name}: {problem}; moved aside, the next run recomputes its rows")
-            for name in checked.stamped_files:
-                print(f"stamped  {folder / name}: written before store files carried checksums; now has them")
-            bad += len(checked.rejected)
+            for name, problem in checked.undecided.items():
+                print(f"UNSURE   {folder / name}: {problem}")
+            bad += len(checked.rejected) + len(checked.undecided)
             print(f"ok       {folder.name}: {len(checked)} rows in {len(checked.files)} file(s)")
         os.utime(folder, (last_used, last_used))  # checking is not using: gc goes by the last run's use
     print(f"verified {files} file(s), {size / 1e6:.1f} MB, in {time.perf_counter() - started:.2f} s: {bad} bad")
     return 1 if bad else 0
 
 
-# what the repo refers to -------------------------------------------------------------------------------------
-
-def git(*args: str) -> str:
-    result = subprocess.run(["git", *args], capture_output=True, text=True)
-    return result.stdout if result.returncode == 0 else ""
-
-
-def fingerprint_of(split_file: Path) -> str | None:
-    try:
-        with h5py.File(split_file, "r") as handle:
-            return str(handle.attrs["fingerprint"])
-    except Exception:  # unreadable or damaged: it refers to nothing
-        return None
-
-
-def revisions(commits: int) -> list[tuple[str, str]]:
-    """(label, commit): the last `commits` commits of all branches, tags and remotes, then every DVC experiment."""
-    found = [(f"commit {sha[:8]}", sha) for sha in
-             git("rev-list", f"--max-count={commits}", "--exclude=refs/exps/*", "--all").split()] if commits else []
-    for line in git("for-each-ref", "--format=%(objectname) %(objecttype) %(refname)", "refs/exps").splitlines():
-        sha, kind, ref = line.split(" ", 2)
-        if kind == "commit":
-            found.append((f"experiment {ref.rsplit('/', 1)[-1]} ({sha[:8]})", sha))
-    return found
-
-
-def read_at(revision: str | None, path: str) -> str | None:
-    if revision is None:
-        return Path(path).read_text() if Path(path).is_file() else None
-    text = git("show", f"{revision}:./{path}")
-    return text or None
-
-
-def metrics_fingerprint(text: str | None, key: str = "fingerprint") -> str | None:
-    try:
-        value = json.loads(text).get(key) if text else None
-    except (ValueError, AttributeError):
-        return None
-    return value if isinstance(value, str) else None
-
-
-def features_md5s(lock_text: str | None) -> set[str]:
-    """The md5s data/features has in a dvc.lock (as any stage's out or dep)."""
-    try:
-        stages = (yaml.safe_load(lock_text) or {}).get("stages", {}) if lock_text else {}
-    except yaml.YAMLError:
-        return set()
-    return {entry["md5"] for stage in stages.values() for entry in stage.get("outs", []) + stage.get("deps", [])
-            if entry.get("path") == FEATURES_DIR.as_posix() and entry.get("md5")}
-
-
-class DvcCache:
-    """Split files of data/features in DVC's cache, by md5 (DVC's own cache layout, both of its versions)."""
-
-    def __init__(self):
-        from dvc.exceptions import NotDvcRepoError
-        from dvc.repo import Repo
-
-        try:
-            self.repo = Repo()
-        except NotDvcRepoError:
-            self.repo = None
-        self.known: dict[str, set[str]] = {}
-
-    def path(self, md5: str) -> Path | None:
-        for odb in (self.repo.cache.local, self.repo.cache.legacy) if self.repo else ():
-            path = Path(odb.oid_to_path(md5))
-            if path.is_file():
-                return path
-        return None
-
-    def fingerprints(self, dir_md5: str) -> set[str]:
-        if dir_md5 not in self.known:
-            listing = self.path(dir_md5)
-            found = set()
-            for entry in json.loads(listing.read_text()) if listing else []:
-                split_file = self.path(entry["md5"]) if entry["relpath"].endswith(".h5") else None
-                found.add(fingerprint_of(split_file) if split_file else None)
-            self.known[dir_md5] = found - {None}
-        return self.known[dir_md5]
-
-    def close(self) -> None:
-        if self.repo:
-            self.repo.close()
-
-
-def referenced_fingerprints(commits: int) -> tuple[dict[str, str], dict[str, str], dict[str, str], list[str]]:
-    """{name: where it is referred to first} for store folders (fingerprints), fine-tune runs and quantized models
-    (`<digest>.onnx`), and the revisions whose data/features could not be read."""
-    found: dict[str, str] = {}
-    runs: dict[str, str] = {}
-    models: dict[str, str] = {}
-    for split_file in sorted(FEATURES_DIR.glob("*.h5")):
-        if fingerprint := fingerprint_of(split_file):
-            found.setdefault(fingerprint, f"workspace {split_file}")
-    unresolved = []
-    cache = DvcCache()
-    try:
-        for label, revision in [("workspace", None), *revisions(commits)]:
-            md5s = features_md5s(read_at(revision, "dvc.lock"))
-            fingerprints = set().union(*(cache.fingerprints(md5) for md5 in md5s))
-            extract_metrics = read_at(revision, EXTRACT_METRICS)
-            if fingerprint := metrics_fingerprint(extract_metrics):
-                fingerprints.add(fingerprint)
-            if model := metrics_fingerprint(extract_metrics, "quantized_model"):
-                models.setdefault(model, label)
-            if md5s and not fingerprints:
-                unresolved.append(label)
-            finetune_metrics = read_at(revision, FINETUNE_METRICS)
-            if prefix := metrics_fingerprint(finetune_metrics, "prefix_fingerprint"):
-                fingerprints.add(prefix)
-            for fingerprint in sorted(fingerprints):
-                found.setdefault(fingerprint, label)
-            if run := metrics_fingerprint(finetune_metrics, "run_fingerprint"):
-                runs.setdefault(run, label)
-    finally:
-        cache.close()
-    return found, runs, models, unresolved
-
-
 # gc ----------------------------------------------------------------------------------------------------------
 
-def gc(store: Path, days: float, commits: int, dry_run: bool) -> int:
+def gc(store: Path, days: float, commits: int, dry_run: bool, force: bool = False) -> int:
     if not Path("dvc.yaml").is_file():
         raise UserError("run gc from the project's root (where dvc.yaml is): it keeps what this repo refers to")
+    found = referenced(commits)
+    if found.problems and not force:
+        raise UserError(
+            "gc stopped and deleted nothing: it cannot tell what this project refers to in the store, because\n"
+            + "".join(f"  - {problem}\n" for problem in found.problems)
+            + "Fix that and run gc again. (--force deletes by what could be read: the store folders the revisions "
+              "above use would be lost unless used within --days.)")
+    for problem in found.problems:
+        print(f"warning: --force: going on although {problem}; what that refers to is protected only by --days")
+    referenced_folders, referenced_runs, referenced_models = found.fingerprints, found.runs, found.models
     if not store.resolve().is_relative_to(Path.cwd().resolve()):
         print(f"note: {store} lies outside this project: other projects using it are not asked what they refer "
               f"to; only --days ({days:g}) protects their fingerprints")
     folders, runs = store_folders(store)
-    referenced, referenced_runs, referenced_models, unresolved = referenced_fingerprints(commits)
-    for label in unresolved:
-        print(f"note: {label}: data/features is in neither DVC's cache nor {EXTRACT_METRICS}; its fingerprint "
-              "is unknown (--days still protects what it used recently)")
     cutoff = time.time() - days * DAY
     verb = "would delete" if dry_run else "delete"
     freed = 0
 
     def delete(path: Path, why: str) -> None:
         nonlocal freed
-        size = size_of(path) if path.is_dir() else path.stat().st_size
+        folder = path.is_dir() and not path.is_symlink()  # a link moved aside by a check goes, not what it names
+        size = size_of(path) if folder else path.lstat().st_size
         print(f"{verb:<12}  {path}  {size / 1e6:.1f} MB: {why}")
         freed += size
         if not dry_run:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            shutil.rmtree(path) if folder else path.unlink()
 
     for folder in folders:
-        if folder.name in referenced:
-            print(f"{'keep':<12}  {folder.name}: {referenced[folder.name]}")
+        if folder.name in referenced_folders:
+            print(f"{'keep':<12}  {folder.name}: {referenced_folders[folder.name]}")
         elif folder.stat().st_mtime > cutoff:
             print(f"{'keep':<12}  {folder.name}: used {days_ago(folder.stat().st_mtime)}")
         else:
@@ -372,7 +272,7 @@ def gc(store: Path, days: float, commits: int, dry_run: bool) -> int:
         if run.name in referenced_runs:
             print(f"{'keep':<12}  {FINETUNE}/{run.name}: {referenced_runs[run.name]}")
         elif last_change(run) <= cutoff:
-            delete(run, f"fine-tune run last written {days_ago(last_change(run))}")
+            delete(run, f"{finetune_kind(run).split(':')[0]} last written {days_ago(last_change(run))}")
         else:
             print(f"{'keep':<12}  {FINETUNE}/{run.name}: written {days_ago(last_change(run))}")
     models, rejected_models = quantized_models(store)

@@ -43,8 +43,10 @@ def write_skipped() -> None:
 
 def write_outputs(metrics: dict) -> None:
     """metrics/layers.json gets everything but the per-block table, which goes to the report and the plot, and the
-    seconds, which go to the timings file and the report."""
+    seconds, which go to the timings file and the report. It keeps each block's store folder (`block_fingerprints`):
+    `stages.store gc` keeps the rows a revision's sweep names."""
     blocks, seconds = metrics.pop("blocks"), metrics.pop("seconds")
+    metrics["block_fingerprints"] = {str(block["block"]): block["fingerprint"] for block in blocks}
     write_plot(blocks)
     write_metrics("layers", metrics)
     write_timings("layers", seconds)
