@@ -46,8 +46,9 @@ import logging
 import os
 import re
 import shutil
+import stat
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,7 +59,7 @@ from filelock import FileLock, Timeout
 
 from transfer_learning.common.atomic import atomic_write_text
 from transfer_learning.common.errors import UserError
-from transfer_learning.features.fingerprint import ABOUT, digest
+from transfer_learning.features.fingerprint import ABOUT, digest, read_about
 
 log = logging.getLogger(__name__)
 KEY_DTYPE = "S96"  # "<sha256 hex>/<view id>", checked in store_key: numpy would truncate silently
@@ -67,11 +68,25 @@ FINGERPRINT_PATTERN = re.compile(r"[0-9a-f]{64}")  # a sha256 hex digest: every 
 DIGEST_ATTRS = ("features_sha256", "keys_sha256")
 COMPACT_ABOVE_FILES = 8
 READ_BYTES = 16 << 20  # a file is checked this much at a time
+STORED_DTYPES = (np.dtype("float32"), np.dtype("float16"))  # extract.dtype's choices
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class Untrusted(Exception):
     """Why a store file cannot be served (the message completes "<file> ...")."""
+
+
+def not_a_file(path: Path) -> str | None:
+    """What `path` is when it is not a regular file (a symbolic link is not followed: it may loop); None for a
+    regular file. The store writes only regular files."""
+    mode = path.lstat().st_mode
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISLNK(mode):
+        return f"is a symbolic link (to {os.readlink(path)!r}), not a file the store wrote"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file the store wrote"
+    return "is not a regular file (a FIFO, socket or device), not one the store wrote"
 
 
 def resolve_store(store: str) -> Path:
@@ -150,16 +165,24 @@ def decode_keys(raw: np.ndarray) -> list[str]:
 
 
 class FeatureStore:
-    def __init__(self, root: Path | str, fingerprint: str, feature_dim: int, dtype: str = "float32",
+    def __init__(self, root: Path | str, fingerprint: str, feature_dim: int | None, dtype: str | None = "float32",
                  commit_rows: int = 1024, commit_seconds: float = 5.0, lock_timeout: float = 600.0,
                  about: dict | None = None):
-        if about is not None and digest(about["fingerprint_spec"]) != fingerprint:
-            raise ValueError(f"the description given for store folder {fingerprint} is another fingerprint's")
+        """feature_dim and dtype None (only `existing()` on a folder without its record): each file is held to
+        its own attrs, and the files must agree among themselves (see `_settle_shape`)."""
+        if about is not None:
+            if digest(about["fingerprint_spec"]) != fingerprint:
+                raise ValueError(f"the description given for store folder {fingerprint} is another fingerprint's")
+            if about.get("feature_dim", feature_dim) != feature_dim or about["fingerprint_spec"]["dtype"] != dtype:
+                raise ValueError(f"the description given for store folder {fingerprint} says feature_dim "
+                                 f"{about.get('feature_dim')} and {about['fingerprint_spec']['dtype']}, not "
+                                 f"{feature_dim} and {dtype}")
+            about = {**about, "feature_dim": feature_dim}  # the record `existing()` checks the files against
         self.dir = Path(root) / fingerprint
         self.fingerprint = fingerprint
         self.about = about
         self.feature_dim = feature_dim
-        self.dtype = np.dtype(dtype)
+        self.dtype = None if dtype is None else np.dtype(dtype)
         self.commit_rows = commit_rows
         self.commit_seconds = commit_seconds  # at most this much work is lost to a kill
         self.last_commit = time.monotonic()
@@ -170,27 +193,20 @@ class FeatureStore:
         self.pending: list[np.ndarray] = []
         self.rejected: dict[str, str] = {}  # file name -> what was wrong with it
         self.digests: dict[Path, tuple[str, str]] = {}  # trusted file -> (features, keys) sha256 it was checked at
-        self.stamped_files: list[str] = []  # written before digests; checked and given theirs
+        self.undecided: dict[str, str] = {}  # file name -> why it is neither served nor moved aside
+        self.merge_skipped: str | None = None  # why compact() left the files as they are
 
     @classmethod
     def existing(cls, folder: Path, **options) -> FeatureStore:
-        """The store in a fingerprint folder already on disk, to check it without the model that wrote it: its
-        feature_dim and dtype are those of the features most of its files hold (by data shape, not by an attr that
-        a damaged file could misstate), so one bad file cannot get the good ones rejected."""
-        votes: Counter[tuple[int, str]] = Counter()
-        for path in sorted(folder.glob("*.h5")):
-            try:
-                with h5py.File(path, "r") as handle:
-                    features = handle["features"]
-                    if features.ndim == 2:
-                        votes[int(features.shape[1]), str(features.dtype)] += 1
-            except Exception as error:
-                if isinstance(error, OSError) and error.errno is not None:
-                    raise
-        if not votes:
-            return cls(folder.parent, folder.name, 0, **options)  # nothing readable: every file will be rejected
-        (dim, dtype), _ = votes.most_common(1)[0]
-        return cls(folder.parent, folder.name, dim, dtype, **options)
+        """The store in a fingerprint folder already on disk, to check it without the model that wrote it. Its
+        files must hold the feature_dim and dtype the folder's record (ABOUT, written by each run that knows the
+        model) says its fingerprint stands for. A folder without one (written before records) holds each file to
+        its own attrs, and its files to agreeing with each other: files that disagree are named, not judged."""
+        described = read_about(folder)
+        dim = described.get("feature_dim") if described else None
+        if isinstance(dim, int) and not isinstance(dim, bool) and dim > 0:
+            return cls(folder.parent, folder.name, dim, described["fingerprint_spec"]["dtype"], **options)
+        return cls(folder.parent, folder.name, None, None, **options)
 
     @property
     def rejected_files(self) -> list[str]:
@@ -225,82 +241,114 @@ class FeatureStore:
             self.lock.release()
 
     def _load(self) -> None:
-        self.dir.mkdir(exist_ok=True)  # under the lock: `stages.store gc` deletes folders under it
+        try:
+            self.dir.mkdir(exist_ok=True)  # under the lock: `stages.store gc` deletes folders under it
+        except FileExistsError:
+            raise UserError(f"{self.dir} is not a folder ({not_a_file(self.dir) or 'a file'}), and the store keeps "
+                            "the rows of that fingerprint there: move it away, then run again") from None
         if self.about is not None:
             text = json.dumps(self.about, indent=2, sort_keys=True) + "\n"
             path = self.dir / ABOUT
+            if path.is_symlink() or path.exists() and not path.is_file():
+                self._quarantine(path, not_a_file(path) or "is not a regular file")
             if not path.is_file() or path.read_text(errors="replace") != text:
                 atomic_write_text(path, text)
         os.utime(self.dir)  # the folder's mtime says when a run last used it (`stages.store gc` keeps recent ones)
         for stale in self.dir.glob("*.part"):
-            stale.unlink()
+            if stale.is_dir() and not stale.is_symlink():
+                self._quarantine(stale, "is a directory named like an unfinished store file")
+            else:
+                stale.unlink()
+        shapes: dict[Path, tuple[int, np.dtype]] = {}
         for path in sorted(self.dir.glob("*.h5")):
             try:
-                keys = self._trusted_keys(path)
+                keys, shapes[path] = self._trusted_keys(path)
             except Untrusted as problem:
                 self._quarantine(path, str(problem))
                 continue
             self.files.append(path)
             for row, key in enumerate(keys):
                 self.index.setdefault(key, (path, row))
+        if self.feature_dim is None:
+            self._settle_shape(shapes)
 
-    def _trusted_keys(self, path: Path) -> list[str]:
-        """The keys of a file whose every byte checked out, in row order; raises Untrusted."""
+    def _settle_shape(self, shapes: dict[Path, tuple[int, np.dtype]]) -> None:
+        """A folder without its record: the (feature_dim, dtype) its trusted files hold when they all agree. When
+        they do not, nothing says which is its fingerprint's, so none is served and none moved aside (a run of its
+        model, which knows, moves aside the others)."""
+        found = {shapes[path] for path in self.files}
+        if len(found) == 1:
+            self.feature_dim, self.dtype = found.pop()
+            return
+        if not found:
+            return
+        groups = "; ".join(f"{dim} x {dtype}: " + ", ".join(p.name for p in self.files if shapes[p] == (dim, dtype))
+                           for dim, dtype in sorted(found, key=str))
+        for path in self.files:
+            self.undecided[path.name] = (
+                f"holds {shapes[path][0]} {shapes[path][1]} features per row while this folder's files disagree "
+                f"({groups}) and it has no {ABOUT} saying which its fingerprint stands for: left in place, not "
+                "served; the next run of its model moves aside the files it did not write")
+        log.warning("feature store: %s has no %s and its files disagree on the features' shape (%s): none is "
+                    "served or moved aside", self.dir, ABOUT, groups)
+        self.files, self.index, self.digests = [], {}, {}
+
+    def _trusted_keys(self, path: Path) -> tuple[list[str], tuple[int, np.dtype]]:
+        """(the keys in row order, (feature_dim, dtype)) of a file whose every byte checked out; raises Untrusted."""
+        if problem := not_a_file(path):
+            raise Untrusted(problem)
         try:
-            keys, raw_keys, recorded, actual = self._checked(path)
+            keys, shape, actual = self._checked(path)
         except Untrusted:
             raise
         except Exception as error:  # a damaged file can make h5py raise almost anything
             if isinstance(error, OSError) and error.errno is not None:  # EIO, EACCES, EMFILE: the disk, not the file
                 raise
             raise Untrusted(f"is unreadable (truncated or corrupt: {type(error).__name__}: {error})") from None
-        if recorded == (None, None):
-            self._stamp(path, raw_keys)
         self.digests[path] = actual
-        return keys
+        return keys, shape
 
-    def _checked(self, path: Path) -> tuple[list[str], np.ndarray, tuple, tuple[str, str]]:
-        """(keys, raw keys, digests recorded in the attrs, digests of the bytes) of a file that passed every check;
-        raises Untrusted, or whatever h5py raises for a damaged file."""
+    def _checked(self, path: Path) -> tuple[list[str], tuple[int, np.dtype], tuple[str, str]]:
+        """(keys, (feature_dim, dtype), digests of the bytes) of a file that passed every check; raises Untrusted,
+        or whatever h5py raises for a damaged file."""
         with h5py.File(path, "r") as handle:
-            self._check_layout(handle)
+            shape = self._check_layout(handle)
+            recorded = tuple(handle.attrs.get(name) for name in DIGEST_ATTRS)
+            if None in recorded:
+                raise Untrusted("carries no sha256 digests of its bytes (written before store files had them), so "
+                                "nothing shows its rows are the ones computed")
             features_sha256, finite = scan_features(handle["features"])
             raw_keys = handle["keys"][:]
-            recorded = tuple(handle.attrs.get(name) for name in DIGEST_ATTRS)
         actual = (features_sha256, hashlib.sha256(raw_keys).hexdigest())
-        if recorded != (None, None) and recorded != actual:
+        if recorded != actual:
             damaged = " and ".join(name for name, want, got in zip(("features", "keys"), recorded, actual)
                                    if want != got)
             raise Untrusted(f"fails its checksum: its {damaged} bytes differ from the sha256 recorded when it "
                             "was written")
         if not finite:
             raise Untrusted("holds non-finite features (NaN or inf), which the store never writes")
-        return decode_keys(raw_keys), raw_keys, recorded, actual
+        return decode_keys(raw_keys), shape, actual
 
-    def _check_layout(self, handle: h5py.File) -> None:
+    def _check_layout(self, handle: h5py.File) -> tuple[int, np.dtype]:
+        """The file's (feature_dim, dtype) once its attrs and shapes agree with its fingerprint (or, without a
+        record of it, with each other)."""
         rows = int(handle.attrs.get("rows", -1))
         if handle.attrs.get("fingerprint") != self.fingerprint:
             raise Untrusted(f"was written for fingerprint {handle.attrs.get('fingerprint')!r}")
-        if int(handle.attrs.get("feature_dim", -1)) != self.feature_dim:
-            raise Untrusted(f"has feature_dim {handle.attrs.get('feature_dim')} instead of {self.feature_dim}")
-        if handle["keys"].shape != (rows,) or handle["features"].shape != (rows, self.feature_dim):
-            raise Untrusted(f"says {rows} rows but holds {handle['keys'].shape[0]} keys and features of shape "
-                            f"{handle['features'].shape}")
-        if handle["features"].dtype != self.dtype or handle["keys"].dtype != np.dtype(KEY_DTYPE):
+        dim = int(handle.attrs.get("feature_dim", -1))
+        want = dim if self.feature_dim is None else self.feature_dim
+        if dim != want:
+            raise Untrusted(f"has feature_dim {handle.attrs.get('feature_dim')} instead of {want}, which its "
+                            "fingerprint stands for")
+        if handle["keys"].shape != (rows,) or handle["features"].shape != (rows, want):
+            raise Untrusted(f"says {rows} rows of {want} features but holds {handle['keys'].shape[0]} keys and "
+                            f"features of shape {handle['features'].shape}")
+        dtype = handle["features"].dtype if self.dtype is None else self.dtype
+        if handle["features"].dtype != dtype or handle["keys"].dtype != KEY_DTYPE or dtype not in STORED_DTYPES:
             raise Untrusted(f"holds {handle['features'].dtype} features and {handle['keys'].dtype} keys, not "
-                            f"{self.dtype} and {KEY_DTYPE}")
-
-    def _stamp(self, path: Path, raw_keys: np.ndarray) -> None:
-        """A file written before digests, whose keys and features checked out: rewritten once under its own name
-        with its digests (as .part, renamed over it: a kill leaves the old file or the new one)."""
-        with h5py.File(path, "r") as handle:
-            features = handle["features"]
-            step = max(1, READ_BYTES // max(1, self.feature_dim * self.dtype.itemsize))
-            self._write(path.name, len(raw_keys), ((raw_keys[start:start + step], features[start:start + step])
-                                                   for start in range(0, len(raw_keys), step)))
-        self.stamped_files.append(path.name)
-        log.warning("feature store: %s was written before store files carried checksums; its keys are well formed "
-                    "and its features finite, so it is kept and now carries its sha256 digests", path)
+                            f"{dtype if dtype in STORED_DTYPES else ' or '.join(map(str, STORED_DTYPES))} and "
+                            f"{KEY_DTYPE}")
+        return dim, dtype
 
     def _quarantine(self, path: Path, problem: str) -> None:
         aside = path.with_suffix(f".rejected-{time.time_ns()}")
@@ -374,7 +422,12 @@ class FeatureStore:
             return
         keys, features = self.pending_keys, np.concatenate(self.pending)
         self.pending_keys, self.pending = [], []  # a failed write is not tried again, not even by __exit__
-        path = self._write(f"segment-{time.time_ns()}.h5", len(keys), [(keys, features)])
+        try:
+            path = self._write(f"segment-{time.time_ns()}.h5", len(keys), [(keys, features)])
+        except Exception as error:
+            if out_of_space(error):
+                raise UserError(self._no_space(len(keys))) from None
+            raise
         self.files.append(path)
         for row, key in enumerate(keys):
             self.index.setdefault(key, (path, row))
@@ -383,13 +436,21 @@ class FeatureStore:
         """Merge every file into one once there are more than `above_files` (so a run that adds 10 rows
         does not rewrite the whole store); the old files go only after the new one is in place. Each old file is
         read whole and must hash to the digests it had when trusted, or the merge stops before the new file
-        appears: a change on disk since then is never given a fresh digest."""
+        appears: a change on disk since then is never given a fresh digest. A full disk leaves the files as they
+        are, serving every row, and says so (`merge_skipped`, logged): the merge is for speed, not for the rows."""
         files = list(self.files)
         if len(files) <= above_files:
             return
         keys: list[str] = []
-        path = self._write(f"base-{time.time_ns()}.h5", len(self.index),
-                           (part for old in files for part in self._verified_rows(old, keys)))
+        try:
+            path = self._write(f"base-{time.time_ns()}.h5", len(self.index),
+                               (part for old in files for part in self._verified_rows(old, keys)))
+        except Exception as error:
+            if not out_of_space(error):
+                raise
+            self.merge_skipped = self._merge_no_space(len(files))
+            log.warning("%s", self.merge_skipped)
+            return
         self.index = {key: (path, row) for row, key in enumerate(keys)}
         self.files = [path]
         for old in files:
@@ -430,34 +491,38 @@ class FeatureStore:
         `whole_h5_file`). Contiguous layout: the size is known up front, and a row costs feature_dim x dtype bytes."""
         final = self.dir / name
         digests = {name: hashlib.sha256() for name in DIGEST_ATTRS}
-        try:
-            with whole_h5_file(final) as handle:
-                keys = handle.create_dataset("keys", shape=(rows,), dtype=KEY_DTYPE)
-                features = handle.create_dataset("features", shape=(rows, self.feature_dim), dtype=self.dtype)
-                start = 0
-                for part_keys, part_features in parts:
-                    part_keys = np.asarray(part_keys, dtype=KEY_DTYPE)
-                    part_features = np.ascontiguousarray(part_features, dtype=self.dtype)
-                    keys[start:start + len(part_keys)] = part_keys
-                    features[start:start + len(part_keys)] = part_features
-                    digests["keys_sha256"].update(part_keys)
-                    digests["features_sha256"].update(part_features)
-                    start += len(part_keys)
-                if start != rows:
-                    raise RuntimeError(f"wrote {start} rows into a file of {rows}")
-                handle.attrs.update(fingerprint=self.fingerprint, rows=rows, feature_dim=self.feature_dim,
-                                    **{name: digest.hexdigest() for name, digest in digests.items()})
-        except BaseException as error:
-            if out_of_space(error):
-                raise UserError(self._no_space(rows)) from None
-            raise
+        with whole_h5_file(final) as handle:
+            keys = handle.create_dataset("keys", shape=(rows,), dtype=KEY_DTYPE)
+            features = handle.create_dataset("features", shape=(rows, self.feature_dim), dtype=self.dtype)
+            start = 0
+            for part_keys, part_features in parts:
+                part_keys = np.asarray(part_keys, dtype=KEY_DTYPE)
+                part_features = np.ascontiguousarray(part_features, dtype=self.dtype)
+                keys[start:start + len(part_keys)] = part_keys
+                features[start:start + len(part_keys)] = part_features
+                digests["keys_sha256"].update(part_keys)
+                digests["features_sha256"].update(part_features)
+                start += len(part_keys)
+            if start != rows:
+                raise RuntimeError(f"wrote {start} rows into a file of {rows}")
+            handle.attrs.update(fingerprint=self.fingerprint, rows=rows, feature_dim=self.feature_dim,
+                                **{name: digest.hexdigest() for name, digest in digests.items()})
         self.digests[final] = tuple(digests[name].hexdigest() for name in DIGEST_ATTRS)
         return final
 
+    def _space(self, rows: int) -> str:
+        """What `rows` rows need on disk and what the store's disk has free, in words."""
+        return (f"{rows * self.feature_dim * self.dtype.itemsize / 1e6:.1f} MB ({rows} rows x {self.feature_dim} x "
+                f"{self.dtype.itemsize} bytes), {shutil.disk_usage(self.dir).free / 1e6:.1f} MB are free")
+
     def _no_space(self, rows: int) -> str:
-        needed = rows * self.feature_dim * self.dtype.itemsize
         return (f"no space left on the disk of the feature store {self.dir}: writing {rows} rows needs "
-                f"{needed / 1e6:.1f} MB ({rows} rows x {self.feature_dim} x {self.dtype.itemsize} bytes), "
-                f"{shutil.disk_usage(self.dir).free / 1e6:.1f} MB are free. The {len(self.index)} rows committed "
-                "before are kept: free some space (`python -m stages.store gc`) or point extract.store to a larger "
-                "disk, then run again")
+                f"{self._space(rows)}. The {len(self.index)} rows committed before are kept: free some space "
+                "(`python -m stages.store gc` deletes the store folders nothing refers to) or point extract.store to a "
+                "larger disk, then run again")
+
+    def _merge_no_space(self, files: int) -> str:
+        return (f"feature store {self.dir}: no space left on its disk to merge its {files} files into one at the end "
+                f"of the run: the merged copy needs {self._space(len(self.index))}. Not merged: the {files} files "
+                f"serve all {len(self.index)} rows as they are (reading many files is a little slower), and the "
+                "merge is tried again at the end of the next run")
