@@ -153,6 +153,7 @@ def extract(params: ExtractParams) -> dict:
         "dtype": params.dtype,
         "store_rows": store_rows,
         "store_files_rejected": rejected_files,
+        **({"store_merge_skipped": store.merge_skipped} if store.merge_skipped else {}),  # a full disk, and its need
     }
     log.info("features for %s -> %s (%d computed, %d reused, provider %s)",
              ", ".join(f"{s} {len(r.keys)}" for s, r in per_split.items()), FEATURES_DIR, len(todo),
