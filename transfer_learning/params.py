@@ -86,6 +86,29 @@ class DataParams(Section):
     # pixels on an image's shorter side below which it is rejected: too small to show what an ImageNet backbone
     # learnt to see (an icon, a 3x3 thumbnail); 8 keeps sklearn's 8x8 digits
     min_side: Annotated[int, Field(ge=1)] = 8
+    # CSVs of images to leave out / to give another label (an image by its `path` or `sha256` column; relabel's new
+    # label in `label`, else `suggested_label`): the audit's lists, copied and trimmed, are valid input
+    exclude: list[str] = []
+    relabel: list[str] = []
+
+    @field_validator("exclude", "relabel", mode="before")
+    @classmethod
+    def _csv_files(cls, files: Any) -> Any:
+        files = [files] if isinstance(files, str) else files
+        if not isinstance(files, list):
+            return files
+        for name in files:
+            if not isinstance(name, str):
+                continue
+            path = Path(name)
+            if not path.is_file() or path.suffix.lower() != ".csv":
+                raise ValueError(f"{name!r} is not a CSV file; valid: a list of CSV files with a path or sha256 "
+                                 "column")
+            if Path("reports/audit").resolve() in path.resolve().parents:
+                raise ValueError(f"{name!r} is one of the audit's outputs, which it rewrites after prepare runs "
+                                 "(a loop): copy it to a file of your own (e.g. data/exclude.csv), keep the rows "
+                                 "you agree with, and name that file")
+        return files
 
     @field_validator("per_class", mode="before")
     @classmethod
@@ -506,6 +529,24 @@ class LayersParams(Section):
     adopt: Literal["best", "all", "none"] = "best"
 
 
+class AuditParams(Section):
+    """The data audit (transfer_learning/audit/): label issues, near-copies, outliers and a map, on the cached
+    features."""
+
+    enabled: bool = True
+    folds: Annotated[int, Field(ge=2)] = 5  # out-of-fold probabilities: k-fold, stratified, seeded
+    seed: int = 0
+    C: Annotated[Float, Field(gt=0)] = 0.03  # the logistic head's inverse regularization (no search: no label to
+    # choose it on that would not be the one audited)
+    dims: Annotated[int, Field(ge=2)] = 64  # principal components the logistic head is fitted on
+    neighbors: Annotated[int, Field(ge=1)] = 40  # train/val neighbours whose votes are averaged with the head's
+    rank_by: Literal["self_confidence", "normalized_margin"] = "self_confidence"
+    near_copy_z: Annotated[Float, Field(gt=0)] = 5.0  # robust standard deviations below the median score
+    outlier_z: Annotated[Float, Field(gt=0)] = 4.0
+    map: Literal["pca", "umap"] = "pca"
+    sheet: Annotated[int, Field(ge=1)] = 30  # images per contact sheet
+
+
 def _default_heads() -> dict[str, Any]:
     return {
         "logreg": LogisticHead(type="logistic"),
@@ -527,6 +568,7 @@ class Params(Section):
     advise: AdviseParams = AdviseParams()
     evaluate: EvaluateParams = EvaluateParams()
     layers: LayersParams = LayersParams()
+    audit: AuditParams = AuditParams()
 
     @field_validator("heads")
     @classmethod
