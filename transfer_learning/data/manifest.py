@@ -27,7 +27,7 @@ REJECTED_COLUMNS = ("path", "kind", "reason")
 SPLITS = ("train", "val", "test")
 # rejected.csv's kind: one word per way a file fails to become a row, which metrics/prepare.json counts by
 REJECTION_KINDS = ("extension", "outside_class_folder", "link", "name_not_utf8", "unreadable", "undecodable",
-                   "too_small", "duplicate")
+                   "too_small", "duplicate", "excluded")
 
 
 @dataclass(frozen=True)

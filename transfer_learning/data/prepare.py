@@ -5,7 +5,8 @@ Every image is read once: its sha256 goes into the manifest and it is fully deco
 that does not become a row is listed in rejected.csv with its kind and reason, never fatal: a name without an
 image extension, a file outside a class folder, a symbolic link that leads to no file, a name that is not UTF-8,
 a file that does not decode, an image whose shorter side is below data.min_side, an exact duplicate (the first
-copy is kept). A cap that drops images (data.per_class) is a warning with the counts per class, and both go into
+copy is kept), an image data.exclude lists (data/curation.py, which also applies data.relabel, after the split is
+drawn: every other image keeps its split). A cap that drops images (data.per_class) is a warning with the counts per class, and both go into
 the metrics. Fewer than 2 classes (in the data, or in its train split) fail here, before any expensive stage.
 decoding.json records data.bit_depth, the rule every stage decodes high-bit images by.
 """
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from transfer_learning.common.errors import UserError
 from transfer_learning.common.hashing import sha256_bytes
-from transfer_learning.data import manifest
+from transfer_learning.data import curation, manifest
 from transfer_learning.data import sources
 from transfer_learning.data.decode import BadImage, BitDepth, decode
 from transfer_learning.data.manifest import Rejection
@@ -93,8 +94,9 @@ def inspect(candidate: sources.Candidate, bit_depth: BitDepth, min_side: int) ->
 
 
 def rejection_counts(rejected: list[Rejection], source: str) -> dict[str, int]:
-    """Rejections per kind (duplicates aside: metrics count them on their own); a warning when there are any."""
-    counts = Counter(r.kind for r in rejected if r.kind != "duplicate")
+    """Rejections per kind (duplicates and excluded images aside: metrics count them on their own); a warning when
+    there are any."""
+    counts = Counter(r.kind for r in rejected if r.kind not in ("duplicate", "excluded"))
     by_kind = {kind: counts[kind] for kind in manifest.REJECTION_KINDS if counts[kind]}
     if by_kind:
         log.warning("%d file(s) of %s not used, each listed with the reason in %s: %s", sum(by_kind.values()),
@@ -157,6 +159,13 @@ def prepare(data: DataParams) -> dict:
         manifest.Row(manifest.display_path(c.path), c.label, split, digest)
         for (c, digest), split in zip(kept, splits)
     ]
+    curated = curation.curate(rows, data.exclude, data.relabel, classes)
+    rows, rejected = curated.rows, rejected + curated.excluded
+    if gone := [label for label in classes if label not in {r.label for r in rows}]:
+        log.warning("class(es) %s have no image left after data.exclude/data.relabel: left out of %s",
+                    ", ".join(map(manifest.printable, gone)), manifest.CLASSES)
+        classes = [label for label in classes if label not in gone]
+    per_class = Counter(r.label for r in rows)
     if len(trained := {r.label for r in rows if r.split == "train"}) < 2:
         manifest.write([], classes, rejected, data.bit_depth)
         raise too_few_classes(trained, data.source, "in the train split")
@@ -174,6 +183,10 @@ def prepare(data: DataParams) -> dict:
         "rejected": sum(by_kind.values()),
         "rejected_by_kind": by_kind,
         "duplicates": duplicates,
+        "excluded": len(curated.excluded),
+        "relabelled": curated.relabelled,
+        "curation_unmatched": curated.unmatched,
+        "curation_lists": curation.list_digests(data.exclude + data.relabel),
         "train": split_counts["train"],
         "val": split_counts["val"],
         "test": split_counts["test"],
