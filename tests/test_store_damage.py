@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -112,7 +113,7 @@ def make_odd(folder: Path, kind: str, elsewhere: Path) -> str:
 
 ODD = ["directory", "looping link", "link to a good file", "fifo", "directory .part"]
 REASONS = {"directory": "is a directory", "looping link": "is a symbolic link (to 'segment-0.h5')",
-           "link to a good file": "is a symbolic link", "fifo": "is not a regular file",
+           "link to a good file": "is a symbolic link", "fifo": "is a FIFO, socket or device",
            "directory .part": "is a directory named like an unfinished store file"}
 
 
@@ -155,7 +156,7 @@ def test_a_fingerprint_folder_that_is_a_file_is_a_clear_error(tmp_path):
     from transfer_learning.common.errors import UserError
 
     (tmp_path / FP).write_text("not a folder")
-    with pytest.raises(UserError, match=f"{tmp_path / FP} is not a folder"):
+    with pytest.raises(UserError, match=f"{tmp_path / FP} is a file, not a folder"):
         FeatureStore(tmp_path, FP, DIM).__enter__()
 
 
@@ -264,3 +265,27 @@ def test_extract_with_a_full_disk_at_the_merge_writes_the_split_files_and_says_s
     for split, values in clean.items():
         np.testing.assert_array_equal(read_split(split).features, values)
     assert len(list((disk / first["fingerprint"]).glob("*.h5"))) == 10 and not list(disk.rglob("*.part"))
+
+
+# what is not a split file --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["directory", "looping link", "fifo"])
+def test_a_split_file_that_is_not_a_file_is_refused_naming_what_it_is(tmp_path, kind):
+    from transfer_learning.common.errors import UserError
+
+    path = tmp_path / "train.h5"
+    {"directory": path.mkdir, "looping link": lambda: os.symlink("train.h5", path),
+     "fifo": lambda: os.mkfifo(path)}[kind]()
+    what = {"directory": "a directory", "looping link": "a symbolic link (to 'train.h5')",
+            "fifo": "a FIFO, socket or device"}[kind]
+    with pytest.raises(UserError, match=rf"{path} is {re.escape(what)}, not a split file: restore it with `dvc "
+                                        "checkout data/features`"):
+        read_split("train", tmp_path)
+
+
+def test_a_split_file_checked_out_as_a_link_is_read(tmp_path):
+    keys, features = rows(4)
+    write_split(tmp_path / "cache-copy.h5", SplitRows(keys, ["x"] * 4, [0] * 4, [0] * 4), iter([features]),
+                fingerprint=FP, classes=["a"], feature_dim=DIM, dtype="float32")
+    os.symlink(tmp_path / "cache-copy.h5", tmp_path / "train.h5")  # as DVC checks outputs out with cache.type symlink
+    np.testing.assert_array_equal(read_split("train", tmp_path).features, features)

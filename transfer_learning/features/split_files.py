@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import h5py
 import numpy as np
 
 from transfer_learning.common.errors import UserError
-from transfer_learning.features.store import KEY_DTYPE, out_of_space, scan_features, whole_h5_file
+from transfer_learning.features.store import KEY_DTYPE, not_a_file, out_of_space, scan_features, whole_h5_file
 
 FEATURES_DIR = Path("data/features")
 DIGESTED = ("features", "labels", "views", "keys", "paths")
@@ -100,7 +101,9 @@ def _checked(path: Path) -> h5py.File:
     """`path` open for reading once every dataset matches the sha256 recorded when it was written and the
     features are finite; a UserError naming the file otherwise (damaged, truncated, or written before these
     digests existed). An OSError with an errno (a disk read error) is raised as it is: the file may be fine."""
-    if not path.is_file():
+    if not path.is_file():  # follows a link (DVC may check outputs out as links), but not one that loops
+        if os.path.lexists(path):
+            raise damaged(path, f"is {not_a_file(path)}, not a split file")
         raise UserError(f"{path} not found: run `dvc repro extract` first")
     try:
         handle = h5py.File(path, "r")

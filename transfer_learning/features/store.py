@@ -77,16 +77,16 @@ class Untrusted(Exception):
 
 
 def not_a_file(path: Path) -> str | None:
-    """What `path` is when it is not a regular file (a symbolic link is not followed: it may loop); None for a
-    regular file. The store writes only regular files."""
+    """What `path` is when it is not a regular file ("a directory", ...; a symbolic link is not followed: it may
+    loop); None for a regular file."""
     mode = path.lstat().st_mode
     if stat.S_ISREG(mode):
         return None
     if stat.S_ISLNK(mode):
-        return f"is a symbolic link (to {os.readlink(path)!r}), not a file the store wrote"
+        return f"a symbolic link (to {os.readlink(path)!r})"
     if stat.S_ISDIR(mode):
-        return "is a directory, not a file the store wrote"
-    return "is not a regular file (a FIFO, socket or device), not one the store wrote"
+        return "a directory"
+    return "a FIFO, socket or device"
 
 
 def resolve_store(store: str) -> Path:
@@ -244,13 +244,13 @@ class FeatureStore:
         try:
             self.dir.mkdir(exist_ok=True)  # under the lock: `stages.store gc` deletes folders under it
         except FileExistsError:
-            raise UserError(f"{self.dir} is not a folder ({not_a_file(self.dir) or 'a file'}), and the store keeps "
+            raise UserError(f"{self.dir} is {not_a_file(self.dir) or 'a file'}, not a folder, and the store keeps "
                             "the rows of that fingerprint there: move it away, then run again") from None
         if self.about is not None:
             text = json.dumps(self.about, indent=2, sort_keys=True) + "\n"
             path = self.dir / ABOUT
             if path.is_symlink() or path.exists() and not path.is_file():
-                self._quarantine(path, not_a_file(path) or "is not a regular file")
+                self._quarantine(path, f"is {not_a_file(path)}, not a file the store wrote")
             if not path.is_file() or path.read_text(errors="replace") != text:
                 atomic_write_text(path, text)
         os.utime(self.dir)  # the folder's mtime says when a run last used it (`stages.store gc` keeps recent ones)
@@ -295,8 +295,8 @@ class FeatureStore:
 
     def _trusted_keys(self, path: Path) -> tuple[list[str], tuple[int, np.dtype]]:
         """(the keys in row order, (feature_dim, dtype)) of a file whose every byte checked out; raises Untrusted."""
-        if problem := not_a_file(path):
-            raise Untrusted(problem)
+        if kind := not_a_file(path):  # the store writes only regular files (and opening a FIFO would block)
+            raise Untrusted(f"is {kind}, not a file the store wrote")
         try:
             keys, shape, actual = self._checked(path)
         except Untrusted:
