@@ -21,6 +21,7 @@ from transfer_learning.common.errors import UserError
 from transfer_learning.data.images import Preprocessing
 from transfer_learning.features.fingerprint import about, digest, fingerprint_spec
 from transfer_learning.features.store import FeatureStore, store_key
+from transfer_learning.layers.kept import kept_export
 
 DIM = 8
 DAY = 86400
@@ -68,6 +69,10 @@ def test_list_shows_rows_size_files_and_last_use(tmp_path, capsys):
     run_dir = store / "finetune" / fp("run-1")
     run_dir.mkdir(parents=True)
     (run_dir / "checkpoint.pt").write_bytes(b"x" * 2_000_000)
+    prefix_dir = store / "finetune" / fp("prefix recipe")  # where finetune/prefix.py keeps its export
+    prefix_dir.mkdir()
+    kept_export(prefix_dir / "prefix.onnx", {"what": "finetune frozen prefix"},
+                lambda path: path.write_bytes(b"onnx" * 250_000))
     model = quantized_model(store / "quantized", "int8", age_days=1)
     model.with_name(f"{model.name}.rejected-{time.time_ns()}").write_bytes(b"x")
     status, out = run(capsys, "list", "--store", str(store))
@@ -78,6 +83,12 @@ def test_list_shows_rows_size_files_and_last_use(tmp_path, capsys):
     assert lines[b.name][5] == time.strftime("%Y-%m-%d", time.localtime(time.time() - 3 * DAY))
     assert lines[damaged.name][1:4] == ["2", megabytes(damaged), "2"]  # the damaged file counts no rows
     assert lines[f"finetune/{run_dir.name}"][1:4] == ["-", "2.0", "1"]
+    assert lines[f"finetune/{prefix_dir.name}"][1:4] == ["-", "1.0", "2"]  # prefix.onnx and its record
+    under = dict(zip(out.splitlines(), out.splitlines()[1:]))
+    described = {name: next(following for line, following in under.items() if line.startswith(name))
+                 for name in (f"finetune/{run_dir.name}", f"finetune/{prefix_dir.name}")}
+    assert described[f"finetune/{run_dir.name}"].startswith("  = fine-tune run: its checkpoints")
+    assert described[f"finetune/{prefix_dir.name}"].startswith("  = fine-tune frozen-prefix export")
     assert lines[f"quantized/{model.name}"][1:5] == ["-", "0.0", "1", "1"]  # one copy moved aside
     assert "not a store folder" not in out
 
