@@ -13,8 +13,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import yaml
 
 from stages import store as store_cli
+from tests.conftest import merged
 from transfer_learning.features.fingerprint import about, digest
 from transfer_learning.features.split_files import SplitRows, read_split, write_split
 from transfer_learning.features.store import FeatureStore, store_key
@@ -242,7 +244,6 @@ def test_a_full_disk_at_the_merge_says_so_and_the_files_keep_serving_the_split_f
 def test_extract_with_a_full_disk_at_the_merge_writes_the_split_files_and_says_so_in_its_metrics(
         workdir, mount_small_disk, caplog):
     from stages import extract
-    from tests.test_extract import set_params
 
     extract.main()
     first = json.loads(Path("metrics/extract.json").read_text())
@@ -255,7 +256,8 @@ def test_extract_with_a_full_disk_at_the_merge_writes_the_split_files_and_says_s
         for start in range(0, len(keys), 6):
             store.add(keys[start:start + 6], features[start:start + 6])
             store.commit()
-    set_params(extract={"store": str(disk)})
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    Path("params.yaml").write_text(yaml.safe_dump(merged(params, {"extract": {"store": str(disk)}}), sort_keys=False))
     with caplog.at_level(logging.WARNING):
         extract.main()
     metrics = json.loads(Path("metrics/extract.json").read_text())

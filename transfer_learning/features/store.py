@@ -524,5 +524,4 @@ class FeatureStore:
     def _merge_no_space(self, files: int) -> str:
         return (f"feature store {self.dir}: no space left on its disk to merge its {files} files into one at the end "
                 f"of the run: the merged copy needs {self._space(len(self.index))}. Not merged: the {files} files "
-                f"serve all {len(self.index)} rows as they are (reading many files is a little slower), and the "
-                "merge is tried again at the end of the next run")
+                f"serve all {len(self.index)} rows as they are; the merge is tried again at the end of the next run")
