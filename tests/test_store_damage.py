@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import h5py
@@ -291,3 +292,34 @@ def test_a_split_file_checked_out_as_a_link_is_read(tmp_path):
                 fingerprint=FP, classes=["a"], feature_dim=DIM, dtype="float32")
     os.symlink(tmp_path / "cache-copy.h5", tmp_path / "train.h5")  # as DVC checks outputs out with cache.type symlink
     np.testing.assert_array_equal(read_split("train", tmp_path).features, features)
+
+
+# gc and what was moved aside ----------------------------------------------------------------------------------
+
+def test_gc_deletes_what_was_moved_aside_without_following_links(tmp_path, monkeypatch, capsys):
+    """A looping link (dangling once renamed), a directory and a link to someone's directory, moved aside by a run
+    and older than --days: gc deletes the three entries themselves and nothing a link points to."""
+    project = tmp_path / "project"
+    store = project / "store"
+    folder = good_folder(store)
+    theirs = tmp_path / "someone-elses"
+    theirs.mkdir()
+    (theirs / "precious.txt").write_text("not the store's")
+    (folder / "base-0.h5").mkdir()
+    (folder / "base-0.h5" / "inside").write_text("x")
+    os.symlink("segment-0.h5", folder / "segment-0.h5")
+    os.symlink(theirs, folder / "segment-1.h5")
+    with FeatureStore(store, FP, DIM) as run:
+        assert sorted(run.rejected_files) == ["base-0.h5", "segment-0.h5", "segment-1.h5"]
+    for moved in [p for p in folder.iterdir() if ".rejected-" in p.name]:
+        moved.rename(moved.with_suffix(".rejected-1000"))  # moved aside long ago (the suffix is when, in ns)
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    subprocess.run(["git", "init", "-q", str(project)], check=True)
+    monkeypatch.chdir(project)
+    status = store_cli.main(["gc", "--store", str(store), "--days", "1"])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    assert sorted(p.name for p in folder.iterdir()) == ["about.json", next(folder.glob("*.h5")).name]
+    assert out.count("rejected 20") == 3  # "rejected 20xxx.x days ago", one line each
+    assert (theirs / "precious.txt").read_text() == "not the store's"
+    serves_the_good_rows(store)
