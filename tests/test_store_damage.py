@@ -201,7 +201,7 @@ def test_without_a_record_files_that_disagree_are_named_not_judged_and_the_run_d
     assert status == 1 and "BAD" not in out
     assert f"UNSURE   {folder / 'base-0.h5'}: holds {OTHER_DIM} x float32 features per row, other files here hold " \
         f"{DIM} x float32, and no about.json says which" in out
-    assert f"UNSURE   {good}: holds {DIM} x float32 features per row, other files here hold {OTHER_DIM} x float32" in out
+    assert f"UNSURE   {good}: holds {DIM} x float32 features per row, other files here hold {OTHER_DIM} x " in out
     assert sorted(p.name for p in folder.glob("*.h5")) == ["base-0.h5", good.name]  # nothing moved
     with FeatureStore(tmp_path / "store", FP, DIM) as store:  # a run knows its model's width
         assert store.rejected_files == ["base-0.h5"] and len(store) == 3

@@ -287,9 +287,9 @@ class FeatureStore:
         for path in self.files:
             others = sorted({f"{dim} x {dtype}" for dim, dtype in found - {shapes[path]}})
             self.undecided[path.name] = (
-                f"holds {shapes[path][0]} x {shapes[path][1]} features per row, other files here hold {', '.join(others)}, "
-                f"and no {ABOUT} says which its fingerprint stands for: left in place, not served; the next run of "
-                "its model moves aside the files it did not write")
+                f"holds {shapes[path][0]} x {shapes[path][1]} features per row, other files here hold "
+                f"{', '.join(others)}, and no {ABOUT} says which its fingerprint stands for: left in place, not "
+                "served; the next run of its model moves aside the files it did not write")
         log.warning("feature store: %s has no %s and its files disagree on the features' shape (%s): none is "
                     "served or moved aside", self.dir, ABOUT, groups)
         self.files, self.index, self.digests = [], {}, {}
