@@ -18,6 +18,7 @@ folders). A file a revision does not have is no problem: that revision refers to
 """
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ EXTRACT_METRICS = "metrics/extract.json"
 FINETUNE_METRICS = "metrics/finetune.json"
 LAYERS_METRICS = "metrics/layers.json"
 READ = (LOCK, EXTRACT_METRICS, FINETUNE_METRICS, LAYERS_METRICS)
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when PyYAML was built with it
 
 
 class Unreadable(Exception):
@@ -195,14 +197,19 @@ def named(metrics: dict, path: str, key: str) -> str | None:
     return value
 
 
-def features_md5s(files: dict[str, bytes]) -> set[str]:
-    """The md5s data/features has in a dvc.lock (as any stage's out or dep)."""
-    if LOCK not in files:
-        return set()
+def features_md5s(files: dict[str, bytes]) -> frozenset[str]:
+    return lock_md5s(files[LOCK]) if LOCK in files else frozenset()
+
+
+@functools.lru_cache(maxsize=64)
+def lock_md5s(lock: bytes) -> frozenset[str]:
+    """The md5s data/features has in a dvc.lock (as any stage's out or dep). Parsed once per distinct file: most
+    commits share one, and parsing takes a good part of a second in pure-Python YAML."""
     try:
-        stages = (yaml.safe_load(files[LOCK]) or {}).get("stages", {})
-        return {entry["md5"] for stage in stages.values() for entry in stage.get("outs", []) + stage.get("deps", [])
-                if entry.get("path") == FEATURES_DIR.as_posix() and entry.get("md5")}
+        stages = (yaml.load(lock, Loader=YAML_LOADER) or {}).get("stages", {})
+        return frozenset(entry["md5"] for stage in stages.values()
+                         for entry in stage.get("outs", []) + stage.get("deps", [])
+                         if entry.get("path") == FEATURES_DIR.as_posix() and entry.get("md5"))
     except (yaml.YAMLError, AttributeError, TypeError) as error:
         raise Unreadable(f"{LOCK} does not parse as DVC writes it ({type(error).__name__}: {error})") from error
 
