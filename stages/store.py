@@ -1,7 +1,8 @@
 """python -m stages.store list | verify | gc: upkeep of the feature store (extract.store, or --store).
 
   list            every fingerprint folder: rows, MB, files, rejected files, last use, and under it what the
-                  fingerprint stands for (backbone, cut, pooling, precision, dtype, input); every fine-tune run folder
+                  fingerprint stands for (backbone, cut, pooling, precision, dtype, input); every fine-tune folder
+                  (a run's checkpoints, or the kept frozen-prefix export)
   verify          every file checked as a run checks it (digests, finite features); a bad one is moved aside
                   (its rows are recomputed by the next run) and named; exit status 1 if any
   gc [--dry-run]  deletes what this repo does not refer to and nothing used for --days days; stops, deleting

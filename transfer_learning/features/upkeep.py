@@ -1,10 +1,12 @@
 """Upkeep of the feature store (extract.store, or --store), behind `python -m stages.store list | verify | gc`.
 
   list            every fingerprint folder: rows, MB, files, rejected files, last use, and what the fingerprint
-                  stands for (backbone, cut, pooling, precision, dtype, input size); every fine-tune run folder
+                  stands for (backbone, cut, pooling, precision, dtype, input size); every fine-tune folder (a
+                  run's checkpoints, or the kept frozen-prefix export) named for what it is
   verify          every file checked as a run checks it (digests, finite features); a bad one is moved aside
                   (its rows are recomputed by the next run) and named; exit status 1 if any
-  gc [--dry-run]  deletes what this repo does not refer to and nothing used for --days days (the rule below)
+  gc [--dry-run]  deletes what this repo does not refer to and nothing used for --days days (the rule below);
+                  deletes nothing when it cannot read what the repo refers to
 
 Only the store's own folders are touched: `<fingerprint>/` (a 64-hex name with its `<fingerprint>.lock` beside it),
 `finetune/<run fingerprint>/` and the int8/fp16 models `quantized/<digest>.onnx` (features/quantize.py). Anything
