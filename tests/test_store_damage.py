@@ -243,7 +243,7 @@ def test_a_full_disk_at_the_merge_says_so_and_the_files_keep_serving_the_split_f
         np.testing.assert_array_equal(np.concatenate(list(store.gather(keys))), features)
 
 
-def test_extract_with_a_full_disk_at_the_merge_writes_the_split_files_and_says_so_in_its_metrics(
+def test_extract_moves_aside_non_files_and_past_a_full_disk_at_the_merge_writes_the_split_files(
         workdir, mount_small_disk, caplog):
     from stages import extract
 
@@ -258,12 +258,14 @@ def test_extract_with_a_full_disk_at_the_merge_writes_the_split_files_and_says_s
         for start in range(0, len(keys), 6):
             store.add(keys[start:start + 6], features[start:start + 6])
             store.commit()
+    (disk / first["fingerprint"] / "base-0.h5").mkdir()  # and what crashed extract before: a directory, a loop
+    os.symlink("segment-0.h5", disk / first["fingerprint"] / "segment-0.h5")
     params = yaml.safe_load(Path("params.yaml").read_text())
     Path("params.yaml").write_text(yaml.safe_dump(merged(params, {"extract": {"store": str(disk)}}), sort_keys=False))
     with caplog.at_level(logging.WARNING):
         extract.main()
     metrics = json.loads(Path("metrics/extract.json").read_text())
-    assert (metrics["computed"], metrics["store_files_rejected"]) == (0, [])
+    assert (metrics["computed"], metrics["store_files_rejected"]) == (0, ["base-0.h5", "segment-0.h5"])
     assert "no space left on its disk to merge its 10 files" in metrics["store_merge_skipped"]
     assert metrics["store_merge_skipped"] in caplog.text
     for split, values in clean.items():
