@@ -144,6 +144,16 @@ def test_verify_names_and_moves_aside_what_is_not_a_store_file(tmp_path, capsys,
     assert status == 0 and ": 0 bad" in out
 
 
+def test_list_counts_the_good_rows_beside_whatever_is_not_a_store_file(tmp_path, capsys):
+    folder = good_folder(tmp_path / "store")
+    (folder / "base-0.h5").mkdir()
+    os.symlink("base-1.h5", folder / "base-1.h5")
+    os.mkfifo(folder / "base-2.h5")  # opening it would wait for a writer forever
+    assert store_cli.main(["list", "--store", str(tmp_path / "store")]) == 0  # lists, touches nothing
+    listed = capsys.readouterr().out
+    assert any(line.startswith(FP) and line.split()[1] == "3" for line in listed.splitlines()), listed
+
+
 def test_a_record_that_is_a_directory_is_moved_aside_and_written_again(tmp_path, caplog):
     folder = good_folder(tmp_path / "store")
     (folder / "about.json").unlink()

@@ -51,7 +51,7 @@ from filelock import FileLock, Timeout
 from transfer_learning.common.errors import UserError
 from transfer_learning.features.fingerprint import ABOUT, read_about
 from transfer_learning.features.references import referenced
-from transfer_learning.features.store import FINGERPRINT_PATTERN, FeatureStore
+from transfer_learning.features.store import FINGERPRINT_PATTERN, FeatureStore, not_a_file
 
 FINETUNE = "finetune"
 QUANTIZED = "quantized"  # features/quantize.py's QUANTIZED_DIR (not imported: that module imports onnxruntime)
@@ -121,6 +121,8 @@ def rows_in(folder: Path) -> int:
     (`verify` says what is wrong with them)."""
     rows = 0
     for path in folder.glob("*.h5"):
+        if not_a_file(path):  # a FIFO would block the open; `verify` names and moves aside what is not a file
+            continue
         try:
             with h5py.File(path, "r") as handle:
                 rows += int(handle.attrs.get("rows", 0))
