@@ -116,7 +116,8 @@ def cache_listing_damaged(repo: DvcRepo, monkeypatch) -> None:
     (metrics_not_json, "commit [0-9a-f]{8}: metrics/extract.json is not JSON"),
     (cache_listing_damaged, r"commit [0-9a-f]{8}: DVC's cache: .*, the listing of data/features \(md5 .*\), cannot be "
                             "read"),
-], ids=lambda value: getattr(value, "__name__", ""))
+], ids=["dubious-ownership", "damaged-HEAD", "GIT_DIR-nowhere", "object-missing", "metrics-not-JSON",
+        "cache-listing-damaged"])
 def test_gc_deletes_nothing_and_names_the_cause_when_it_cannot_read_what_a_revision_refers_to(history, monkeypatch,
                                                                                             damage, cause):
     damage(history, monkeypatch)
