@@ -296,7 +296,7 @@ def test_two_extracts_on_one_store_at_once(exported, tmp_path):
     os.chdir(works[0])
     try:
         preprocessing = backbone_files.load().preprocessing.with_bit_depth(manifest.read_bit_depth())
-        features_fp = fingerprint(sha256_file(backbone_files.ONNX), preprocessing.to_json(), "float32")
+        features_fp = fingerprint(sha256_file(backbone_files.ONNX), preprocessing, "float32")
     finally:
         os.chdir(REPO)
     # the test holds the store's lock while both start, so both must wait, whatever the timing; then one

@@ -14,6 +14,7 @@ from PIL import Image
 from transfer_learning.common.hashing import sha256_bytes
 from transfer_learning.data import decode as decoding
 from transfer_learning.data.images import Preprocessing
+from transfer_learning.data.pixels import PlainPixels
 from transfer_learning.features.views import ViewDataset, ViewRequest, collate, read_image
 
 ORIGINAL = np.random.default_rng(0).integers(0, 256, (16, 16), dtype=np.uint8)
@@ -256,15 +257,13 @@ def test_old_preprocessing_json_without_bit_depth_loads_with_auto():
         preprocessing().with_bit_depth(9)
 
 
-def test_features_of_another_rule_or_of_the_old_code_are_never_served_again():
-    """The rule is in to_json, hence in extract's fingerprint: rows computed before it existed (65535 rule) or under
-    another data.bit_depth get another store key."""
+def test_features_of_another_rule_are_never_served_again():
+    """The rule is in the preprocessing, hence in extract's fingerprint: rows computed under another data.bit_depth
+    get another store key (rows of other decoding code: tests/test_probe_fingerprint.py)."""
     from transfer_learning.features.fingerprint import fingerprint
 
-    old = {k: v for k, v in preprocessing().to_json().items() if k != "bit_depth"}
-    prints = {fingerprint("onnx", spec, "float32")
-              for spec in (old, preprocessing().to_json(), preprocessing(12).to_json(), preprocessing(16).to_json())}
-    assert len(prints) == 4
+    prints = {fingerprint("onnx", spec, "float32") for spec in (preprocessing(), preprocessing(12), preprocessing(16))}
+    assert len(prints) == 3
 
 
 def test_extract_and_finetune_read_high_bit_files_by_the_preprocessing_rule(tmp_path):
@@ -346,9 +345,10 @@ def test_grey_images_resized_as_one_plane_give_the_bytes_of_their_rgb_copy(size,
     ours = Preprocessing(resize=36, crop=32, interpolation=interpolation, **IMAGENET)
     kept = ours.decode(data, keep_grey=True)
     assert kept.mode == "L"
-    one_plane = ours.pixels()(kept)
+    plain = PlainPixels.of(ours)
+    one_plane = plain(kept)
     assert one_plane.shape[0] == 1
-    assert torch.equal(one_plane.expand(3, -1, -1), ours.pixels()(ours.decode(data)))
+    assert np.array_equal(np.broadcast_to(one_plane, (3, 32, 32)), plain(ours.decode(data)))
 
 
 def test_the_plain_view_of_a_grey_file_is_its_rgb_copys_view(tmp_path):

@@ -90,8 +90,7 @@ def sweep_rows(block: int, keys: list[str]) -> np.ndarray:
     backbone = backbone_files.load()
     preprocessing = backbone.preprocessing.with_bit_depth(manifest.read_bit_depth())
     output = chosen_blocks([block], backbone.anatomy)[0].output
-    folder = Path("store") / fingerprint(f"{sha256_file(graph.BLOCKS_ONNX)}/{output}", preprocessing.to_json(),
-                                         "float32")
+    folder = Path("store") / fingerprint(f"{sha256_file(graph.BLOCKS_ONNX)}/{output}", preprocessing, "float32")
     with FeatureStore.existing(folder) as store:
         return np.concatenate(list(store.gather(keys)))
 

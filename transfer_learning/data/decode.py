@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Union
 
@@ -119,6 +121,20 @@ def is_deep_colour(image: Image.Image, data: bytes) -> bool:
 
 
 _WARNED: set[str] = set()
+
+
+@contextmanager
+def warnings_held_back() -> Iterator[None]:
+    """Decoding without this module's once-per-process warnings: the probe images (data/probes.py) go through
+    every decoding path at each start, and the warning is for the user's own files, when one of them takes it."""
+    warned, disabled = set(_WARNED), log.disabled
+    log.disabled = True
+    try:
+        yield
+    finally:
+        log.disabled = disabled
+        _WARNED.clear()
+        _WARNED.update(warned)
 
 
 def deep_colour_samples(format: str, data: bytes) -> np.ndarray | None:

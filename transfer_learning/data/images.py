@@ -1,14 +1,21 @@
-"""The backbone's preprocessing as a v2 transform, and the decoding of data/decode.py behind `Preprocessing.decode`."""
+"""What the backbone's weights expect of an image (`Preprocessing`), and torch adapters over the evaluation
+preprocessing of data/pixels.py: `transform`, `pixels` and `normalize` run that module's code and hand back tensors,
+so a stage that works in torch gets the very pixels extract computes features from. torchvision transforms are
+used only for training-time augmentation (features/views.py, finetune/data.py)."""
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
+import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms import InterpolationMode, v2
 
 from transfer_learning.data.decode import BIT_DEPTHS, BadImage, BitDepth, decode, is_bit_depth  # noqa: F401
+from transfer_learning.data.pixels import NormalizeTable, PlainPixels
+from transfer_learning.data.probes import probe_digest
 
 log = logging.getLogger(__name__)
 
@@ -60,21 +67,33 @@ class Preprocessing:
         channels, are the very bytes of `pixels` of its RGB copy, for a third of the resizing work."""
         return decode(data, self.bit_depth, keep_grey)
 
-    def transform(self) -> v2.Compose:
-        """PIL RGB image -> normalized float tensor, in the same order as ImageClassification."""
-        return v2.Compose([self.pixels(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)])
+    def probe_digest(self) -> str:
+        """What this preprocessing makes of the probe images with the code and libraries running now
+        (data/probes.py): every fingerprint that depends on pixels holds it."""
+        return probe_digest(self)
 
-    def pixels(self) -> v2.Compose:
-        """PIL RGB (or grey: one channel) image -> resized, cropped uint8 CHW tensor: the part worth doing in worker
-        processes (4x less to send than floats); `normalize` finishes a whole batch at once."""
-        return v2.Compose([
-            v2.Resize(self.resize, interpolation=InterpolationMode(self.interpolation), antialias=self.antialias),
-            v2.CenterCrop(self.crop),
-            v2.PILToTensor(),
-        ])
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """PIL image -> normalized float CHW tensor (3 channels): data/pixels.py's plain pixels, then its
+        normalization."""
+        pixels, table = PlainPixels.of(self), _table(self.mean, self.std)
+        return lambda image: torch.from_numpy(table.inputs([pixels(image)])[0])
+
+    def pixels(self) -> Callable[[Image.Image], torch.Tensor]:
+        """PIL image -> resized, cropped uint8 CHW tensor (3 channels, a grey image's plane repeated):
+        data/pixels.py's PlainPixels."""
+        pixels = PlainPixels.of(self)
+
+        def to_tensor(image: Image.Image) -> torch.Tensor:
+            plane_or_rgb = torch.from_numpy(pixels(image))
+            return plane_or_rgb.expand(3, -1, -1).contiguous() if len(plane_or_rgb) == 1 else plane_or_rgb
+
+        return to_tensor
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 NCHW -> float32 NCHW, the same arithmetic as ToDtype(scale=True) + Normalize."""
-        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.std).view(1, -1, 1, 1)
-        return batch.to(torch.float32).div_(255.0).sub_(mean).div_(std)
+        """uint8 NCHW (grey images may be one plane) -> float32 NCHW: data/pixels.py's NormalizeTable."""
+        return torch.from_numpy(_table(self.mean, self.std).inputs(np.ascontiguousarray(batch.numpy())))
+
+
+@functools.lru_cache(maxsize=16)
+def _table(mean: tuple[float, ...], std: tuple[float, ...]) -> NormalizeTable:
+    return NormalizeTable(mean, std)

@@ -1,6 +1,11 @@
-"""The plain view's uint8 pixels and their normalization with PIL and numpy only, bit for bit those of
-`Preprocessing.pixels()` and `Preprocessing.normalize` (data/images.py), for processes that should not import torch
-(a Ray actor pays ~4 s for torch + torchvision at start-up, before its first row).
+"""The evaluation preprocessing, the one every stage gets its model inputs from (extract and its Ray actors, predict,
+the fine-tune's evaluation and frozen prefix, int8 calibration, the layer sweep, advise, the deploy check): an image
+file's bytes decoded by the data's bit-depth rule (data/decode.py), resized and centre-cropped to uint8 pixels
+(`PlainPixels`, `evaluation_pixels`), normalized to float32 (`NormalizeTable`). PIL and numpy only: a process that
+should not import torch (a Ray actor pays ~4 s for torch + torchvision at start-up) runs the same code. torch
+transforms are used only for training-time augmentation (features/views.py, finetune/data.py); `Preprocessing`'s
+torch methods (data/images.py) are adapters over this module. What this code gives on the probe images
+(data/probes.py) is hashed into every fingerprint that depends on pixels.
 
 On a PIL image, torchvision's v2 Resize and CenterCrop are PIL's own `resize` and `crop`: the output size is
 torchvision's rule (`_compute_resized_output_size`: the short side becomes `resize`, the long side
@@ -14,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from transfer_learning.data.decode import BitDepth, read_checked
+from transfer_learning.data.decode import BitDepth, decode, read_checked
 
 # torchvision's InterpolationMode values -> PIL's resampling filters (torchvision's pil_modes_mapping)
 RESAMPLE = {"nearest": Image.Resampling.NEAREST, "nearest-exact": Image.Resampling.NEAREST,
@@ -94,3 +99,22 @@ class NormalizeTable:
                 plane = image[channel if len(image) > 1 else 0]
                 np.take(table, plane, out=normalized[channel], mode="clip")  # 'raise' buffers `out`: a copy
         return out
+
+    def inputs(self, pixels: list[np.ndarray] | np.ndarray) -> np.ndarray:
+        """uint8 CHW images (of one size; grey ones may be one plane) -> a new float32 NCHW batch."""
+        batch = pixels if isinstance(pixels, np.ndarray) else np.stack(
+            pixels if len({len(p) for p in pixels}) == 1 else [np.broadcast_to(p, (3, *p.shape[1:])) for p in pixels])
+        out = np.empty((len(batch), len(self.table), *batch.shape[2:]), np.float32)
+        return self(batch, out)
+
+
+def evaluation_pixels(data: bytes, preprocessing) -> np.ndarray:
+    """An image file's bytes -> uint8 CHW, one plane for a grey image (NormalizeTable gives it three channels):
+    decoded by `preprocessing.bit_depth`'s rule, resized, centre-cropped. Raises data.decode.BadImage."""
+    image = decode(data, preprocessing.bit_depth, keep_grey=True)
+    return PlainPixels.of(preprocessing)(image)
+
+
+def evaluation_inputs(images: list[bytes], preprocessing) -> np.ndarray:
+    """Image files' bytes -> the float32 NCHW batch a model is evaluated on (see `evaluation_pixels`)."""
+    return NormalizeTable.of(preprocessing).inputs([evaluation_pixels(data, preprocessing) for data in images])

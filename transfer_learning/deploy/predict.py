@@ -70,7 +70,7 @@ def check_features_match(head: head_files.Head, backbone: backbone_files.Backbon
     except FileNotFoundError:
         raise UserError(f"{backbone_files.ONNX} is missing: run `dvc repro export`") from None
     onnx_bytes = quantize.backbone_at_precision(params, onnx_bytes, manifest.read(), preprocessing)
-    current = fingerprint(sha256_bytes(onnx_bytes), preprocessing.to_json(), params.dtype, params.precision)
+    current = fingerprint(sha256_bytes(onnx_bytes), preprocessing, params.dtype, params.precision)
     if head.meta["features_fingerprint"] != current:
         raise UserError(f"head {head.name!r} was trained on other features than {backbone_files.ONNX} gives now at "
                         f"extract.precision {params.precision} (the backbone, cut, pooling, preprocessing, dtype or "

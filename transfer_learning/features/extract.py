@@ -89,7 +89,8 @@ def extract(params: ExtractParams) -> dict:
     classes = manifest.read_classes()
     label_index = {label: i for i, label in enumerate(classes)}
     backbone = backbone_files.load()
-    # the data's rule for high-bit images is part of preprocessing.to_json(), hence of the fingerprint
+    # the data's rule for high-bit images is part of the preprocessing, hence of the fingerprint (which also
+    # measures what the code and libraries of this process make of the probe images: data/probes.py)
     preprocessing = backbone.preprocessing.with_bit_depth(manifest.read_bit_depth())
     onnx_bytes = backbone_files.ONNX.read_bytes()  # hashed and run from the same bytes: no re-read in between
     source_sha256 = sha256_bytes(onnx_bytes)
@@ -99,7 +100,7 @@ def extract(params: ExtractParams) -> dict:
     runner = FeatureRunner(onnx_bytes, params.providers, params.batch_size)
     feature_dim = runner.feature_dim or int(
         runner(np.zeros((1, 3, preprocessing.crop, preprocessing.crop), np.float32)).shape[1])
-    spec = fingerprint_spec(sha256_bytes(onnx_bytes), preprocessing.to_json(), params.dtype, params.precision)
+    spec = fingerprint_spec(sha256_bytes(onnx_bytes), preprocessing, params.dtype, params.precision)
     features_fingerprint = digest(spec)
 
     per_split: dict[str, SplitRows] = {split: SplitRows([], [], [], []) for split in SPLITS}

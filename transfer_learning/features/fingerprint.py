@@ -11,19 +11,18 @@ import hashlib
 import json
 from pathlib import Path
 
-# Bump when the code that turns image bytes into model inputs changes (data/images.py, features/views.py): the
-# fingerprint then changes, and no feature computed by the old code is served.
-PIPELINE_VERSION = 1
-
 
 ABOUT = "about.json"
 
 
-def fingerprint_spec(onnx_sha256: str, preprocessing: dict, dtype: str, precision: str = "fp32") -> dict:
+def fingerprint_spec(onnx_sha256: str, preprocessing, dtype: str, precision: str = "fp32") -> dict:
     """What changes features: the ONNX bytes run (weights, cut, pooling; for int8/fp16 the converted model's own
-    bytes, so its calibration too), the preprocessing, the input code, the precision. fp32 adds no key: its
-    fingerprints are the ones computed before extract.precision existed."""
-    spec = {"onnx": onnx_sha256, "preprocessing": preprocessing, "dtype": dtype, "pipeline": PIPELINE_VERSION}
+    bytes, so its calibration too), the preprocessing (a data.images.Preprocessing) as specified and as measured,
+    the dtype, the precision. Measured: the digest of what the code and libraries of this process make of the probe
+    images (data/probes.py), so a change of either that changes any probe's pixels changes every fingerprint, and
+    one that changes none changes no fingerprint. fp32 adds no precision key."""
+    spec = {"onnx": onnx_sha256, "preprocessing": preprocessing.to_json(), "pixels": preprocessing.probe_digest(),
+            "dtype": dtype}
     if precision != "fp32":
         spec["precision"] = precision
     return spec
@@ -33,7 +32,7 @@ def digest(spec: dict) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-def fingerprint(onnx_sha256: str, preprocessing: dict, dtype: str, precision: str = "fp32") -> str:
+def fingerprint(onnx_sha256: str, preprocessing, dtype: str, precision: str = "fp32") -> str:
     return digest(fingerprint_spec(onnx_sha256, preprocessing, dtype, precision))
 
 

@@ -120,7 +120,7 @@ def model_bytes(onnx_bytes: bytes, precision: str, store: Path, rows: list[Row],
         sample = calibration.sample(rows, calibration_images, calibration_seed)
         recipe = {"options": INT8_OPTIONS, "method": calibration_method, "seed": calibration_seed,
                   "count": calibration_images, "images": sorted(row.sha256 for row in sample),
-                  "preprocessing": preprocessing.to_json()}
+                  "preprocessing": preprocessing.to_json(), "pixels": preprocessing.probe_digest()}
     else:
         recipe = {"options": FP16_OPTIONS}
     digest = cache_digest(sha256_bytes(onnx_bytes), precision, recipe)

@@ -56,7 +56,7 @@ class FlatPrefix(nn.Module):
 
 def prefix_spec(onnx_sha256: str, preprocessing: Preprocessing) -> dict:
     """What the prefix's rows depend on, by extract's rule for the ONNX bytes it runs (fp32 rows)."""
-    return fingerprint_spec(onnx_sha256, preprocessing.to_json(), "float32")
+    return fingerprint_spec(onnx_sha256, preprocessing, "float32")
 
 
 def prefix_fingerprint(onnx_sha256: str, preprocessing: Preprocessing) -> str:

@@ -105,6 +105,8 @@ def run_fingerprint(params: Params, unfreeze: int | str, bn: str, head: head_fil
         "val": [[r.sha256, int(y)] for r, y in zip(val.requests, val.labels)],
         "classes": manifest.read_classes(),
         "bit_depth": manifest.read_bit_depth(),
+        # what the evaluation preprocessing makes of the probe images with this process's code and libraries
+        "pixels": backbone_files.load().preprocessing.with_bit_depth(manifest.read_bit_depth()).probe_digest(),
     }
     if prefix_rows is not None:
         spec["prefix_rows"] = prefix_rows

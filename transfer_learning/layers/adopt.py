@@ -49,7 +49,7 @@ def adopt(source: FeatureStore, requests: dict[str, ViewRequest], cut_onnx: byte
           store_root, dtype: str, providers: list[str], batch_size: int, model: dict) -> dict:
     """Copies `source`'s rows of `requests` into the store of the cut export `cut_onnx`, after the sample check.
     `model` says what the export is (arch, weights, cut, cut_node, pool), for the store folder's description."""
-    spec = fingerprint_spec(sha256_bytes(cut_onnx), preprocessing.to_json(), dtype)
+    spec = fingerprint_spec(sha256_bytes(cut_onnx), preprocessing, dtype)
     target_fingerprint = digest(spec)
     with FeatureStore(store_root, target_fingerprint, source.feature_dim, dtype,
                       about=about(spec, "backbone features", **model, feature_dim=source.feature_dim)) as target:

@@ -101,7 +101,7 @@ def sweep(params: Params) -> dict:
     head = LogisticHead(type="logistic", C=list(params.layers.C))
     results, adopted = [], {}
     with ExitStack() as stack:
-        specs = [fingerprint_spec(f"{graph_sha256}/{block.output}", preprocessing.to_json(), extract.dtype)
+        specs = [fingerprint_spec(f"{graph_sha256}/{block.output}", preprocessing, extract.dtype)
                  for block in blocks]
         stores = [stack.enter_context(FeatureStore(
             root, digest(spec), dim, extract.dtype,
