@@ -222,7 +222,8 @@ def sweep_fingerprints(layers: dict) -> dict[str, str]:
     if not isinstance(blocks, dict) or not all(isinstance(v, str) for v in blocks.values()):
         raise Unreadable(f"{LAYERS_METRICS} records a layer sweep but not the store folders of its blocks' rows "
                          "(`block_fingerprints`, written by sweeps since gc reads them): run the sweep again (it "
-                         "reuses every stored row) or leave this revision out with --commits")
+                         "reuses every stored row), or leave an old commit out with --commits, an old experiment "
+                         "with `dvc exp remove`")
     found = {fingerprint: f"layer sweep block {block}" for block, fingerprint in blocks.items()}
     adopted = layers.get("adopted") or {}
     if not isinstance(adopted, dict):
@@ -239,7 +240,7 @@ def refer(found: References, label: str, files: dict[str, bytes], cache: DvcCach
     finetune = parsed_json(files, FINETUNE_METRICS)
     sweep = sweep_fingerprints(parsed_json(files, LAYERS_METRICS))
     fingerprint = named(extract, EXTRACT_METRICS, "fingerprint")
-    fingerprints = {fingerprint: f"{label}"} if fingerprint else {}
+    fingerprints = {fingerprint: label} if fingerprint else {}
     for md5 in sorted(features_md5s(files)):
         cached = cache.fingerprints(md5)
         if cached is None and fingerprint is None:
