@@ -210,3 +210,14 @@ def test_excluding_and_relabelling_keeps_every_split_and_computes_no_feature(wor
     audit_stage.main()  # a small real end-to-end run: 56 digits, too few per class for 5 folds
     metrics = json.loads(Path("metrics/audit.json").read_text())
     assert metrics["images"] == len(before) - 2 and metrics["folds"] < 5
+
+
+def test_the_plotted_map_keeps_every_flagged_image_and_a_seeded_sample_past_its_size(monkeypatch):
+    from transfer_learning.audit import report
+
+    flags = ["none"] * 50 + ["outlier", "near_copy+label_issue"] + ["none"] * 48
+    assert report.plotted(flags, 0).tolist() == list(range(100))
+    monkeypatch.setattr(report, "MAP_POINTS_MAX", 10)
+    shown = report.plotted(flags, 0)
+    assert len(shown) == 10 and {50, 51} <= set(shown.tolist()) and shown.tolist() == sorted(shown.tolist())
+    assert report.plotted(flags, 0).tolist() == shown.tolist()  # seeded

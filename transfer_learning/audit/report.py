@@ -39,6 +39,9 @@ NEAR_DUPLICATE_COLUMNS = ("path", "sha256", "split", "label", "duplicate_of", "d
                           "duplicate_of_label", "cosine", "score")
 OUTLIER_COLUMNS = ("rank", "path", "sha256", "split", "label", "typicality")
 SHOWN = 10  # rows of each list in reports/audit.md
+# points in plots/audit/map.csv at most (every flagged image, then a seeded sample of the others): a browser draws
+# 5,000 points of `dvc plots show` at once, not 70,000; map.png draws every image
+MAP_POINTS_MAX = 5000
 
 
 def write_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
@@ -89,21 +92,34 @@ def flagged_images(result: AuditResult) -> dict[str, set[int]]:
             "outlier": {int(i) for i in result.outliers.flagged}}
 
 
-def write_map(result: AuditResult, kind: str) -> None:
+def plotted(flag_of: list[str], seed: int) -> np.ndarray:
+    """The indices map.csv holds: all when at most MAP_POINTS_MAX, else every flagged image and a seeded sample."""
+    if len(flag_of) <= MAP_POINTS_MAX:
+        return np.arange(len(flag_of))
+    flagged = np.array([flag != "none" for flag in flag_of])
+    others = np.flatnonzero(~flagged)
+    room = max(0, MAP_POINTS_MAX - int(flagged.sum()))
+    sample = np.random.default_rng(seed).choice(others, min(room, len(others)), replace=False)
+    return np.sort(np.concatenate([np.flatnonzero(flagged), sample]))
+
+
+def write_map(result: AuditResult, kind: str, seed: int) -> int:
+    """plots/audit/map.csv and reports/audit/map.png; returns the points in map.csv."""
     images = result.images
     flags = flagged_images(result)
     flag_of = ["+".join(name for name, members in flags.items() if i in members) or "none"
                for i in range(len(images.labels))]
     shutil.rmtree(MAP_PLOT.parent, ignore_errors=True)
     MAP_PLOT.parent.mkdir(parents=True)
+    shown = plotted(flag_of, seed)
     write_csv(MAP_PLOT, ("x", "y", "label", "split", "flag", "path"),
-              [{"x": round(float(x), 5), "y": round(float(y), 5), "label": images.classes[label], "split": split,
-                "flag": flag, "path": path}
-               for (x, y), label, split, flag, path in zip(result.points, images.labels, images.splits, flag_of,
-                                                           images.paths)])
+              [{"x": round(float(result.points[i, 0]), 5), "y": round(float(result.points[i, 1]), 5),
+                "label": images.classes[images.labels[i]], "split": images.splits[i], "flag": flag_of[i],
+                "path": images.paths[i]} for i in shown])
     draw_map(MAP_PNG, result.points, images.labels, images.classes,
              np.array([flag != "none" for flag in flag_of], bool),
              f"{len(images.labels)} images, {kind.upper()} of their features; ringed: flagged")
+    return len(shown)
 
 
 def write_sheets(result: AuditResult, sheet: int, issues: list[dict], copies: list[dict],
@@ -124,7 +140,7 @@ def write_sheets(result: AuditResult, sheet: int, issues: list[dict], copies: li
                bit_depth, f"The {min(sheet, len(outlying))} least typical images")
 
 
-def metrics_of(result: AuditResult, params: AuditParams) -> dict:
+def metrics_of(result: AuditResult, params: AuditParams, map_points: int) -> dict:
     from transfer_learning.audit.near_copies import leaks
 
     images = result.images
@@ -141,6 +157,8 @@ def metrics_of(result: AuditResult, params: AuditParams) -> dict:
         "outliers": len(result.outliers.flagged),
         "outlier_threshold": round(result.outliers.threshold, 4),
         "map": params.map,
+        "map_points": map_points,
+        "neighbour_search_dims": result.search_dims,
     }
     if result.issues is not None:
         found.update({
@@ -206,6 +224,10 @@ def markdown(found: dict, issues: list[dict], copies: list[dict], outlying: list
         "",
         "![map](audit/map.png)",
         "",
+        f"`plots/audit/map.csv` (drawn by `dvc plots show`) holds {found['map_points']} of the {found['images']} "
+        "images" + (": every flagged one and a seeded sample of the others." if found["map_points"] < found["images"]
+                    else "."),
+        "",
         "## What to do next",
         "",
         "Look at the contact sheets, then copy the rows you agree with into files of your own (the audit rewrites "
@@ -234,8 +256,7 @@ def write_outputs(result: AuditResult, params: AuditParams) -> dict:
     write_csv(NEAR_DUPLICATES, NEAR_DUPLICATE_COLUMNS, copies)
     write_csv(OUTLIERS, OUTLIER_COLUMNS, outlying)
     write_sheets(result, params.sheet, issues, copies, outlying)
-    write_map(result, params.map)
-    found = metrics_of(result, params)
+    found = metrics_of(result, params, write_map(result, params.map, params.seed))
     atomic_write_text(REPORT, markdown(found, issues, copies, outlying))
     write_metrics("audit", found)
     write_timings("audit", {**result.seconds, "outputs": round(time.perf_counter() - started, 3),
