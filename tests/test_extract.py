@@ -1,4 +1,5 @@
 """extract: real ONNX Runtime over real images into the real HDF5 feature store."""
+import contextlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ from PIL import Image
 
 from stages import export, extract, prepare
 from tests.conftest import DIGITS_PER_CLASS, REPO, write_digits
+from tests.faults import faulty_env
 from transfer_learning.backbone import files as backbone_files
 from transfer_learning.backbone.anatomy import PooledFeatures
 from transfer_learning.common.errors import UserError
@@ -25,7 +27,6 @@ from transfer_learning.data import manifest
 from transfer_learning.features import split_files
 from transfer_learning.features.split_files import SplitRows, write_split
 from transfer_learning.features.fingerprint import fingerprint
-from transfer_learning.features.store import COMMIT_ROWS, KILL_AFTER_COMMITS
 from transfer_learning.features.runtime import CPU, CUDA, FeatureRunner, provider_options, providers_to_try
 
 # CUDA (TF32 off) vs CPU, both fp32: only kernels and summation order differ (typically ~1e-5 of the scale).
@@ -235,8 +236,8 @@ def test_cuda_extraction_equals_cpu_and_shares_its_rows(workdir, onnxruntime_cud
     assert (metrics()["computed"], metrics()["reused"]) == (0, 60)
 
 
-def run_extract(cwd: Path, **env_vars: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), **env_vars}
+def run_extract(cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = env or {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen([sys.executable, "-m", "stages.extract"], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -245,31 +246,24 @@ def run_extract(cwd: Path, **env_vars: str) -> subprocess.Popen:
 def test_sigkill_then_resume_gives_the_uninterrupted_features(exported, tmp_path):
     work = tmp_path / "work"
     shutil.copytree(exported, work)
-    write_digits(work / "images", 24, start=DIGITS_PER_CLASS)  # 300 images, commits every 64 rows
-    os.chdir(work)
-    try:
-        prepare.main()
-    finally:
-        os.chdir(REPO)
     store = work / "store"
-    process = run_extract(work, **{COMMIT_ROWS: "64", KILL_AFTER_COMMITS: "2"})  # SIGKILLed after its 2nd commit
-    process.communicate(timeout=300)
-    assert process.returncode == -signal.SIGKILL
+    # the 60 images in batches of 16, a commit every 16 rows: SIGKILLed right after the 2nd commit, mid-run
+    process = run_extract(work, faulty_env(tmp_path / "faults", commit_rows=16, kill_after_commits=2))
+    out, _ = process.communicate(timeout=300)
+    assert process.returncode == -signal.SIGKILL, out
     committed = sum(h5py.File(f, "r").attrs["rows"] for f in store.glob("*/*.h5"))
     total = len((work / "data/prepared/manifest.csv").read_text().splitlines()) - 1
-    assert 64 <= committed < total, "the kill should land mid-run"
+    assert 0 < committed < total, "the kill should land mid-run"
 
-    resumed = run_extract(work)
-    out, _ = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, out
+    with contextlib.chdir(work):
+        extract.main()  # resumes
     m = json.loads((work / "metrics/extract.json").read_text())
-    assert m["reused"] >= committed and m["computed"] == total - m["reused"]
+    assert m["reused"] == committed and m["computed"] == total - committed
 
     clean = tmp_path / "clean"
-    shutil.copytree(work, clean, ignore=shutil.ignore_patterns("store", "features"))
-    fresh = run_extract(clean)
-    out, _ = fresh.communicate(timeout=300)
-    assert fresh.returncode == 0, out
+    shutil.copytree(exported, clean)
+    with contextlib.chdir(clean):
+        extract.main()  # uninterrupted
     for split in ("train", "val", "test"):
         with h5py.File(work / f"data/features/{split}.h5") as a, h5py.File(clean / f"data/features/{split}.h5") as b:
             np.testing.assert_array_equal(a["keys"][:], b["keys"][:])
@@ -285,12 +279,6 @@ def test_two_extracts_on_one_store_at_once(exported, tmp_path):
         shutil.copytree(exported, work)
         text = (work / "params.yaml").read_text().replace("store: store", f"store: {shared_store}")
         (work / "params.yaml").write_text(text)
-        write_digits(work / "images", 20, start=DIGITS_PER_CLASS)
-        os.chdir(work)
-        try:
-            prepare.main()
-        finally:
-            os.chdir(REPO)
         works.append(work)
     total = len((works[0] / "data/prepared/manifest.csv").read_text().splitlines()) - 1
     os.chdir(works[0])

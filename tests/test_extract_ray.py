@@ -4,6 +4,7 @@ One local Ray cluster serves the module (start-up costs seconds), the engine use
 has; the checks that need a cluster share one test, so that xdist workers do not each start one. The driver-kill
 test runs the stage as its own process, which starts and stops its own cluster.
 """
+import contextlib
 import os
 import shutil
 import signal
@@ -16,14 +17,15 @@ import h5py
 import numpy as np
 import pytest
 
-from stages import extract, prepare
-from tests.conftest import DIGITS_PER_CLASS, REPO, write_digits
+from stages import extract
+from tests.conftest import REPO
+from tests.faults import actor_killed_once, faulty_env
 from tests.test_extract import CUDA_VS_CPU_RTOL_OF_SCALE, metrics, read_split, set_params
 from transfer_learning.common.errors import UserError
 from transfer_learning.common.hashing import sha256_bytes
-from transfer_learning.features.ray_engine import (
-    KILL_ACTOR_AT_BATCH, KILL_ACTOR_MARKER, check_fits, decode_in_tasks, gpus_per_actor, ort_threads)
-from transfer_learning.features.store import KILL_AFTER_COMMITS, store_key
+from transfer_learning.features import ray_engine
+from transfer_learning.features.ray_engine import check_fits, decode_in_tasks, gpus_per_actor, ort_threads
+from transfer_learning.features.store import store_key
 from transfer_learning.features.views import PLAIN_VIEW
 from transfer_learning.features.runtime import CPU, CUDA
 from transfer_learning.params import ExtractParams
@@ -90,11 +92,10 @@ def test_ray_rows_equal_local_rows_through_an_actor_kill_and_a_bad_image_and_eac
 
     # decoding in the actors, and one of them SIGKILLs itself at its 2nd batch: restarted, its batch retried
     marker = workdir / "actor-killed"
-    monkeypatch.setenv(KILL_ACTOR_AT_BATCH, "2")
-    monkeypatch.setenv(KILL_ACTOR_MARKER, str(marker))
-    set_params(extract={"store": "store-ray", **RAY, "ray": {"batch_size": 4, "decode": "actors"}})
-    extract.main()
-    monkeypatch.delenv(KILL_ACTOR_AT_BATCH)
+    with monkeypatch.context() as patched:
+        patched.setattr(ray_engine, "BackboneActor", actor_killed_once(2, marker))
+        set_params(extract={"store": "store-ray", **RAY, "ray": {"batch_size": 4, "decode": "actors"}})
+        extract.main()
     assert marker.exists(), "no actor was killed: the test proved nothing"
     m = metrics()
     assert (m["engine"], m["actors"], m["computed"], m["reused"]) == ("ray", 2, 60, 0)
@@ -220,26 +221,17 @@ def test_gpu_actors_by_default_on_a_cluster_with_gpus_share_the_cpu_rows(workdir
 def test_a_killed_driver_loses_at_most_its_last_commit_and_local_resumes(exported, tmp_path):
     work = tmp_path / "work"
     shutil.copytree(exported, work)
-    write_digits(work / "images", 4, start=DIGITS_PER_CLASS)  # 100 images
-    os.chdir(work)
-    try:
-        prepare.main()
+    with contextlib.chdir(work):
         set_params(extract={**RAY, "ray": {"batch_size": 8}})
-    finally:
-        os.chdir(REPO)
-    # the store commits at its first add after Ray's start-up (over commit_seconds since it opened): mid-run
-    env = {**os.environ, "PYTHONPATH": str(REPO), KILL_AFTER_COMMITS: "1"}
-    killed = subprocess.run([sys.executable, "-m", "stages.extract"], cwd=work, env=env, capture_output=True,
-                            text=True, timeout=300)
+    # the store commits each batch of 8 rows as it arrives; the driver is SIGKILLed right after the first commit
+    killed = subprocess.run([sys.executable, "-m", "stages.extract"], cwd=work, capture_output=True, text=True,
+                            env=faulty_env(tmp_path / "faults", commit_rows=8, kill_after_commits=1), timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     committed = len(store_keys(work / "store"))
     total = len((work / "data/prepared/manifest.csv").read_text().splitlines()) - 1
     assert 0 < committed < total, "the kill should land mid-run"
 
-    os.chdir(work)
-    try:
+    with contextlib.chdir(work):
         set_params(extract={"engine": "local"})  # the local engine resumes what the killed ray run committed
         extract.main()
         assert (metrics()["reused"], metrics()["computed"]) == (committed, total - committed)
-    finally:
-        os.chdir(REPO)

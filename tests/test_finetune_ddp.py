@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.faults import faulty_env
 from transfer_learning.common.errors import UserError
 from transfer_learning.finetune.distributed import rank_share
 from transfer_learning.params import load_params
@@ -35,11 +36,12 @@ def set_finetune(root: Path, **values) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def run_stage(root: Path, **env) -> subprocess.CompletedProcess:
-    """`python -m stages.finetune` as DVC runs it, in a session of its own (what a kill of "the stage" kills)."""
+def run_stage(root: Path, **faults: int) -> subprocess.CompletedProcess:
+    """`python -m stages.finetune` as DVC runs it, in a session of its own (what a kill of "the stage" kills), with
+    `faults` (tests/faults.py) in each of its processes."""
+    env = faulty_env(root.parent / "faults", **faults) if faults else {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "stages.finetune"], cwd=root, capture_output=True, text=True,
-                          timeout=300, start_new_session=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", **env})
+                          timeout=300, start_new_session=True, env={**env, "TQDM_DISABLE": "1"})
 
 
 def processes_in(root: Path) -> list[int]:
@@ -68,7 +70,7 @@ def test_two_processes_resume_after_a_sigkill_fail_with_a_workers_error_and_matc
     one, two = tmp_path / "one", tmp_path / "two"
     shutil.copytree(exported, two)
     set_finetune(two, **SETTINGS, nproc=2)
-    killed = run_stage(two, TRANSFER_LEARNING_KILL_AFTER_EPOCH="1")
+    killed = run_stage(two, kill_after_epoch=1)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     deadline = time.monotonic() + 120  # a bound against hanging, not a timing: they die with their launcher
     while processes_in(two) and time.monotonic() < deadline:
@@ -80,11 +82,11 @@ def test_two_processes_resume_after_a_sigkill_fail_with_a_workers_error_and_matc
     computed = [int(n) for n in re.findall(r"(\d+) to compute", killed.stderr)]
     assert [n for n in computed if n] == [36, 12] and len(computed) > 2, killed.stderr[-3000:]
 
-    failed = run_stage(two, TRANSFER_LEARNING_FAIL_AFTER_EPOCH="2")  # rank 1 raises once epoch 2 is saved
+    failed = run_stage(two, fail_after_epoch=2)  # rank 1 raises once epoch 2 is saved
     assert failed.returncode == 2, failed.stderr[-3000:]
     assert failed.stderr.strip().splitlines()[-1] == (
-        "error: fine-tuning failed in rank 1 of 2 (exit code 1): RuntimeError: TRANSFER_LEARNING_FAIL_AFTER_EPOCH=2: "
-        "rank 1 fails on purpose; the epochs done so far are in the checkpoint: a re-run resumes from it")
+        "error: fine-tuning failed in rank 1 of 2 (exit code 1): RuntimeError: rank 1 fails on purpose after epoch 2; "
+        "the epochs done so far are in the checkpoint: a re-run resumes from it")
     assert "epoch 1 of 3 done" in failed.stderr  # it had resumed
     assert torch.load(checkpoint, weights_only=True)["epoch"] == 2  # nothing written is lost
 

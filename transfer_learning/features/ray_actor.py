@@ -12,21 +12,14 @@ seed torch's global generator; one ONNX Runtime run at a time, on the actor's CP
 """
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 
 from transfer_learning.data.pixels import NormalizeTable, PlainPixels
 from transfer_learning.features.runtime import FeatureRunner
 
-# fault injection for the tests: an actor SIGKILLs itself at its Nth batch if the marker file does not exist yet
-# (it creates it first), so exactly one actor dies once, mid-run
-KILL_ACTOR_AT_BATCH = "TRANSFER_LEARNING_KILL_ACTOR_AT_BATCH"
-KILL_ACTOR_MARKER = "TRANSFER_LEARNING_KILL_ACTOR_MARKER"
 CONCURRENT_BATCHES = 2  # per actor: one decoding, one in ONNX Runtime
 
 
@@ -76,7 +69,7 @@ class BackboneActor:
     (decode: tasks) in, float32 rows out."""
 
     def __init__(self, onnx, providers: list[str], batch_size: int, preprocessing: dict,
-                 feature_dim: int, use_gpu: bool, threads: int, kill_at_batch: int = 0, kill_marker: str = ""):
+                 feature_dim: int, use_gpu: bool, threads: int):
         """`onnx`: the model's bytes, or their object reference; `preprocessing`: Preprocessing.to_json()."""
         if not isinstance(onnx, bytes):
             import ray
@@ -92,17 +85,11 @@ class BackboneActor:
         self.inputs = np.empty((batch_size, 3, crop, crop), np.float32)
         self.feature_dim = feature_dim
         self.decoding, self.inferring, self.accounting = threading.Lock(), threading.Lock(), threading.Lock()
-        self.batches = 0
         self.last_end = 0.0
-        self.kill_at_batch, self.kill_marker = kill_at_batch, kill_marker
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         started = time.perf_counter()
         with self.decoding:
-            self.batches += 1
-            if self.batches == self.kill_at_batch and not os.path.exists(self.kill_marker):
-                Path(self.kill_marker).touch()
-                os.kill(os.getpid(), signal.SIGKILL)
             if "pixels" in batch:
                 pixels, errors = batch["pixels"], batch["error"]
             else:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 import warnings
 from pathlib import Path
@@ -32,8 +31,7 @@ from tqdm import tqdm
 
 from transfer_learning.common.errors import UserError
 from transfer_learning.data.images import Preprocessing
-from transfer_learning.features.ray_actor import (  # noqa: F401 (the kill switches: the tests set them)
-    CONCURRENT_BATCHES, KILL_ACTOR_AT_BATCH, KILL_ACTOR_MARKER, BackboneActor, read_views)
+from transfer_learning.features.ray_actor import CONCURRENT_BATCHES, BackboneActor, read_views
 from transfer_learning.features.ray_cluster import ray_cluster
 from transfer_learning.features.store import FeatureStore
 from transfer_learning.features.views import ViewRequest
@@ -119,9 +117,7 @@ def compute(store: FeatureStore, todo: dict[str, ViewRequest], onnx_bytes: bytes
                 fn_constructor_kwargs=dict(
                     onnx=ray.put(onnx_bytes), providers=params.providers, batch_size=settings.batch_size,
                     preprocessing=preprocessing.to_json(), feature_dim=store.feature_dim, use_gpu=gpus > 0,
-                    threads=ort_threads(settings.num_cpus_per_actor, gpus),
-                    kill_at_batch=int(os.environ.get(KILL_ACTOR_AT_BATCH, 0)),
-                    kill_marker=os.environ.get(KILL_ACTOR_MARKER, "")))
+                    threads=ort_threads(settings.num_cpus_per_actor, gpus)))
         stored: set[str] = set()
         errors: list[str] = []
         providers: set[str] = set()

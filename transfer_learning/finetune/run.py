@@ -12,9 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +39,7 @@ from transfer_learning.finetune.data import (
     image_batches,
     split_images,
 )
-from transfer_learning.finetune.distributed import LAUNCHER_PID, Group
+from transfer_learning.finetune.distributed import Group
 from transfer_learning.finetune.curves import write_curves
 from transfer_learning.finetune.files import FINETUNE_DIR, LOGITS, PROBABILITIES
 from transfer_learning.finetune.loop import Inputs, fit
@@ -53,10 +51,6 @@ from transfer_learning.params import Params
 log = logging.getLogger("finetune")
 for noisy in ("onnx_ir", "onnxscript"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-# fault injection for the crash tests (fault_hook): after this epoch's checkpoint the stage is SIGKILLed, or a rank
-# fails
-KILL_AFTER_EPOCH = "TRANSFER_LEARNING_KILL_AFTER_EPOCH"
-FAIL_AFTER_EPOCH = "TRANSFER_LEARNING_FAIL_AFTER_EPOCH"
 WORKERS = 2
 ORT_BATCH = 64  # images per ONNX Runtime call for the test scores
 SEED = 0  # the fresh head's init, the shuffling, the augmentation, dropout
@@ -304,7 +298,7 @@ def train(params: Params, group: Group | None = None) -> dict | None:
     log.info("training on %s%s; checkpoint %s", device, "" if group is None else f" (rank {group.rank} of {world})",
              checkpoint)
     outcome = fit(net, prepared.train_inputs, prepared.val_inputs, settings, seed=SEED, checkpoint=checkpoint,
-                  device=device, on_epoch_end=fault_hook(group), group=group)
+                  device=device, group=group)
     if group is not None:
         group.close()  # every rank has trained; rank 0 alone writes the outputs
         if not group.leader:
@@ -339,26 +333,6 @@ def train(params: Params, group: Group | None = None) -> dict | None:
         "onnx_max_abs_diff": max_abs_diff,
         "seconds": round(time.perf_counter() - started, 2),
     }
-
-
-def fault_hook(group: Group | None):
-    """The crash tests' fault injection, None unless asked for. Once epoch k's checkpoint is on disk:
-    KILL_AFTER_EPOCH=k: rank 0 (or the one process) SIGKILLs the whole stage, the launcher's process group, then
-    itself (a torchrun worker has a session of its own; the other ranks die with their launcher).
-    FAIL_AFTER_EPOCH=k: the last rank raises, as a worker's Python error would."""
-    kill_after, fail_after = os.environ.get(KILL_AFTER_EPOCH), os.environ.get(FAIL_AFTER_EPOCH)
-    if kill_after is None and fail_after is None:
-        return None
-    rank, world = (0, 1) if group is None else (group.rank, group.world)
-
-    def hook(epoch: int) -> None:
-        if fail_after is not None and epoch == int(fail_after) and rank == world - 1:
-            raise RuntimeError(f"{FAIL_AFTER_EPOCH}={epoch}: rank {rank} fails on purpose")
-        if kill_after is not None and epoch == int(kill_after) and rank == 0:
-            os.killpg(os.getpgid(int(os.environ.get(LAUNCHER_PID, os.getpid()))), signal.SIGKILL)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return hook
 
 
 def write_outputs(params: Params, setup: Setup, outcome, checkpoint: Path, backbone: backbone_files.Backbone,
