@@ -5,6 +5,9 @@ computed once per process. Each repetition is a fresh interpreter, as a stage ru
   Pillow's format plugins, pypng and tifffile are loaded on the way;
 - warm: a second digest under another preprocessing in the same process, the probes' own work.
 
+Each is reported as wall time and as the process's CPU time: on a loaded machine the wall time measures the queue
+for a core, the CPU time what the digest costs.
+
     .venv/bin/python benchmarks/probe_digest.py
 """
 from __future__ import annotations
@@ -21,12 +24,13 @@ import time
 from transfer_learning.data.images import Preprocessing
 from transfer_learning.data.probes import probe_files
 imagenet = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation="bilinear")
-started = time.perf_counter()
+started, cpu = time.perf_counter(), time.process_time()
 Preprocessing(resize=256, crop=224, **imagenet).probe_digest()
-cold = time.perf_counter() - started
-started = time.perf_counter()
+cold, cold_cpu = time.perf_counter() - started, time.process_time() - cpu
+started, cpu = time.perf_counter(), time.process_time()
 Preprocessing(resize=232, crop=224, bit_depth=12, **imagenet).probe_digest()
-print(cold, time.perf_counter() - started, len(probe_files()), sum(p.stat().st_size for p in probe_files()))
+warm, warm_cpu = time.perf_counter() - started, time.process_time() - cpu
+print(cold, warm, cold_cpu, warm_cpu, len(probe_files()), sum(p.stat().st_size for p in probe_files()))
 """
 
 
@@ -35,10 +39,11 @@ def main() -> None:
     for _ in range(REPS):
         done = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, capture_output=True, text=True, check=True)
         runs.append(done.stdout.split())
-    cold, warm = ([float(run[i]) for run in runs] for i in (0, 1))
-    count, size = runs[0][2], int(runs[0][3])
+    cold, warm, cold_cpu, warm_cpu = ([float(run[i]) for run in runs] for i in range(4))
+    count, size = runs[0][4], int(runs[0][5])
     print(f"{count} probe images, {size:,} bytes, resize 256 / crop 224, {REPS} fresh processes")
-    for name, seconds in (("cold (first digest in a process)", cold), ("warm (another preprocessing)", warm)):
+    for name, seconds in (("cold (first digest in a process), wall", cold), ("cold, CPU", cold_cpu),
+                          ("warm (another preprocessing), wall", warm), ("warm, CPU", warm_cpu)):
         print(f"{name}: median {statistics.median(seconds):.3f} s (min {min(seconds):.3f}, max {max(seconds):.3f})")
 
 
