@@ -218,7 +218,8 @@ def large(rows: int, images: Images, params: AuditParams) -> None:
     searched = projected(features, SEARCH_DIMS, params.seed) if rows > EXACT_SEARCH_MAX else features
     unit = unit_rows(searched)
     (votes_index, votes_similarity), (index, similarity) = nearest(
-        unit, unit, np.arange(rows), [(params.neighbors, labelled), (NEXT + 1, None)])
+        unit, unit, np.arange(rows), [(params.neighbors, labelled), (NEXT + 1, None)],
+        fast_top_k=rows > EXACT_SEARCH_MAX)
     searched_at = time.perf_counter() - started
     components = searched[:, :params.dims] if rows > EXACT_SEARCH_MAX else projected(features, params.dims, 0)
     train = np.flatnonzero(labelled)

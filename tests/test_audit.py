@@ -221,3 +221,21 @@ def test_the_plotted_map_keeps_every_flagged_image_and_a_seeded_sample_past_its_
     shown = report.plotted(flags, 0)
     assert len(shown) == 10 and {50, 51} <= set(shown.tolist()) and shown.tolist() == sorted(shown.tolist())
     assert report.plotted(flags, 0).tolist() == shown.tolist()  # seeded
+
+
+def test_the_neighbour_search_is_exact_and_its_two_top_k_paths_agree():
+    from transfer_learning.audit.neighbours import nearest, unit_rows
+
+    rng = np.random.default_rng(0)
+    rows = unit_rows(rng.normal(size=(1500, 16)).astype(np.float32))  # more than one block of queries
+    labelled = rng.random(1500) < 0.7
+    similarity = rows @ rows.T
+    np.fill_diagonal(similarity, -np.inf)
+    expected_all = np.argsort(-similarity, axis=1, kind="stable")[:, :11]
+    expected_labelled = np.argsort(-np.where(labelled, similarity, -np.inf), axis=1, kind="stable")[:, :40]
+    for fast in (False, True):
+        (labelled_index, labelled_values), (all_index, all_values) = nearest(
+            rows, rows, np.arange(1500), [(40, labelled), (11, None)], fast_top_k=fast)
+        assert (all_index == expected_all).mean() > 0.999 and (labelled_index == expected_labelled).mean() > 0.999
+        assert labelled[labelled_index].all() and not (all_index == np.arange(1500)[:, None]).any()
+        np.testing.assert_allclose(all_values, np.take_along_axis(similarity, all_index, axis=1), rtol=1e-6)
