@@ -24,7 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def faulty_env(folder: Path, **faults: int) -> dict[str, str]:
-    """os.environ for a subprocess whose Python processes run with `faults` (the keyword arguments of `install`)."""
+    """os.environ for a subprocess whose Python processes run with `faults` (the keyword arguments of `install`).
+    Each set of faults gets a folder of its own: a sitecustomize.py rewritten in place could be shadowed by the
+    bytecode Python cached for the previous one (same size, same second)."""
+    folder = folder / "-".join(f"{name}-{value}" for name, value in sorted(faults.items()))
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "sitecustomize.py").write_text(f"from tests.faults import install\ninstall(**{faults!r})\n")
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), str(REPO)])}
