@@ -113,11 +113,11 @@ def test_ray_rows_equal_local_rows_through_an_actor_kill_and_a_bad_image_and_eac
     assert (metrics()["engine"], metrics()["computed"], metrics()["reused"]) == ("local", 0, 60)
     assert_same_features(features_of_every_split(), local)
 
-    # decoding in reader tasks (GPU actors' default), with an image that no longer decodes
+    # decoding in reader tasks (GPU actors' default), with an image that no longer decodes; one actor is enough here
     rows = Path("data/prepared/manifest.csv").read_text().splitlines()
     victim, victim_sha256 = rows[-1].split(",")[0], rows[-1].split(",")[3]
     Path(victim).write_bytes(b"not an image any more")
-    set_params(extract={"store": "store-tasks", **RAY, "ray": {"decode": "tasks"}})
+    set_params(extract={"store": "store-tasks", **RAY, "ray": {"decode": "tasks", "actors": 1, "batch_size": 16}})
     with pytest.raises(UserError, match=f"cannot extract 1 image.*{victim}: changed since prepare"):
         extract.main()
     local_rows, task_rows = store_rows(Path("store-local")), store_rows(Path("store-tasks"))
