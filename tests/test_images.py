@@ -381,3 +381,26 @@ def test_grey_planes_beside_colour_images_are_stacked_as_three_channels(tmp_path
     expected, _, _ = collate([ViewDataset([requests[k]], ours)[0] for k in ("grey", "rgb")])
     assert batch.shape == (2, 3, 16, 16) and torch.equal(batch, expected)
     assert torch.equal(batch[0, 0], batch[0, 2]) and not torch.equal(batch[1, 0], batch[1, 2])
+
+
+def test_a_fine_tune_flip_without_a_random_crop_starts_from_the_evaluation_pixels(tmp_path):
+    """torch only augments: with finetune.augment's random resized crop off, a training image is the evaluation
+    pixels (data/pixels.py), flipped or not."""
+    from transfer_learning.finetune.data import AugmentedImages, augmentation
+    from transfer_learning.params import FinetuneParams
+
+    path = tmp_path / "photo.png"
+    path.write_bytes(encoded(Image.fromarray(np.random.default_rng(5).integers(0, 256, (30, 44, 3), np.uint8)),
+                             "PNG"))
+    ours = Preprocessing(resize=36, crop=32, interpolation="bilinear", **IMAGENET)
+    augment = augmentation(FinetuneParams(augment={"random_resized_crop": False, "hflip": True}).augment, ours)
+    dataset = AugmentedImages([ViewRequest(str(path), sha256_bytes(path.read_bytes()), 0)], augment, ours, seed=0)
+    plain = PlainPixels.of(ours)(ours.decode(path.read_bytes()))
+    seen = set()
+    for epoch in range(8):
+        dataset.epoch = epoch
+        pixels = dataset[0][0].numpy()
+        flipped = np.array_equal(pixels, plain[:, :, ::-1])
+        assert flipped or np.array_equal(pixels, plain)
+        seen.add(flipped)
+    assert seen == {True, False}

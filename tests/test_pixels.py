@@ -110,3 +110,28 @@ def test_preprocessings_torch_methods_are_the_evaluation_preprocessing():
         assert pixels.shape == (3, 32, 32)
         assert np.array_equal(np.broadcast_to(evaluation_pixels(data, preprocessing), (3, 32, 32)), pixels.numpy())
         assert preprocessing.normalize(pixels[None]).numpy()[0].tobytes() == expected.tobytes()
+
+
+AUGMENTING_MODULES = {"features/views.py", "finetune/data.py"}  # seeded training-time augmentation
+EVALUATION_TRANSFORMS = {"Resize", "CenterCrop", "Normalize", "ToDtype", "ToImage", "ToTensor", "ConvertImageDtype"}
+
+
+def test_torchvision_transforms_only_augment():
+    """Every stage gets evaluation pixels from data/pixels.py: torchvision's transforms appear only in the modules
+    that augment training images, and none of them resizes, crops centrally or normalizes."""
+    import ast
+    from pathlib import Path
+
+    library = Path(__file__).resolve().parent.parent / "transfer_learning"
+    offenders = []
+    for path in sorted(library.rglob("*.py")):
+        name = path.relative_to(library).as_posix()
+        tree = ast.parse(path.read_text())
+        imports_transforms = any(isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+            "torchvision.transforms") for node in ast.walk(tree))
+        if imports_transforms and name not in AUGMENTING_MODULES:
+            offenders.append(f"{name} imports torchvision.transforms")
+        offenders += [f"{name}:{node.lineno} v2.{node.attr}" for node in ast.walk(tree)
+                      if isinstance(node, ast.Attribute) and node.attr in EVALUATION_TRANSFORMS
+                      and isinstance(node.value, ast.Name) and node.value.id in ("v2", "transforms")]
+    assert not offenders, offenders

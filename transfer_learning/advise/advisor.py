@@ -31,6 +31,7 @@ from transfer_learning.common.errors import UserError
 from transfer_learning.data.decode import BadImage
 from transfer_learning.data.images import Preprocessing
 from transfer_learning.data.manifest import Row, read_bit_depth
+from transfer_learning.data.pixels import evaluation_inputs
 from transfer_learning.params import AdviseParams
 
 ADVICE = Path("metrics/advice.json")
@@ -114,16 +115,16 @@ def sample_rows(rows: Sequence[Row], size: int, seed: int) -> list[Row]:
 
 
 def _batches(paths: Sequence[Path], preprocessing: Preprocessing) -> Iterator[torch.Tensor]:
-    transform = preprocessing.transform()
+    """Normalized batches: the evaluation preprocessing of every stage (data/pixels.py)."""
     for start in range(0, len(paths), BATCH_SIZE):
-        tensors = []
+        inputs = []
         for path in paths[start:start + BATCH_SIZE]:
             try:
-                tensors.append(transform(preprocessing.decode(path.read_bytes())))
+                inputs.append(evaluation_inputs([path.read_bytes()], preprocessing))
             except (OSError, BadImage) as error:
                 raise UserError(f"{path}: cannot be read since `prepare` ({error}); "
                                 "run `dvc repro -f -s prepare` and then `dvc repro`") from None
-        yield torch.stack(tensors)
+        yield torch.from_numpy(np.concatenate(inputs))
 
 
 def measure(model: nn.Module, preprocessing: Preprocessing, paths: Sequence[Path]) -> Measurement:

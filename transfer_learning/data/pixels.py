@@ -76,7 +76,7 @@ class PlainPixels:
 
 
 class NormalizeTable:
-    """`Preprocessing.normalize` (uint8 -> float32: x / 255, minus mean, over std, in float32) as one table of the
+    """The normalization (uint8 -> float32: x / 255, minus mean, over std, in float32) as one table of the
     256 values per channel; a batch is one lookup per image plane into a buffer the caller reuses."""
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):

@@ -7,26 +7,37 @@ scikit-learn head already is an ONNX graph (head.onnx), brought to the backbone'
 the backbone at extract.precision with onnx.compose, so deploying never re-exports the backbone. The fine-tuned
 model (models/finetune/model.onnx: normalized floats in) gets the same normalization in front. A head without
 probabilities (e.g. LinearSVC) outputs its decision scores under the same output name; its metadata says which.
+
+Before a file is written, it is run on the probe images (data/probes.py) as uint8 pixels from the evaluation
+preprocessing (data/pixels.py): its own normalization (the backbone's input tensor inside it) must be that module's
+within one grey level, and its class on every probe the one predict gives (`check_preprocessing`). The figures go
+into its metadata.
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto, compose, helper, numpy_helper, version_converter
 
 from transfer_learning.backbone.onnx_export import INPUT, OUTPUT, cpu_session
 from transfer_learning.common.atomic import atomic_path
 from transfer_learning.common.errors import UserError
+from transfer_learning.data.decode import BadImage
 from transfer_learning.data.images import Preprocessing
+from transfer_learning.data.pixels import NormalizeTable, evaluation_pixels
+from transfer_learning.data.probes import probe_files
 from transfer_learning.heads.files import Head
 from transfer_learning.heads.sklearn_onnx import INPUT as HEAD_INPUT
 from transfer_learning.heads.sklearn_onnx import OUTPUT as HEAD_OUTPUT
 
 DEPLOY_DIR = Path("models/deploy")
 PIXELS, PROBABILITIES = "pixels", "probabilities"
+CHECK = "preprocessing_check"  # the metadata key of check_preprocessing's figures
 
 
 def _model(nodes: list, inputs: list, outputs: list, initializers: dict[str, np.ndarray],
@@ -37,7 +48,8 @@ def _model(nodes: list, inputs: list, outputs: list, initializers: dict[str, np.
 
 
 def normalization_model(preprocessing: Preprocessing, like: onnx.ModelProto) -> onnx.ModelProto:
-    """uint8 NCHW pixels -> the backbone's float input: the arithmetic of Preprocessing.normalize."""
+    """uint8 NCHW pixels -> the backbone's float input: data/pixels.py's NormalizeTable as operators (x / 255, minus
+    the mean, over the std, in float32); check_preprocessing holds them equal on the probe images."""
     size = preprocessing.crop
     nodes = [
         helper.make_node("Cast", [PIXELS], ["deploy_float"], to=TensorProto.FLOAT),
@@ -215,6 +227,59 @@ def build_finetuned(model_onnx: bytes, name: str, classes: list[str], preprocess
     model = used_opsets_only(onnx.load_from_string(model_onnx))
     return described(with_pixels_input(model, preprocessing, outputs=[PROBABILITIES]), name, classes, preprocessing,
                      probabilistic=True)
+
+
+def probe_pixels(preprocessing: Preprocessing) -> tuple[list[str], np.ndarray]:
+    """The probe images as a deployed file takes them: uint8 N×3×crop×crop from data/pixels.py (a grey plane
+    repeated), with their names. A probe this machine cannot decode is left out (the caller says how many ran)."""
+    names, pixels = [], []
+    for path in probe_files():
+        try:
+            plane_or_rgb = evaluation_pixels(path.read_bytes(), preprocessing)
+        except BadImage:
+            continue
+        names.append(path.name)
+        pixels.append(np.broadcast_to(plane_or_rgb, (3, *plane_or_rgb.shape[1:])))
+    return names, np.ascontiguousarray(np.stack(pixels))
+
+
+def check_preprocessing(model: onnx.ModelProto, preprocessing: Preprocessing,
+                        reference: Callable[[np.ndarray], np.ndarray]) -> dict:
+    """Runs `model` (a deploy file: PIXELS in) on the probe images with ONNX Runtime on the CPU. Its normalized input
+    must equal data/pixels.py's NormalizeTable within one grey level, and on every probe its class must be one
+    `reference` (uint8 pixels -> the scores predict serves) ranks first, up to float rounding. Returns the figures;
+    a UserError naming the probe otherwise."""
+    names, pixels = probe_pixels(preprocessing)
+    expected_inputs = NormalizeTable.of(preprocessing).inputs(pixels)
+    probed = onnx.ModelProto()
+    probed.CopyFrom(model)
+    probed.graph.output.append(helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, None))  # the normalized input
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(probed.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    scores, inputs = session.run([PROBABILITIES, INPUT], {PIXELS: pixels})
+    std = np.asarray(preprocessing.std, np.float64).reshape(1, -1, 1, 1)
+    grey_levels = np.abs(inputs.astype(np.float64) - expected_inputs) * std * 255.0
+    worst = int(grey_levels.reshape(len(names), -1).max(axis=1).argmax())
+    if grey_levels.max() > 1.0:
+        raise UserError(f"the deploy file's normalization differs from the pipeline's by {grey_levels.max():.3g} grey "
+                        f"levels on probe image {names[worst]} (at most 1 is allowed): it would not see the pixels "
+                        "the model was evaluated on")
+    served = reference(pixels)
+    for name, got, wanted in zip(names, scores, served):
+        finite = wanted[np.isfinite(wanted)]
+        tolerance = 1e-4 * max(1.0, float(np.abs(finite).max(initial=0.0)))  # ties within float rounding
+        if not wanted[int(np.argmax(got))] >= wanted.max() - tolerance:
+            raise UserError(f"the deploy file gives probe image {name} class index {int(np.argmax(got))}, predict "
+                            f"gives {int(np.argmax(wanted))}: the file does not serve what predict serves")
+    return {"probe_images": len(names), "probe_images_not_decodable_here": len(probe_files()) - len(names),
+            "same_class": len(names), "max_normalization_difference_grey_levels": round(float(grey_levels.max()), 4)}
+
+
+def with_check(model: onnx.ModelProto, figures: dict) -> onnx.ModelProto:
+    """`model` with check_preprocessing's figures in its metadata."""
+    model.metadata_props.append(onnx.StringStringEntryProto(key=CHECK, value=json.dumps(figures)))
+    return model
 
 
 def write(model: onnx.ModelProto, name: str, directory: Path = DEPLOY_DIR) -> Path:

@@ -23,6 +23,7 @@ from transfer_learning.data import manifest
 from transfer_learning.data.decode import BadImage
 from transfer_learning.data.formats import IMAGE_EXTENSIONS
 from transfer_learning.data.images import Preprocessing
+from transfer_learning.data.pixels import NormalizeTable, evaluation_pixels
 from transfer_learning.deploy import onnx as deploy_onnx
 from transfer_learning.deploy.served import model_to_serve, recorded_meta, trained_models
 from transfer_learning.features import quantize
@@ -33,6 +34,7 @@ from transfer_learning.heads import files as head_files
 from transfer_learning.params import load_params
 
 log = logging.getLogger("predict")
+PROBE_BATCH = 32  # images per ONNX Runtime call of deploy's reference on the probe images
 
 
 @dataclass
@@ -79,12 +81,13 @@ def check_features_match(head: head_files.Head, backbone: backbone_files.Backbon
 
 
 def load_pixels(path: Path, preprocessing: Preprocessing) -> torch.Tensor:
-    """uint8 3×crop×crop, the same decode and transforms as extract."""
+    """uint8 3×crop×crop: the evaluation pixels extract computes features from (data/pixels.py)."""
     try:
         data = path.read_bytes()
     except OSError as error:
         raise BadImage(f"cannot read: {error.strerror or error}") from None
-    return preprocessing.pixels()(preprocessing.decode(data))
+    pixels = evaluation_pixels(data, preprocessing)
+    return torch.from_numpy(np.ascontiguousarray(np.broadcast_to(pixels, (3, *pixels.shape[1:]))))
 
 
 class TwoStepPredictor:
@@ -95,7 +98,7 @@ class TwoStepPredictor:
         self.runner = FeatureRunner(backbone_onnx, providers, batch_size)
 
     def __call__(self, pixels: torch.Tensor, preprocessing: Preprocessing) -> np.ndarray:
-        return self.head.scores(self.runner(preprocessing.normalize(pixels).numpy()))
+        return self.head.scores(self.runner(NormalizeTable.of(preprocessing).inputs(pixels.numpy())))
 
 
 def check_finetuned_preprocessing(preprocessing: Preprocessing) -> None:
@@ -117,7 +120,7 @@ class FineTunedPredictor:
         self.runner = FeatureRunner(finetune_files.verified_bytes(finetune_files.ONNX), providers, batch_size)
 
     def __call__(self, pixels: torch.Tensor, preprocessing: Preprocessing) -> np.ndarray:
-        return self.runner(preprocessing.normalize(pixels).numpy())
+        return self.runner(NormalizeTable.of(preprocessing).inputs(pixels.numpy()))
 
 
 def predictor_for(model: str, backbone: backbone_files.Backbone, preprocessing: Preprocessing, batch_size: int):
@@ -160,10 +163,12 @@ def deploy(named: str | None = None) -> Path:
     model = model_to_serve(named)
     backbone = backbone_files.load()
     preprocessing = backbone.preprocessing.with_bit_depth(manifest.read_bit_depth())  # recorded in its metadata
+    cpu = ["CPUExecutionProvider"]  # the check runs the file on the CPU: the reference too, to compare like with like
     if model == finetune_files.MODEL_NAME:
         check_finetuned_preprocessing(preprocessing)
         built = deploy_onnx.build_finetuned(finetune_files.verified_bytes(finetune_files.ONNX), model,
                                             finetune_files.read_meta()["classes"], preprocessing)
+        reference = FineTunedPredictor(PROBE_BATCH, cpu, preprocessing)
     else:
         head = head_files.load(model)
         if head.meta["format"] == head_files.PICKLE:
@@ -172,8 +177,17 @@ def deploy(named: str | None = None) -> Path:
             how = "named with --model" if named else "the chosen model"
             raise UserError(f"head {model!r} ({how}) is a pickled scikit-learn estimator (allow_pickle: true), which "
                             f"has no ONNX form; deployable models: {', '.join(deployable) or 'none'} (--model NAME)")
-        built = deploy_onnx.build(check_features_match(head, backbone), head, preprocessing)
-    path = deploy_onnx.write(built, model)
+        backbone_onnx = check_features_match(head, backbone)
+        built = deploy_onnx.build(backbone_onnx, head, preprocessing)
+        reference = TwoStepPredictor(head, backbone_onnx, PROBE_BATCH, cpu)
+    figures = deploy_onnx.check_preprocessing(built, preprocessing,
+                                              lambda pixels: reference(torch.from_numpy(pixels), preprocessing))
+    log.info("deploy check on %d probe images: the file's normalization is the pipeline's within %.2g grey levels, "
+             "its class is predict's on every one%s", figures["probe_images"],
+             figures["max_normalization_difference_grey_levels"],
+             f" ({figures['probe_images_not_decodable_here']} probe images not decodable here)"
+             if figures["probe_images_not_decodable_here"] else "")
+    path = deploy_onnx.write(deploy_onnx.with_check(built, figures), model)
     log.info("deployed %s to %s", model, path)
     return path
 

@@ -1,5 +1,5 @@
 """The images int8 quantization is calibrated on: a seeded sample of the train split, fed through exactly the
-preprocessing extract uses (ViewDataset's plain view, then Preprocessing.normalize)."""
+preprocessing extract uses (ViewDataset's plain view, then data/pixels.py's NormalizeTable)."""
 from __future__ import annotations
 
 import random
@@ -11,6 +11,7 @@ from transfer_learning.backbone.onnx_export import INPUT
 from transfer_learning.common.errors import UserError
 from transfer_learning.data.images import Preprocessing
 from transfer_learning.data.manifest import Row
+from transfer_learning.data.pixels import NormalizeTable
 from transfer_learning.features.views import ViewDataset, ViewRequest, collate
 
 METHODS = ("MinMax", "Percentile", "Entropy")
@@ -32,7 +33,7 @@ class Reader(CalibrationDataReader):
     def __init__(self, rows: list[Row], preprocessing: Preprocessing):
         dataset = ViewDataset([ViewRequest(row.path, row.sha256, 0) for row in rows], preprocessing)
         self.batches = iter(DataLoader(dataset, batch_size=BATCH, collate_fn=collate))
-        self.normalize = preprocessing.normalize
+        self.normalize = NormalizeTable.of(preprocessing)
 
     def get_next(self) -> dict | None:
         batch = next(self.batches, None)
@@ -41,4 +42,4 @@ class Reader(CalibrationDataReader):
         pixels, _, errors = batch
         if errors:
             raise UserError("cannot calibrate int8 on " + "; ".join(errors[:5]))
-        return {INPUT: self.normalize(pixels).numpy()}
+        return {INPUT: self.normalize.inputs(pixels.numpy())}

@@ -44,22 +44,23 @@ def split_images(split: str) -> LabelledImages:
 
 
 def augmentation(augment: AugmentParams, preprocessing: Preprocessing) -> v2.Compose | None:
-    """finetune.augment as torchvision v2 transforms ending in uint8 pixels; None when it does nothing."""
-    interpolation = InterpolationMode(preprocessing.interpolation)
+    """finetune.augment as torchvision v2 transforms ending in uint8 pixels; None when it does nothing. Without a
+    random resized crop, the flip and jitter start from the evaluation pixels (data/pixels.py), not from a resize
+    of torch's own."""
+    if not (augment.random_resized_crop or augment.hflip or augment.color_jitter > 0):
+        return None
     steps: list = []
     if augment.random_resized_crop:
-        steps.append(v2.RandomResizedCrop(preprocessing.crop, interpolation=interpolation, antialias=True))
+        steps.append(v2.RandomResizedCrop(preprocessing.crop, interpolation=InterpolationMode(
+            preprocessing.interpolation), antialias=True))
     else:
-        steps += [v2.Resize(preprocessing.resize, interpolation=interpolation, antialias=True),
-                  v2.CenterCrop(preprocessing.crop)]
+        steps.append(preprocessing.pixels())
     if augment.hflip:
         steps.append(v2.RandomHorizontalFlip())
     if augment.color_jitter > 0:
         j = augment.color_jitter
         steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
-    if not (augment.random_resized_crop or augment.hflip or augment.color_jitter > 0):
-        return None
-    return v2.Compose([*steps, v2.PILToTensor()])
+    return v2.Compose(steps if not augment.random_resized_crop else [*steps, v2.PILToTensor()])
 
 
 class AugmentedImages(Dataset):

@@ -11,11 +11,11 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import torch
 
 from transfer_learning.common.errors import UserError
 from transfer_learning.common.hashing import sha256_bytes
 from transfer_learning.data.images import Preprocessing
+from transfer_learning.data.pixels import NormalizeTable
 from transfer_learning.features.fingerprint import about, digest, fingerprint_spec
 from transfer_learning.features.runtime import FeatureRunner
 from transfer_learning.features.store import FeatureStore
@@ -39,8 +39,8 @@ def verify_sample(source: FeatureStore, requests: dict[str, ViewRequest], runner
         image, error = items[i]
         if error is not None:
             raise UserError(f"cannot check the rows to adopt: {error}")
-        images.append(image)
-    computed = runner(preprocessing.normalize(torch.stack(images)).numpy())
+        images.append(image.numpy())
+    computed = runner(NormalizeTable.of(preprocessing).inputs(images))
     stored = next(source.gather(sample))
     return float(np.abs(computed - stored).max() / max(1.0, float(np.abs(stored).max())))
 
