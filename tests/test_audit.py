@@ -167,7 +167,7 @@ def test_lists_that_are_not_csv_files_or_the_audits_own_outputs_are_refused(proj
     Path("reports/audit").mkdir(parents=True)
     Path("reports/audit/label_issues.csv").write_text("path\n")
     Path("notes.txt").write_text("")
-    for name, message in (("missing.csv", "is not a CSV file"), ("notes.txt", "is not a CSV file"),
+    for name, message in (("missing.csv", "does not exist"), ("notes.txt", "is not a CSV file"),
                           ("reports/audit/label_issues.csv", "copy it to a file of your own")):
         project.params(data={"exclude": [name]})
         with pytest.raises(UserError, match=rf"data.exclude.*{message}"):

@@ -102,8 +102,9 @@ class DataParams(Section):
                 continue
             path = Path(name)
             if not path.is_file() or path.suffix.lower() != ".csv":
-                raise ValueError(f"{name!r} is not a CSV file; valid: a list of CSV files with a path or sha256 "
-                                 "column")
+                why = "does not exist" if not path.exists() else "is not a CSV file"
+                raise ValueError(f"{name!r} {why}; valid: a list of CSV files with a path or sha256 column (a "
+                                 "queued experiment sees only committed files: commit the list)")
             if Path("reports/audit").resolve() in path.resolve().parents:
                 raise ValueError(f"{name!r} is one of the audit's outputs, which it rewrites after prepare runs "
                                  "(a loop): copy it to a file of your own (e.g. data/exclude.csv), keep the rows "

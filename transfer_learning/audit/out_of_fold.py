@@ -5,9 +5,11 @@ never saw its label. Two models, averaged:
   (fitted once on every image, test included: no label goes into them) and standardized;
 - the votes of its nearest neighbours (leave-one-out: an image is never its own neighbour).
 
-Each alone ranks the planted label flips of Fashion-MNIST less well than their mean (benchmarks/README.md,
-"Audit"); the projection keeps the k fits to a fraction of a second on 2,550 images. The PCA and the fits run on one
-BLAS thread: at this size more threads only wait on each other (15 s instead of 0.4 s on a loaded 2-core machine).
+On Fashion-MNIST with 5 % of the labels flipped, their mean ranks the flips as well as the neighbours and better
+than the logistic head (precision@k 0.84, 0.84, 0.75) and flags them better than either (F1 0.53, 0.46, 0.52;
+benchmarks/README.md, "Audit"). The projection keeps the k fits to a fraction of a second on 2,550 images. The
+PCA and the fits run on one BLAS thread: at this size more threads only wait on each other (15 s instead of 0.4 s on
+a loaded 2-core machine).
 """
 from __future__ import annotations
 
