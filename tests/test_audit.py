@@ -49,6 +49,8 @@ def test_confident_learning_follows_the_paper_on_a_hand_computed_example():
     # rows rescaled to the label counts (4 and 3): [[2, 2], [1, 2]]; sum 7
     q = calibrated(joint, y)
     np.testing.assert_allclose(q, np.array([[2, 2], [1, 2]]) / 7)
+    # a row that counted fewer images than carry its label is scaled up to them: 8 labelled 0, 3 labelled 1
+    np.testing.assert_allclose(calibrated(joint, np.array([0] * 8 + [1] * 3)), np.array([[4, 4], [1, 2]]) / 11)
     # prune by noise rate: round(7 * 2/7) = 2 images labelled 0 with the largest p1 - p0 (3 and 2), 1 labelled 1
     # with the largest p0 - p1 (6)
     flagged, pair = prune_by_noise_rate(p, y, q)
