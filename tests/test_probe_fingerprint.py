@@ -84,24 +84,23 @@ def test_the_fingerprint_is_the_same_in_every_process_and_for_every_call():
     assert measured_in_subprocess() == first
 
 
-def test_a_resize_one_grey_level_brighter_changes_it(monkeypatch):
+def one_grey_level_brighter(resize):
+    return lambda self, *args, **kwargs: resize(self, *args, **kwargs).point(lambda value: min(value + 1, 255))
+
+
+def test_a_resize_one_grey_level_brighter_changes_it():
     before = measured()
-    resize = Image.Image.resize
-
-    def brighter(self, *args, **kwargs):
-        return resize(self, *args, **kwargs).point(lambda value: min(value + 1, 255))
-
-    monkeypatch.setattr(Image.Image, "resize", brighter)
-    assert measured() != before
-    monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(Image.Image, "resize", one_grey_level_brighter(Image.Image.resize))
+        assert measured() != before
     assert measured() == before
 
 
-def test_another_16_bit_rule_changes_it(monkeypatch):
+def test_another_16_bit_rule_changes_it():
     before = measured()
-    monkeypatch.setattr(decode, "white_level", lambda samples, bit_depth: 65535.0)  # the rule before `auto`
-    assert measured() != before
-    monkeypatch.undo()
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(decode, "white_level", lambda samples, bit_depth: 65535.0)  # the rule before `auto`
+        assert measured() != before
     assert measured() == before
 
 
@@ -165,3 +164,26 @@ def test_a_comment_only_edit_leaves_it_and_a_pixel_edit_changes_it(tmp_path):
     assert "int(round((height - crop) / 2.0))" in source
     pixels.write_text(source.replace("int(round((height - crop) / 2.0))", "int((height - crop) // 2)"))
     assert measured_in_subprocess(root=root) != here  # the crop's corner rounded otherwise
+
+
+def test_extract_recomputes_every_row_after_a_pixel_change_and_none_after_a_change_of_nothing(workdir):
+    """The issue's case end to end: a Pillow whose resize is one grey level brighter recomputes every row (it was 0
+    of 400 with a hand-bumped version); back to the real one, every row is reused."""
+    import json
+
+    from stages import extract
+
+    def run() -> dict:
+        probes._digest.cache_clear()
+        extract.main()
+        return json.loads(Path("metrics/extract.json").read_text())
+
+    first = run()
+    assert Path.cwd() == workdir and first["computed"] == first["rows"] > 0
+    with pytest.MonkeyPatch.context() as patched:  # not the fixture's monkeypatch: its undo would leave `workdir`
+        patched.setattr(Image.Image, "resize", one_grey_level_brighter(Image.Image.resize))
+        brighter = run()  # the DataLoader's workers are forked from this process: they resize brighter too
+    assert brighter["computed"] == first["rows"] and brighter["fingerprint"] != first["fingerprint"]
+    again = run()
+    assert again["computed"] == 0 and again["reused"] == first["rows"]
+    assert again["fingerprint"] == first["fingerprint"]
