@@ -191,27 +191,24 @@ def test_16_bit_grey_with_alpha_png_decodes_by_the_rule():
 
 
 def lzw_tiff_of(samples: np.ndarray) -> bytes:
-    """A real LZW-compressed 16-bit RGB TIFF: tifffile's uncompressed file with its strip LZW-encoded (every byte a
-    9-bit literal code, a Clear code every 200 so the code width never grows; tifffile writes LZW only with
-    imagecodecs) and its Compression, StripOffsets and StripByteCounts tags rewritten."""
-    import struct
+    """A real LZW-compressed 16-bit RGB TIFF (tifffile writes LZW only with imagecodecs: tests/probe_images.py)."""
+    from tests.probe_images import lzw_tiff
 
+    return lzw_tiff(samples)
+
+
+def test_an_lzw_decoder_given_to_tifffile_reads_the_16_bit_colour_tiff_in_full():
+    """What installing imagecodecs does, with the LZW decoder the probe images' script has (a real one)."""
     import tifffile
 
-    data = bytearray(tiff_of(samples, rowsperstrip=samples.shape[0]))
-    with tifffile.TiffFile(io.BytesIO(bytes(data))) as tiff:
-        page = tiff.pages[0]
-        start, count = page.dataoffsets[0], page.databytecounts[0]
-        tags = {code: (page.tags[code].valueoffset, "<H" if page.tags[code].dtype == 3 else "<I")
-                for code in (259, 273, 279)}
-    codes = [code for at in range(0, count, 200) for code in (256, *data[start:start + count][at:at + 200])] + [257]
-    bits = "".join(f"{code:09b}" for code in codes)
-    bits += "0" * (-len(bits) % 8)
-    strip = int(bits, 2).to_bytes(len(bits) // 8, "big")
-    for code, value in ((259, 5), (273, len(data)), (279, len(strip))):
-        offset, layout = tags[code]
-        data[offset:offset + struct.calcsize(layout)] = struct.pack(layout, value)
-    return bytes(data + strip)
+    from tests.probe_images import tiff_lzw_decode
+
+    data = lzw_tiff_of(twelve_bit(COLOUR))
+    tifffile.TIFF.DECOMPRESSORS._codecs[5] = tiff_lzw_decode
+    try:
+        assert np.abs(rgb(data, "auto") - COLOUR).max() <= 1
+    finally:
+        del tifffile.TIFF.DECOMPRESSORS._codecs[5]
 
 
 def test_a_tiff_compression_tifffile_cannot_read_falls_back_to_pil_with_a_warning(caplog):
