@@ -33,10 +33,9 @@ class DvcRepo:
         self.run("git", "config", "user.email", "test@example.com")
         self.run("git", "config", "user.name", "test")
         self.dvc("init", "-q")
-        self.dvc("config", "core.analytics", "false")
         shutil.copy(REPO / ".dvc" / PLOTS_PAGE, root / ".dvc" / PLOTS_PAGE)  # `dvc plots show` renders offline
-        with (root / ".dvc" / "config").open("a") as config:
-            config.write(f"[plots]\n    html_template = {PLOTS_PAGE}\n")
+        with (root / ".dvc" / "config").open("a") as config:  # what `dvc config` writes, without starting dvc
+            config.write(f"[core]\n    analytics = false\n[plots]\n    html_template = {PLOTS_PAGE}\n")
         self.run("git", "add", "-A")
         self.run("git", "commit", "-qm", "init")
 

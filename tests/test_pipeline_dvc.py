@@ -2,7 +2,8 @@
 
 The whole pipeline runs once per test run (the committed baseline, built by the first test that needs it while the
 others wait: tests/longest_first.py starts at most one of them per worker at once); each test below is one use, on a
-copy of it."""
+copy of it. A one-head experiment on the baseline is also run once (`one_head_experiment`): the edits below and
+tests/test_reports.py start from it."""
 import json
 import sys
 from pathlib import Path
@@ -43,8 +44,7 @@ def build_baseline(root: Path) -> None:
     assert json.loads((root / "metrics/finetune.json").read_text())["skipped"] is True
     scores = json.loads((root / "metrics/evaluate.json").read_text())
     assert scores.pop("best") in QUICK_HEADS and set(scores) == set(QUICK_HEADS)
-    plots = repo.dvc("plots", "show")  # DVC's confusion template accepts plots/confusion/*.csv
-    assert "failed" not in plots.lower() and (root / "dvc_plots" / "index.html").is_file()
+    # `dvc plots show` on these outputs: tests/test_reports.py (every chart) and the fine-tune experiment below
     repo.run("git", "add", "-A")
     repo.run("git", "commit", "-qm", "baseline")
 
@@ -57,6 +57,23 @@ def baseline(tmp_path_factory) -> Path:
 @pytest.fixture
 def repo(baseline, tmp_path) -> DvcRepo:
     return DvcRepo.copy_of(baseline, tmp_path / "repo")
+
+
+ONE_HEAD_EDIT = "heads.logreg.C=[0.1,1]"
+
+
+def build_one_head_experiment(baseline: Path, root: Path) -> None:
+    """`dvc exp run -S heads.logreg.C=[0.1,1]` on a copy of the baseline; its output kept beside the repository."""
+    repo = DvcRepo.copy_of(baseline, root / "repo")
+    (root / "exp_run.out").write_text(repo.dvc("exp", "run", "-S", ONE_HEAD_EDIT))
+
+
+@pytest.fixture(scope="session")
+def one_head_experiment(baseline, tmp_path_factory) -> Path:
+    """The baseline after a one-head experiment (applied to its workspace, as `dvc exp run` does); `exp_run.out`
+    beside the repository holds what `dvc exp run` printed."""
+    return built_once(tmp_path_factory, "pipeline-one-head-experiment",
+                      lambda root: build_one_head_experiment(baseline, root))
 
 
 def edit_params(repo: DvcRepo, **changes) -> None:
@@ -72,16 +89,10 @@ def test_repro_skips_what_did_not_change_and_params_scope_reruns(repo: DvcRepo) 
     for stage in ("prepare", "download", "export", "extract", "train_heads@logreg", "evaluate"):
         assert f"Stage '{stage}' didn't change, skipping" in again
 
-    # a typo in a key no stage reads by name: check_params (it depends on the whole params.yaml, every stage on its
-    # output) runs and stops the repro on it, before any work
-    edit_params(repo, backbone={"cutt": 14})
-    out = repo.dvc("repro", check=False)
-    assert "backbone.cutt: unknown key" in out and "Running stage 'check_params'" in out
-    assert "Running stage" not in out.replace("Running stage 'check_params'", "")
-
-    # the same typo with an edit prepare reads: the check still stops the run first, prepare does not start
+    # a typo in a key no stage reads by name, beside an edit prepare reads: check_params (it depends on the whole
+    # params.yaml, every stage on its output) runs and stops the repro on it, before any work: prepare does not start
     manifest_before = (repo.root / "data/prepared/manifest.csv").read_bytes()
-    edit_params(repo, data={"per_class": 7})
+    edit_params(repo, backbone={"cutt": 14}, data={"per_class": 7})
     out = repo.dvc("repro", check=False)
     assert "backbone.cutt: unknown key" in out and "Running stage 'check_params'" in out
     assert "Running stage" not in out.replace("Running stage 'check_params'", "")
@@ -114,10 +125,14 @@ def test_repro_skips_what_did_not_change_and_params_scope_reruns(repo: DvcRepo) 
 
 
 @pytest.mark.slow
-def test_edits_and_experiments_reuse_features_and_rerun_only_what_changed(repo: DvcRepo) -> None:
+def test_edits_and_experiments_reuse_features_and_rerun_only_what_changed(one_head_experiment, tmp_path) -> None:
+    out = (one_head_experiment / "exp_run.out").read_text()  # `dvc exp run -S heads.logreg.C=[0.1,1]`
+    assert "Stage 'extract' didn't change, skipping" in out and "Running stage 'train_heads@logreg'" in out
+    assert "Stage 'train_heads@mlp' didn't change, skipping" in out
+
+    repo = DvcRepo.copy_of(one_head_experiment / "repo", tmp_path / "repo")
     tmp_path = repo.root
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    extract_metrics = tmp_path / "metrics" / "extract.json"
     params["heads"]["logreg"]["C"] = [0.1]  # an edit of heads.* in params.yaml, and a head removed
     del params["heads"]["knn"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -134,16 +149,10 @@ def test_edits_and_experiments_reuse_features_and_rerun_only_what_changed(repo: 
     assert set(json.loads((tmp_path / "metrics/evaluate.json").read_text())) == {"logreg", "mlp", "best"}
     repo.run("git", "checkout", "params.yaml")
 
-    out = repo.dvc("exp", "run", "-S", "heads.logreg.C=[0.1,1]")
-    assert "Stage 'extract' didn't change, skipping" in out and "Running stage 'train_heads@logreg'" in out
-    assert "Stage 'train_heads@mlp' didn't change, skipping" in out
-
-    out = repo.dvc("exp", "run", "extract", "-S", "data.val_fraction=0.25")  # a new split, no new image
+    # a new split, no new image: prepare and extract re-run and compute nothing, in .dvc/tmp/exps (--temp) with the
+    # workspace's store
+    out = repo.dvc("exp", "run", "--temp", "extract", "-S", "data.val_fraction=0.25", "-S", "data.test_fraction=0.25")
     assert "Running stage 'prepare'" in out and "Running stage 'extract'" in out
-    assert json.loads(extract_metrics.read_text())["computed"] == 0
-
-    out = repo.dvc("exp", "run", "--temp", "extract", "-S", "data.test_fraction=0.25")  # runs in .dvc/tmp/exps
-    assert "Running stage 'extract'" in out
     assert f"60 reused from the store {tmp_path / 'data' / 'feature-store'}" in out and ", 0 to compute" in out
 
 
