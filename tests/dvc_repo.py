@@ -27,6 +27,7 @@ class DvcRepo:
             shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy(REPO / ".dvcignore", root / ".dvcignore")  # bytecode in the directory deps is not code
         shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+        shutil.copytree(REPO / "data" / "curation", root / "data" / "curation")  # a dep of prepare
         self.set_params(**params)
         self.env = stage_env()
         self.run("git", "init", "-q")

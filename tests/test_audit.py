@@ -15,6 +15,7 @@ import yaml
 from stages import audit as audit_stage
 from stages import extract, prepare
 from tests.conftest import merged
+from tests.dvc_repo import DvcRepo
 from transfer_learning.audit.confident_learning import (calibrated, confident_joint, find_label_issues,
                                                         prune_by_noise_rate, thresholds)
 from transfer_learning.common.errors import UserError
@@ -165,12 +166,16 @@ def test_the_audit_disabled_writes_a_skip_record(project):
 
 # ---- data.exclude / data.relabel ---------------------------------------------------------------------------------
 
-def test_lists_that_are_not_csv_files_or_the_audits_own_outputs_are_refused(project):
+def test_lists_outside_the_curation_folder_not_csv_or_the_audits_own_outputs_are_refused(project):
     Path("reports/audit").mkdir(parents=True)
     Path("reports/audit/label_issues.csv").write_text("path\n")
-    Path("notes.txt").write_text("")
-    for name, message in (("missing.csv", "does not exist"), ("notes.txt", "is not a CSV file"),
-                          ("reports/audit/label_issues.csv", "copy it to a file of your own")):
+    Path("data/curation").mkdir(parents=True)
+    Path("data/curation/notes.txt").write_text("")
+    Path("exclude.csv").write_text("path\n")
+    for name, message in (("data/curation/missing.csv", "does not exist"),
+                          ("data/curation/notes.txt", "is not a CSV file"),
+                          ("exclude.csv", "is not in data/curation/, the folder prepare depends on in dvc.yaml"),
+                          ("reports/audit/label_issues.csv", "copy it into data/curation/")):
         project.params(data={"exclude": [name]})
         with pytest.raises(UserError, match=rf"data.exclude.*{message}"):
             load_params()
@@ -179,17 +184,37 @@ def test_lists_that_are_not_csv_files_or_the_audits_own_outputs_are_refused(proj
         load_params()
 
 
+def test_an_edited_list_re_runs_prepare_under_dvc(tmp_path):
+    repo = DvcRepo(tmp_path, data={"source": "digits", "per_class": 6, "val_fraction": 0.2, "test_fraction": 0.2})
+    lists = tmp_path / "data" / "curation"
+    (lists / "exclude.csv").write_text("sha256\n")
+    repo.set_params(data={"source": "digits", "per_class": 6, "val_fraction": 0.2, "test_fraction": 0.2,
+                           "exclude": ["data/curation/exclude.csv"]})
+    repo.dvc("repro", "prepare")
+    kept = (tmp_path / "data/prepared/manifest.csv").read_text().splitlines()[1:]
+    assert "prepare" not in repo.dvc("status", "prepare")
+    first = next(csv.DictReader((tmp_path / "data/prepared/manifest.csv").open()))
+    (lists / "exclude.csv").write_text(f"sha256\n{first['sha256']}\n")  # the list edited, params.yaml not
+    assert "data/curation" in repo.dvc("status", "prepare")
+    repo.dvc("repro", "prepare")
+    after = (tmp_path / "data/prepared/manifest.csv").read_text().splitlines()[1:]
+    assert len(after) == len(kept) - 1 and first["sha256"] not in "".join(after)
+
+
 def test_excluding_and_relabelling_keeps_every_split_and_computes_no_feature(workdir):
     extract.main()
     before = {row.path: row for row in manifest.read()}
     rows = list(before.values())
     by_path, by_sha = rows[0], rows[1]
     relabelled = next(r for r in rows[2:] if r.label != "3")
-    Path("exclude.csv").write_text(f"path,split\n{by_path.path},{by_path.split}\n")
-    Path("more.csv").write_text(f"sha256\n{by_sha.sha256}\n{'0' * 64}\n")  # the second matches no image
-    Path("relabel.csv").write_text(f"rank,path,given_label,suggested_label\n1,{relabelled.path},"
-                                   f"{relabelled.label},3\n")
-    set_params(data={"exclude": ["exclude.csv", "more.csv"], "relabel": ["relabel.csv"]})
+    lists = Path("data/curation")
+    lists.mkdir(parents=True, exist_ok=True)
+    (lists / "exclude.csv").write_text(f"path,split\n{by_path.path},{by_path.split}\n")
+    (lists / "more.csv").write_text(f"sha256\n{by_sha.sha256}\n{'0' * 64}\n")  # the second matches no image
+    (lists / "relabel.csv").write_text(f"rank,path,given_label,suggested_label\n1,{relabelled.path},"
+                                       f"{relabelled.label},3\n")
+    set_params(data={"exclude": ["data/curation/exclude.csv", "data/curation/more.csv"],
+                     "relabel": ["data/curation/relabel.csv"]})
     prepare.main()
     after = {row.path: row for row in manifest.read()}
     assert set(before) - set(after) == {by_path.path, by_sha.path}
@@ -205,7 +230,7 @@ def test_excluding_and_relabelling_keeps_every_split_and_computes_no_feature(wor
     extracted = json.loads(Path("metrics/extract.json").read_text())
     assert (extracted["images"], extracted["computed"]) == (len(before) - 2, 0)
 
-    Path("relabel.csv").write_text(f"path,label\n{relabelled.path},no-such-class\n")
+    (lists / "relabel.csv").write_text(f"path,label\n{relabelled.path},no-such-class\n")
     with pytest.raises(UserError, match=r"relabel.csv:2: 'no-such-class' is not a class; valid: 0, 1"):
         prepare.main()
 

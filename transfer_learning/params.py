@@ -33,10 +33,12 @@ PARAMS_FILE = Path("params.yaml")
 BUILTIN_SOURCES = ("fashion-mnist", "digits")
 BUILTIN_PER_CLASS = 300  # data.per_class: auto on a built-in source: the demo's size, minutes on 2 CPU cores
 
+# where data.exclude and data.relabel lists live: a folder prepare depends on in dvc.yaml
+CURATION_FOLDER = "data/curation"
 # folders the project itself uses (relative to its root): the feature store may be none of them nor hold one,
 # as its upkeep (gc, verify) deletes and renames what it finds in its folder
 PROJECT_FOLDERS = ("data", "models", "metrics", "plots", "reports", "stages", "transfer_learning", "tests",
-                   "benchmarks", ".dvc", ".git", "data/prepared", "data/features")
+                   "benchmarks", ".dvc", ".git", "data/prepared", "data/features", CURATION_FOLDER)
 # folders that DVC or git own entirely: the store may not sit inside one, nor inside any output of dvc.yaml or of a
 # .dvc file (transfer_learning/common/dvc_outputs.py), which DVC replaces as a whole
 OWNED_FOLDERS = ("data/prepared", "data/features", ".dvc", ".git")
@@ -87,7 +89,9 @@ class DataParams(Section):
     # learnt to see (an icon, a 3x3 thumbnail); 8 keeps sklearn's 8x8 digits
     min_side: Annotated[int, Field(ge=1)] = 8
     # CSVs of images to leave out / to give another label (an image by its `path` or `sha256` column; relabel's new
-    # label in `label`, else `suggested_label`): the audit's lists, copied and trimmed, are valid input
+    # label in `label`, else `suggested_label`): the audit's lists, copied and trimmed, are valid input. They live in
+    # CURATION_FOLDER, a dep of prepare in dvc.yaml, so that an edited list re-runs prepare (DVC cannot take a
+    # params list of files as deps)
     exclude: list[str] = []
     relabel: list[str] = []
 
@@ -97,18 +101,24 @@ class DataParams(Section):
         files = [files] if isinstance(files, str) else files
         if not isinstance(files, list):
             return files
+        folder = Path(CURATION_FOLDER).resolve()
         for name in files:
             if not isinstance(name, str):
                 continue
             path = Path(name)
-            if not path.is_file() or path.suffix.lower() != ".csv":
-                why = "does not exist" if not path.exists() else "is not a CSV file"
-                raise ValueError(f"{name!r} {why}; valid: a list of CSV files with a path or sha256 column (a "
-                                 "queued experiment sees only committed files: commit the list)")
             if Path("reports/audit").resolve() in path.resolve().parents:
                 raise ValueError(f"{name!r} is one of the audit's outputs, which it rewrites after prepare runs "
-                                 "(a loop): copy it to a file of your own (e.g. data/exclude.csv), keep the rows "
-                                 "you agree with, and name that file")
+                                 f"(a loop): copy it into {CURATION_FOLDER}/ (e.g. {CURATION_FOLDER}/exclude.csv), "
+                                 "keep the rows you agree with, and name that file")
+            if folder not in path.resolve().parents:
+                raise ValueError(f"{name!r} is not in {CURATION_FOLDER}/, the folder prepare depends on in "
+                                 "dvc.yaml (DVC re-runs prepare when a list there changes, and would not see one "
+                                 f"elsewhere); valid: a CSV file in {CURATION_FOLDER}/, e.g. "
+                                 f"{CURATION_FOLDER}/exclude.csv")
+            if not path.is_file() or path.suffix.lower() != ".csv":
+                why = "does not exist" if not path.exists() else "is not a CSV file"
+                raise ValueError(f"{name!r} {why}; valid: a list of CSV files in {CURATION_FOLDER}/ with a path or "
+                                 "sha256 column (a queued experiment sees only committed files: commit the list)")
         return files
 
     @field_validator("per_class", mode="before")

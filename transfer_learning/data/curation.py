@@ -2,6 +2,7 @@
 after the split is drawn, so that every other image keeps its split. An image is named by its `sha256` column
 (found wherever the file now lives) or else its `path` column (as the manifest writes it); relabel's new label is
 in `label`, else `suggested_label`: the audit's lists (reports/audit/*.csv), copied and trimmed, are valid input.
+The lists live in data/curation/, a dep of prepare in dvc.yaml, so an edited list re-runs prepare.
 
 Features are keyed by the image's content, so excluding or relabelling images computes none. An entry that
 matches no image is a warning with its count, never silent; a label that is not a class is an error naming the
