@@ -1,7 +1,7 @@
 """What a person reads after a run: `dvc plots show` draws each chart once, none empty, without a warning, in a page
 that loads nothing from the network; the metrics hold no timing and no metric twice, so a one-head edit changes a
 handful of columns in `dvc exp show --only-changed`; `python -m stages.store list` says what each fingerprint stands
-for. On a copy of the committed pipeline that tests/test_pipeline_dvc.py builds once."""
+for. On a copy of the committed pipeline after a one-head experiment, which tests/test_pipeline_dvc.py builds once."""
 from __future__ import annotations
 
 import csv
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.dvc_repo import DvcRepo
-from tests.test_pipeline_dvc import QUICK_HEADS, baseline  # noqa: F401  (the fixture: the pipeline run once)
+from tests.test_pipeline_dvc import QUICK_HEADS, baseline, one_head_experiment  # noqa: F401  (fixtures: built once)
 from transfer_learning.common.metrics import TIMING_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,14 +84,18 @@ def keys_in(value, prefix: str = "") -> list[str]:
 
 
 @pytest.mark.slow
-def test_reports_draw_each_chart_once_offline_and_a_one_head_edit_changes_a_few_columns(baseline, tmp_path):
-    repo = DvcRepo.copy_of(baseline, tmp_path / "repo")
+def test_reports_draw_each_chart_once_offline_and_a_one_head_edit_changes_a_few_columns(one_head_experiment,
+                                                                                           tmp_path):
+    out = (one_head_experiment / "exp_run.out").read_text()  # `dvc exp run -S heads.logreg.C=[0.1,1]`
+    assert "Running stage 'train_heads@logreg'" in out and "Running stage 'extract'" not in out
+    repo = DvcRepo.copy_of(one_head_experiment / "repo", tmp_path / "repo")
 
-    charts = drawn_charts(repo)
+    charts = drawn_charts(repo)  # the pipeline's charts after the experiment
     assert problems(charts) == []
     assert sorted(spec["title"]["text"] for _, spec in charts) == sorted(
         [f"plots/confusion/{name}.csv" for name in QUICK_HEADS]
-        + [f"plots/heads/mlp/plots/metrics/{curve}.tsv" for curve in ("train_loss", "val_loss")])  # mlp: by epochs
+        + [f"plots/heads/mlp/plots/metrics/{curve}.tsv" for curve in ("train_loss", "val_loss")]  # mlp: by epochs
+        + ["plots/audit/map.csv"])  # the data audit's 2-D map
 
     # the check above fails on what the page used to show: a curve without rows, a curve left in another folder
     curves = repo.root / "plots/heads/mlp/plots/metrics"
@@ -120,8 +124,6 @@ def test_reports_draw_each_chart_once_offline_and_a_one_head_edit_changes_a_few_
     assert "  = backbone features: mobilenet_v2 IMAGENET1K_V1, cut penultimate (node flatten), pool avg, " \
            "features: 1280, fp32 float32, input 224 px of 256" in listed
 
-    out = repo.dvc("exp", "run", "-S", "heads.logreg.C=[0.1,1]")
-    assert "Running stage 'train_heads@logreg'" in out and "Running stage 'extract'" not in out
     shown = repo.run(sys.executable, "-m", "dvc", "exp", "show", "--only-changed", "--csv", "--no-pager").stdout
     columns = next(csv.reader(io.StringIO(shown)))
     print(f"dvc exp show --only-changed after a one-head edit: {len(columns)} columns: {columns}")
@@ -129,4 +131,3 @@ def test_reports_draw_each_chart_once_offline_and_a_one_head_edit_changes_a_few_
     every = next(csv.reader(io.StringIO(repo.run(sys.executable, "-m", "dvc", "exp", "show", "--csv",
                                                  "--no-pager").stdout)))
     assert not [column for column in every if "seconds" in column or column.endswith("_per_s")], every
-    assert problems(drawn_charts(repo)) == []
