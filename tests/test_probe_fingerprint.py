@@ -167,8 +167,8 @@ def test_a_comment_only_edit_leaves_it_and_a_pixel_edit_changes_it(tmp_path):
 
 
 def test_extract_recomputes_every_row_after_a_pixel_change_and_none_after_a_change_of_nothing(workdir):
-    """The issue's case end to end: a Pillow whose resize is one grey level brighter recomputes every row (it was 0
-    of 400 with a hand-bumped version); back to the real one, every row is reused."""
+    """End to end: a Pillow whose resize is one grey level brighter recomputes every row (a hand-bumped version
+    number recomputed none); back to the real one, every row is reused."""
     import json
 
     from stages import extract
