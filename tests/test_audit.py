@@ -114,7 +114,8 @@ def planted_project(root: Path) -> dict:
     return planted
 
 
-def test_the_audit_finds_planted_flips_a_leak_and_an_outlier_in_real_split_files(project):
+def test_the_audit_finds_planted_flips_a_leak_and_an_outlier_in_real_split_files(project, caplog):
+    caplog.set_level("INFO", logger="audit")
     planted = planted_project(project.root)
     # 50 train+val images per class: fewer neighbours than the default 40, and a less regularized head, so that a
     # clean image's out-of-fold probability stands clear of a flipped one's
@@ -152,6 +153,10 @@ def test_the_audit_finds_planted_flips_a_leak_and_an_outlier_in_real_split_files
     report = Path("reports/audit.md").read_text()
     assert f"**{len(issues)} likely label issues**" in report and "1 test and 0 val images have a near-copy" in report
     assert "data.exclude" in report
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "audit"]
+    assert ("WARNING", "1 test and 0 val images have a near-copy in train: their accuracies are optimistic "
+            "(reports/audit/near_duplicates.csv; data.exclude leaves such images out)") in logged
+    assert any(m.startswith(f"{len(paths)} images from their cached features") for _, m in logged)
     timings = json.loads(Path("reports/timings/audit.json").read_text())
     assert "seconds" in timings and "seconds" not in metrics
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ NEAR_DUPLICATES = FOLDER / "near_duplicates.csv"
 OUTLIERS = FOLDER / "outliers.csv"
 MAP_PNG = FOLDER / "map.png"
 MAP_PLOT = Path("plots/audit/map.csv")
+log = logging.getLogger("audit")
 SHEET = {"label_issues": FOLDER / "label_issues.png", "near_duplicates": FOLDER / "near_duplicates.png",
          "outliers": FOLDER / "outliers.png"}
 LABEL_ISSUE_COLUMNS = ("rank", "path", "sha256", "split", "given_label", "suggested_label", "p_given",
@@ -261,10 +263,18 @@ def write_outputs(result: AuditResult, params: AuditParams) -> dict:
     write_metrics("audit", found)
     write_timings("audit", {**result.seconds, "outputs": round(time.perf_counter() - started, 3),
                             "seconds": round(result.seconds["compute"] + time.perf_counter() - started, 3)})
+    log.info("%d images from their cached features (none through the backbone): %d likely label issues, %d "
+             "near-copy pairs, %d outliers -> %s", found["images"], len(issues), len(copies), len(outlying), REPORT)
+    leaks = {split: found.get(f"{split}_with_train_copy", 0) for split in ("test", "val")}
+    if any(leaks.values()):
+        log.warning("%d test and %d val images have a near-copy in train: their accuracies are optimistic "
+                    "(reports/audit/near_duplicates.csv; data.exclude leaves such images out)",
+                    leaks["test"], leaks["val"])
     return found
 
 
 def write_skipped() -> None:
+    log.info("audit.enabled is false: skipped (reports/audit.md says how to run it)")
     shutil.rmtree(FOLDER, ignore_errors=True)
     FOLDER.mkdir(parents=True)
     # a file in the folder: DVC warns on every run about an empty output otherwise

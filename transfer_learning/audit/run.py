@@ -89,7 +89,7 @@ def audit(params: AuditParams) -> AuditResult:
     lap("read")
     searched = images.features
     if len(images.features) > EXACT_SEARCH_MAX and images.features.shape[1] > SEARCH_DIMS:
-        log.info("audit: %d images (more than %d): neighbours searched on their %d principal components, with "
+        log.info("%d images (more than %d): neighbours searched on their %d principal components, with "
                  "torch.topk", len(images.features), EXACT_SEARCH_MAX, SEARCH_DIMS)
         searched = projected(images.features, SEARCH_DIMS, params.seed)
     unit = unit_rows(searched)
@@ -105,7 +105,7 @@ def audit(params: AuditParams) -> AuditResult:
     rows = np.flatnonzero(labelled)
     label_counts = np.bincount(images.labels[rows], minlength=len(images.classes))
     if len(rows) < 2 * len(images.classes) or (label_counts > 0).sum() < 2:
-        log.warning("audit: %d train+val images in %d classes: too few to look for label issues (at least 2 per "
+        log.warning("%d train+val images in %d classes: too few to look for label issues (at least 2 per "
                     "class are needed); near-copies and outliers are still listed", len(rows),
                     int((label_counts > 0).sum()))
         oof, issues = None, None
