@@ -158,7 +158,8 @@ import sys
 import numpy as np
 from transfer_learning.features.ray_actor import BackboneActor
 actor = BackboneActor(open("models/backbone.onnx", "rb").read(), ["CPUExecutionProvider"], 2,
-                      {preprocessing.to_json()!r}, feature_dim=1280, use_gpu=False, threads=1)
+                      {preprocessing.to_json()!r}, feature_dim=1280, use_gpu=False, threads=1,
+                      driver_probe_digest={preprocessing.probe_digest()!r})
 out = actor({{"key": np.array(["a", "b"]), "path": np.array({[rows[0][0], rows[3][0]]!r}),
               "sha256": np.array({[rows[0][3], rows[3][3]]!r}), "view": np.array([0, 0])}})
 assert list(out["error"]) == ["", ""] and np.abs(out["features"]).sum(axis=1).min() > 0, out
@@ -168,6 +169,30 @@ print(sorted({{m.split(".")[0] for m in sys.modules}} & {{"torch", "torchvision"
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_worker_whose_libraries_make_other_probe_pixels_than_the_drivers_refuses_to_compute_rows(workdir):
+    """The rows go under the driver's fingerprint, which holds its probe digest: an actor or a reader task on a node
+    that decodes the probes otherwise (a decoder missing, another Pillow) stops before its first row. Here the
+    driver's digest is that of another bit_depth rule, as a node whose decoding differs would measure it."""
+    from transfer_learning.backbone import files as backbone_files
+    from transfer_learning.features.ray_actor import BackboneActor, NodePixelsDiffer, read_views
+
+    preprocessing = backbone_files.load().preprocessing.with_bit_depth(12)
+    elsewhere = preprocessing.with_bit_depth(8).probe_digest()
+    assert elsewhere != preprocessing.probe_digest(), "the probes do not tell these rules apart: nothing is tested"
+    rows = [line.split(",") for line in Path("data/prepared/manifest.csv").read_text().splitlines()[1:3]]
+    batch = {"key": np.array(["a", "b"]), "path": np.array([r[0] for r in rows]),
+             "sha256": np.array([r[3] for r in rows]), "view": np.array([0, 0])}
+    refused = "this Ray node .* decodes the probe images to other pixels than the driver: its libraries differ " \
+              r"\(Pillow .*imagecodecs .*\).*Install the same versions"
+    with pytest.raises(NodePixelsDiffer, match=refused):
+        read_views(batch, preprocessing.to_json(), driver_probe_digest=elsewhere)
+    assert list(read_views(batch, preprocessing.to_json(), preprocessing.probe_digest())["error"]) == ["", ""]
+    with pytest.raises(NodePixelsDiffer, match=refused):
+        BackboneActor(b"not reached: the check comes first", ["CPUExecutionProvider"], 2, preprocessing.to_json(),
+                      feature_dim=1280, use_gpu=False, threads=1, driver_probe_digest=elsewhere)
+    assert issubclass(NodePixelsDiffer, UserError)  # the stage prints its message as one line, exit status 2
 
 
 def test_an_unreachable_address_fails_naming_it(workdir):

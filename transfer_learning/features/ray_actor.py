@@ -9,18 +9,55 @@ A BackboneActor takes two batches at a time (ActorPoolStrategy max_concurrent_ca
 a two-stage pipeline, one lock per stage: one batch is decoded while ONNX Runtime computes the other, as the local
 engine's loader workers decode while it runs the model. One decoding thread per actor, because augmented views
 seed torch's global generator; one ONNX Runtime run at a time, on the actor's CPU share.
+
+The rows are stored under the driver's fingerprint, which holds what the driver's libraries make of the probe images
+(data/probes.py). A worker on another node decodes with that node's libraries, so each actor and reader process
+measures the probes itself when it starts and refuses to compute rows when they differ from the driver's.
 """
 from __future__ import annotations
 
+import importlib.metadata
+import platform
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 
+from transfer_learning.common.errors import UserError
 from transfer_learning.data.pixels import NormalizeTable, PlainPixels
+from transfer_learning.data.probes import probe_digest
 from transfer_learning.features.runtime import FeatureRunner
 
 CONCURRENT_BATCHES = 2  # per actor: one decoding, one in ONNX Runtime
+DECODING_LIBRARIES = ("Pillow", "numpy", "pypng", "tifffile", "imagecodecs")  # what data/decode.py reads images with
+
+
+class NodePixelsDiffer(UserError):
+    """A Ray worker's libraries make other pixels of the probe images than the driver's: its rows would be stored
+    under a fingerprint that does not describe them."""
+
+
+def decoding_libraries() -> str:
+    found = []
+    for name in DECODING_LIBRARIES:
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            found.append(f"{name} not installed")
+    return ", ".join(found)
+
+
+def check_probe_pixels(preprocessing: dict, driver_digest: str) -> None:
+    """Raises NodePixelsDiffer unless this process decodes the probe images to the driver's pixels (`driver_digest`:
+    its probe_digest of the same preprocessing). Measured once per process (probe_digest caches it)."""
+    here = probe_digest(SimpleNamespace(**preprocessing))
+    if here != driver_digest:
+        raise NodePixelsDiffer(
+            f"this Ray node ({platform.node()}) decodes the probe images to other pixels than the driver: its "
+            f"libraries differ ({decoding_libraries()}; probe digest {here[:12]}, the driver's {driver_digest[:12]}). "
+            "Install the same versions of these libraries as the driver's on every node of extract.ray.address, "
+            "or run extract.engine: local")
 
 
 def augmented_views(paths, sha256s, views, preprocessing: dict) -> list[tuple[np.ndarray | None, str]]:
@@ -58,8 +95,10 @@ def decode_views(batch: dict[str, np.ndarray], preprocessing: dict) -> tuple[np.
     return pixels, errors
 
 
-def read_views(batch: dict[str, np.ndarray], preprocessing: dict) -> dict[str, np.ndarray]:
-    """A reader task (extract.ray.decode: tasks): the batch's pixels for the actors."""
+def read_views(batch: dict[str, np.ndarray], preprocessing: dict, driver_probe_digest: str) -> dict[str, np.ndarray]:
+    """A reader task (extract.ray.decode: tasks): the batch's pixels for the actors. `driver_probe_digest`: the
+    driver's, which this node must reproduce (measured at the process's first batch, then cached)."""
+    check_probe_pixels(preprocessing, driver_probe_digest)
     pixels, errors = decode_views(batch, preprocessing)
     return {"key": batch["key"], "pixels": pixels, "error": errors}
 
@@ -69,8 +108,10 @@ class BackboneActor:
     (decode: tasks) in, float32 rows out."""
 
     def __init__(self, onnx, providers: list[str], batch_size: int, preprocessing: dict,
-                 feature_dim: int, use_gpu: bool, threads: int):
-        """`onnx`: the model's bytes, or their object reference; `preprocessing`: Preprocessing.to_json()."""
+                 feature_dim: int, use_gpu: bool, threads: int, driver_probe_digest: str):
+        """`onnx`: the model's bytes, or their object reference; `preprocessing`: Preprocessing.to_json();
+        `driver_probe_digest`: the driver's probe digest of that preprocessing, which this node must reproduce."""
+        check_probe_pixels(preprocessing, driver_probe_digest)
         if not isinstance(onnx, bytes):
             import ray
 

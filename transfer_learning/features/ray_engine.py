@@ -12,7 +12,9 @@ or in reader tasks (`read_views`) on any CPU of the cluster, whose pixels feed t
 outruns the one decoding thread of its actor many times over).
 
 The driver is the store's only writer, through the same add/commit path and lock as the local engine: same keys,
-same fingerprint, same crash safety, so either engine reuses what the other computed.
+same fingerprint, same crash safety, so either engine reuses what the other computed. The fingerprint holds the
+driver's probe digest (data/probes.py): each actor and reader process checks that its node's libraries make the same
+pixels of the probe images before it computes anything (ray_actor.check_probe_pixels).
 
 Faults: an actor that dies (SIGKILL, OOM) is restarted and its batch retried by Ray (max_restarts,
 max_task_retries); a row that arrives twice is stored once. A Python error in a task or actor fails the run with
@@ -105,7 +107,8 @@ def compute(store: FeatureStore, todo: dict[str, ViewRequest], onnx_bytes: bytes
         if readers:
             dataset = dataset.map_batches(
                 read_views, batch_size=settings.batch_size, batch_format="numpy", num_cpus=READER_CPUS,
-                fn_kwargs={"preprocessing": preprocessing.to_json()})
+                fn_kwargs={"preprocessing": preprocessing.to_json(),
+                           "driver_probe_digest": preprocessing.probe_digest()})
         with warnings.catch_warnings():  # max_restarts & co. as ray_remote_args: deprecated in 2.60, no other way
             warnings.simplefilter("ignore", DeprecationWarning)
             dataset = dataset.map_batches(
@@ -117,7 +120,8 @@ def compute(store: FeatureStore, todo: dict[str, ViewRequest], onnx_bytes: bytes
                 fn_constructor_kwargs=dict(
                     onnx=ray.put(onnx_bytes), providers=params.providers, batch_size=settings.batch_size,
                     preprocessing=preprocessing.to_json(), feature_dim=store.feature_dim, use_gpu=gpus > 0,
-                    threads=ort_threads(settings.num_cpus_per_actor, gpus)))
+                    threads=ort_threads(settings.num_cpus_per_actor, gpus),
+                    driver_probe_digest=preprocessing.probe_digest()))
         stored: set[str] = set()
         errors: list[str] = []
         providers: set[str] = set()
