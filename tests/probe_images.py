@@ -17,7 +17,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from transfer_learning.data.probes import PROBES_DIR
 
@@ -97,6 +97,29 @@ def gradient(height: int, width: int, channels: int, top: int, seed: int) -> np.
     return np.clip(samples * top, 0, top).squeeze(-1 if channels == 1 else ())
 
 
+def scene(height: int, width: int, seed: int, linear: bool = False) -> Image.Image:
+    """A photo-sized RGB image: smooth gradients under flat shapes and a one-pixel line, so that shrinking it
+    (Pillow's antialiasing filter, wider than its enlarging one) has both edges and flat areas to average, in few
+    bytes. linear: gradients a PNG filter predicts exactly (a PNG of this size stays a few KB)."""
+    y, x = np.mgrid[0:height, 0:width]
+    if linear:
+        rgb = np.stack([x * 255 // (width - 1), y * 255 // (height - 1), (x + y) * 255 // (width + height - 2)], -1)
+    else:
+        u, v = x / max(height, width), y / max(height, width)
+        rgb = 255 * np.stack([0.5 + 0.45 * np.sin(2.1 * u + seed) * np.cos(1.3 * v),
+                              0.5 + 0.45 * np.cos(3.0 * v - u + seed), u * 0.6 + v * 0.3], -1).clip(0, 1)
+    image = Image.fromarray(rgb.astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    rng = np.random.default_rng(seed)
+    for shape in range(6):
+        x0, y0 = rng.integers(0, width - 20), rng.integers(0, height - 20)
+        x1, y1 = x0 + rng.integers(8, width // 3), y0 + rng.integers(8, height // 3)
+        fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+        (draw.ellipse if shape % 2 else draw.rectangle)((x0, y0, x1, y1), fill=fill)
+    draw.line((0, 0, width, height), fill=(255, 255, 255), width=1)
+    return image
+
+
 def pil_bytes(image: Image.Image, format: str, **options) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=format, **options)
@@ -154,7 +177,10 @@ def palette_with_transparency() -> bytes:
 
 def probes() -> dict[str, bytes]:
     """File name -> bytes. Sizes are odd, portrait and landscape, one smaller than any crop, one a single pixel;
-    high-bit files hold 12-bit values (the `auto` rule picks 12 bits) unless named otherwise."""
+    high-bit files hold 12-bit values (the `auto` rule picks 12 bits) unless named otherwise. Most are enlarged to
+    the resize; two are larger than any torchvision weights' resize on both sides and so are shrunk, as photos are
+    (Pillow shrinks through another filter path than it enlarges), and one's short side is 256, the most common
+    resize, so it is cropped without resampling."""
     twelve = 4095
     rgb16 = gradient(17, 23, 3, twelve, seed=11).astype(np.uint16)
     return {
@@ -187,6 +213,9 @@ def probes() -> dict[str, bytes]:
                                      lossless=True),
         "grey8_tall_5x40.png": pil_bytes(Image.fromarray(gradient(40, 5, 1, 255, seed=21).astype(np.uint8)), "PNG"),
         "rgb8_1x1.png": pil_bytes(Image.new("RGB", (1, 1), (200, 30, 90)), "PNG"),
+        "rgb_photo_600x450.jpg": pil_bytes(scene(450, 600, seed=22), "JPEG", quality=70),
+        "rgb8_photo_300x280.png": pil_bytes(scene(280, 300, seed=23, linear=True), "PNG", optimize=True),
+        "rgb_short_side_256_320x256.jpg": pil_bytes(scene(256, 320, seed=24), "JPEG", quality=70),
     }
 
 

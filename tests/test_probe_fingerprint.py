@@ -62,7 +62,7 @@ def test_the_probes_cover_every_decoding_path():
         image = Image.open(io.BytesIO(data))
         seen[path.name] = (image.format, image.mode, decode.is_deep_colour(image, data))
         decode.decode(data, "auto")  # every probe decodes here
-        assert len(data) < 8_000, f"{path.name}: probes stay small"
+        assert len(data) < (16_000 if "photo" in path.name else 8_000), f"{path.name}: probes stay small"
     kinds = set(seen.values())
     for kind in [("PNG", "L", False), ("PNG", "RGB", False), ("PNG", "RGBA", False), ("PNG", "P", False),
                  ("PNG", "LA", False), ("JPEG", "CMYK", False), ("JPEG", "RGB", False), ("PNG", "I;16", False),
@@ -76,6 +76,11 @@ def test_the_probes_cover_every_decoding_path():
     assert lzw.tag_v2[259] == 5 and lzw.tag_v2[258] == (16, 16, 16)  # LZW, 16-bit colour
     sizes = [Image.open(p).size for p in probes.probe_files()]
     assert (1, 1) in sizes and any(w % 2 and h % 2 for w, h in sizes) and any(w < h for w, h in sizes)
+    assert sum(p.stat().st_size for p in probes.probe_files()) < 80_000
+    # the usual resizes (256: most weights, 232: ResNet-50 V2): some probes are shrunk, one at 256 is not resampled
+    for resize in (256, 232):
+        assert sum(min(size) > resize for size in sizes) >= 2, resize
+    assert any(min(size) == 256 and size[0] != size[1] for size in sizes)
 
 
 def test_the_fingerprint_is_the_same_in_every_process_and_for_every_call():
@@ -94,6 +99,50 @@ def test_a_resize_one_grey_level_brighter_changes_it():
         patched.setattr(Image.Image, "resize", one_grey_level_brighter(Image.Image.resize))
         assert measured() != before
     assert measured() == before
+
+
+IMAGENET = Preprocessing(resize=256, crop=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                         interpolation="bilinear")
+
+
+def one_grey_level_brighter_when_shrinking(resize):
+    """A Pillow whose shrinking alone changed (its antialiasing filter path); enlarging gives the same pixels."""
+    def patched(self, size, *args, **kwargs):
+        resized = resize(self, size, *args, **kwargs)
+        shrunk = size[0] < self.width and size[1] < self.height
+        return resized.point(lambda value: min(value + 1, 255)) if shrunk else resized
+    return patched
+
+
+def test_a_resize_that_changes_only_shrinking_changes_it():
+    """Photos are shrunk to the resize: a probe set whose images were all enlarged (the probes no larger than the
+    resize) would have kept its digest under this change and served rows computed by the old Pillow."""
+    resized_from = []
+    record = Image.Image.resize
+
+    def recording(self, size, *args, **kwargs):
+        resized_from.append((self.size, tuple(size)))
+        return record(self, size, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(Image.Image, "resize", recording)
+        before = probes.probe_digest(IMAGENET)
+    assert any(to[0] < source[0] and to[1] < source[1] for source, to in resized_from)
+    assert (320, 256) not in [source for source, _ in resized_from]  # short side 256: cropped as decoded
+    enlarged_only = [p for p in probes.probe_files() if min(Image.open(p).size) < IMAGENET.resize]
+    probes._digest.cache_clear()
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(probes, "probe_files", lambda: enlarged_only)
+        enlarged_before = probes.probe_digest(IMAGENET)
+        probes._digest.cache_clear()
+        patched.setattr(Image.Image, "resize", one_grey_level_brighter_when_shrinking(Image.Image.resize))
+        assert probes.probe_digest(IMAGENET) == enlarged_before  # blind to it
+    probes._digest.cache_clear()
+    with pytest.MonkeyPatch.context() as patched:
+        patched.setattr(Image.Image, "resize", one_grey_level_brighter_when_shrinking(Image.Image.resize))
+        assert probes.probe_digest(IMAGENET) != before
+    probes._digest.cache_clear()
+    assert probes.probe_digest(IMAGENET) == before
 
 
 def test_another_16_bit_rule_changes_it():

@@ -1,7 +1,9 @@
 """The probe images: a small fixed set of files, committed in `probes/` beside this module, one per decoding path the
 pipeline reads (8-bit grey, RGB, palette with transparency, RGBA, CMYK and EXIF-rotated JPEG, 16-bit grey and colour
-PNG and TIFF, uncompressed, planar and LZW, 32-bit integer and float TIFF, BMP, GIF, WebP, odd and tiny sizes).
-tests/probe_images.py writes them.
+PNG and TIFF, uncompressed, planar and LZW, 32-bit integer and float TIFF, BMP, GIF, WebP, odd and tiny sizes),
+and per resampling path: most are enlarged to the resize, two photo-sized ones are shrunk (as photos are: Pillow
+shrinks through its antialiasing filter path, not the one it enlarges with) and one whose short side is 256 is
+cropped without resampling. tests/probe_images.py writes them.
 
 `probe_digest` runs them through the evaluation preprocessing (data/pixels.py) with the code and libraries of this
 very process, and hashes the resulting model inputs. Every fingerprint that depends on pixels holds it, so a change
