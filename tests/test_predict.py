@@ -289,6 +289,21 @@ def test_a_head_trained_on_other_features_is_refused(here):
         predict.check_features_match(head, backbone_files.load())
 
 
+def test_a_head_whose_features_differ_only_in_this_environments_pixels_is_refused_naming_the_remedy(here,
+                                                                                                     monkeypatch):
+    """Another Pillow, or a decoder installed or missing here, changes only the probe digest: DVC tracks no such
+    dependency, so `dvc repro` would do nothing; the message says what differs and what does recompute."""
+    from transfer_learning.data import images
+
+    head = head_files.load("logreg")
+    predict.check_features_match(head, backbone_files.load())  # the same pixels: served
+    monkeypatch.setattr(images, "probe_digest", lambda preprocessing: "f" * 64)
+    with pytest.raises(UserError, match=r"head 'logreg' was trained on features of other pixels than this "
+                                        r"environment makes: .*`dvc repro` sees nothing to do\. Run "
+                                        r"`dvc repro -f extract`.*or install the library versions"):
+        predict.check_features_match(head, backbone_files.load())
+
+
 def test_the_fine_tuned_model_on_images_prepared_otherwise_is_refused(every_model_work):
     meta_file = finetune_files.FINETUNE_DIR / "meta.json"
     meta = json.loads(meta_file.read_text())

@@ -27,8 +27,9 @@ from transfer_learning.data.pixels import NormalizeTable, evaluation_pixels
 from transfer_learning.deploy import onnx as deploy_onnx
 from transfer_learning.deploy.served import model_to_serve, recorded_meta, trained_models
 from transfer_learning.features import quantize
-from transfer_learning.features.fingerprint import fingerprint
+from transfer_learning.features.fingerprint import digest, fingerprint_spec, read_about
 from transfer_learning.features.runtime import FeatureRunner
+from transfer_learning.features.store import resolve_store
 from transfer_learning.finetune import files as finetune_files
 from transfer_learning.heads import files as head_files
 from transfer_learning.params import load_params
@@ -72,12 +73,32 @@ def check_features_match(head: head_files.Head, backbone: backbone_files.Backbon
     except FileNotFoundError:
         raise UserError(f"{backbone_files.ONNX} is missing: run `dvc repro export`") from None
     onnx_bytes = quantize.backbone_at_precision(params, onnx_bytes, manifest.read(), preprocessing)
-    current = fingerprint(sha256_bytes(onnx_bytes), preprocessing, params.dtype, params.precision)
-    if head.meta["features_fingerprint"] != current:
-        raise UserError(f"head {head.name!r} was trained on other features than {backbone_files.ONNX} gives now at "
-                        f"extract.precision {params.precision} (the backbone, cut, pooling, preprocessing, dtype or "
-                        "precision changed): run `dvc repro`")
-    return onnx_bytes
+    spec = fingerprint_spec(sha256_bytes(onnx_bytes), preprocessing, params.dtype, params.precision)
+    trained_on = head.meta["features_fingerprint"]
+    if trained_on == digest(spec):
+        return onnx_bytes
+    if only_the_pixels_differ(trained_on, spec, resolve_store(params.store)):
+        raise UserError(f"head {head.name!r} was trained on features of other pixels than this environment makes: "
+                        "its libraries decode or resize the probe images (transfer_learning/data/probes.py) "
+                        "otherwise than the one the features were computed in (another Pillow, a decoder such as "
+                        "imagecodecs installed or missing); the backbone, preprocessing, dtype and precision are "
+                        "unchanged, so `dvc repro` sees nothing to do. Run `dvc repro -f extract` and then `dvc repro` "
+                        "to recompute the features here, or install the library versions they were computed with")
+    raise UserError(f"head {head.name!r} was trained on other features than {backbone_files.ONNX} gives now at "
+                    f"extract.precision {params.precision} (the backbone, cut, pooling, preprocessing, dtype or "
+                    "precision changed): run `dvc repro`. If `dvc repro` finds nothing to do, this environment's "
+                    "libraries decode images to other pixels than the one the features were computed in: run "
+                    "`dvc repro -f extract`, or install the same library versions")
+
+
+def only_the_pixels_differ(trained_on: str, spec: dict, store: Path) -> bool:
+    """Whether the features `trained_on` (a fingerprint) differ from those `spec` describes only in the probe digest
+    (data/probes.py): what the libraries make of the images, which no DVC dependency tracks. Known from the store
+    folder's record of its spec (fingerprint.read_about); False when the store no longer holds it."""
+    recorded = read_about(store / trained_on)
+    if recorded is None:
+        return False
+    return digest({**recorded["fingerprint_spec"], "pixels": spec["pixels"]}) == digest(spec)
 
 
 def load_pixels(path: Path, preprocessing: Preprocessing) -> torch.Tensor:
