@@ -141,6 +141,20 @@ def test_without_git_on_path_gc_exits_non_zero_naming_it(history):
     assert store_entries() == before
 
 
+def test_a_fifo_among_the_split_files_stops_gc_naming_it_instead_of_hanging_it(history):
+    """Opening a FIFO blocks until something writes to it: the real command line, in its own process with a
+    timeout, so that a regression fails here instead of hanging the suite."""
+    Path("data/features").mkdir(parents=True)
+    os.mkfifo("data/features/train.h5")
+    before = store_entries()
+    result = subprocess.run([sys.executable, "-m", "stages.store", "gc", "--store", str(STORE), "--days", "0"],
+                            text=True, capture_output=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "gc stopped and deleted nothing" in result.stderr
+    assert "workspace: data/features/train.h5 is a FIFO, socket or device, not a split file" in result.stderr
+    assert store_entries() == before
+
+
 def test_force_goes_on_with_what_could_be_read_and_says_what_it_could_not(history, monkeypatch, capsys):
     git_dir_nowhere(history, monkeypatch)
     status, out = run(capsys, "gc", "--store", str(STORE), "--days", "0", "--force")

@@ -12,14 +12,15 @@ data/features stands for from DVC's cache or, failing that, from its metrics/ext
 
 Read strictly, since gc deletes what nobody refers to: anything it should read and cannot is a problem, named with
 the revision and the cause (git refusing the checkout or missing from PATH, an object missing from git, a metrics
-file or dvc.lock that does not parse, an object of DVC's cache that cannot be read, a data/features whose
-fingerprint neither DVC's cache nor metrics/extract.json gives, a sweep whose metrics do not name its blocks'
-folders). A file a revision does not have is no problem: that revision refers to nothing through it.
+file or dvc.lock that does not parse, an object of DVC's cache that cannot be read, a split file that is not a
+regular file (opening a FIFO would block), a data/features whose fingerprint neither DVC's cache nor
+metrics/extract.json gives, a sweep whose metrics do not name its blocks' folders). A file a revision does not have is no problem: that revision refers to nothing through it.
 """
 from __future__ import annotations
 
 import functools
 import json
+import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ import h5py
 import yaml
 
 from transfer_learning.features.split_files import FEATURES_DIR
+from transfer_learning.features.store import not_a_file
 
 LOCK = "dvc.lock"
 EXTRACT_METRICS = "metrics/extract.json"
@@ -169,6 +171,11 @@ class DvcCache:
 
 
 def split_fingerprint(path: Path, what: str) -> str:
+    # follows a link (DVC may check outputs out as links); anything else but a regular file is a problem, not
+    # opened: h5py's open of a FIFO blocks until something writes to it, and gc would hang
+    if not path.is_file():
+        kind = not_a_file(path) if os.path.lexists(path) else "missing"
+        raise Unreadable(f"{what} is {kind}, not a split file")
     try:
         with h5py.File(path, "r") as handle:
             return str(handle.attrs["fingerprint"])
