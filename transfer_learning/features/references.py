@@ -14,7 +14,8 @@ Read strictly, since gc deletes what nobody refers to: anything it should read a
 the revision and the cause (git refusing the checkout or missing from PATH, an object missing from git, a metrics
 file or dvc.lock that does not parse, an object of DVC's cache that cannot be read, a split file that is not a
 regular file (opening a FIFO would block), a data/features whose fingerprint neither DVC's cache nor
-metrics/extract.json gives, a sweep whose metrics do not name its blocks' folders). A file a revision does not have is no problem: that revision refers to nothing through it.
+metrics/extract.json gives, a sweep whose metrics do not name its blocks' folders). A file a revision does not
+have is no problem: that revision refers to nothing through it.
 """
 from __future__ import annotations
 
