@@ -4,7 +4,8 @@ checkpoints stay valid only while the same inputs give the same digests; a chang
 A fingerprint holds the digest of what the running code and libraries make of the probe images (data/probes.py),
 which rightly differs between library versions; here it is held fixed (PIXELS), and tests/test_probe_fingerprint.py
 checks that it changes exactly when a probe's pixels do. The digests below were computed when that digest took the
-place of a hand-bumped pipeline version."""
+place of a hand-bumped pipeline version. An augmented view's key holds the digest of what the augmentation makes of
+the probes (features/views.py), held fixed here too (AUGMENTED_PIXELS); AUGMENTED_KEY was computed when it came in."""
 from __future__ import annotations
 
 import json
@@ -19,6 +20,7 @@ from transfer_learning.data import images
 from transfer_learning.data.images import Preprocessing
 from transfer_learning.features.fingerprint import fingerprint
 from transfer_learning.features.store import store_key
+from transfer_learning.features import views
 from transfer_learning.features.views import ViewRequest, view_id
 from transfer_learning.finetune.data import LabelledImages
 from transfer_learning.finetune.prefix import prefix_fingerprint
@@ -27,6 +29,7 @@ from transfer_learning.heads.files import Head
 from transfer_learning.params import load_params
 
 PIXELS = "5" * 64  # stands for the probe digest
+AUGMENTED_PIXELS = "6" * 64  # stands for the augmented probes' digest
 
 
 class FixedPixels(Preprocessing):
@@ -43,7 +46,7 @@ SHA_B = "0123456789abcdef" * 4
 
 EXTRACT = "1dcb160d07932635a7a3a22f0c2a1edef7013516e0c517d689e4f3c480f473ee"
 PLAIN_KEY = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef/0"
-AUGMENTED_KEY = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef/aug-33bc1dc4-3"
+AUGMENTED_KEY = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef/aug-3155af43-3"
 RUN = "e4c97c3fb715941a5e7ba19b315bbcbb1548b8219227d54d188d61ed099549bb"
 RUN_FRESH_HEAD = "6850d7930e61cebd21c1f254ee45d1a29e265a9c5aa623a29adb814ea32ecce6"
 
@@ -68,7 +71,8 @@ def test_finetune_prefix_fingerprint():
     assert prefix_fingerprint(SHA_A, PREPROCESSING) == EXTRACT
 
 
-def test_store_keys():
+def test_store_keys(monkeypatch):
+    monkeypatch.setattr(views, "augment_digest", lambda preprocessing: AUGMENTED_PIXELS)
     assert store_key(SHA_B, view_id(0, PREPROCESSING)) == PLAIN_KEY
     assert store_key(SHA_B, view_id(3, PREPROCESSING)) == AUGMENTED_KEY
 

@@ -236,3 +236,41 @@ def test_extract_recomputes_every_row_after_a_pixel_change_and_none_after_a_chan
     again = run()
     assert again["computed"] == 0 and again["reused"] == first["rows"]
     assert again["fingerprint"] == first["fingerprint"]
+
+
+def test_a_change_of_the_augmentation_changes_the_augmented_views_keys_and_not_the_plain_ones():
+    """Augmented rows (extract.augment_views) are keyed by what this process's augmentation makes of the probes
+    (features/views.py): torchvision's crop one row lower, or its flip not flipping, changes them; the plain view's
+    key and the fingerprint (which measures the plain view) stay."""
+    import torch
+    from torchvision.transforms import v2
+
+    from transfer_learning.features import views
+
+    def keys() -> tuple:
+        views.augment_digest.cache_clear()
+        probes._digest.cache_clear()
+        return (fingerprint("ab" * 32, IMAGENET, "float32"), views.view_id(0, IMAGENET),
+                [views.view_id(view, IMAGENET) for view in (1, 2)])
+
+    crop_params = v2.RandomResizedCrop.make_params
+
+    def one_row_lower(self, flat_inputs):
+        params = crop_params(self, flat_inputs)
+        return {**params, "top": params["top"] + 1}
+
+    torch.manual_seed(7)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(7)
+    before = keys()
+    assert torch.equal(torch.rand(3), expected_draw)  # measuring the augmentation drew nothing from torch's RNG
+    assert before[1] == "0" and before[2][0].endswith("-1") and before[2][1].endswith("-2")
+    assert keys() == before
+    for cls, name, patch in ((v2.RandomResizedCrop, "make_params", one_row_lower),
+                             (v2.RandomHorizontalFlip, "transform", lambda self, inpt, params: inpt)):
+        with pytest.MonkeyPatch.context() as patched:
+            patched.setattr(cls, name, patch)
+            fingerprint_after, plain_after, augmented_after = keys()
+        assert (fingerprint_after, plain_after) == before[:2], name
+        assert all(a != b for a, b in zip(augmented_after, before[2])), name
+    assert keys() == before

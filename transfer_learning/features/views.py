@@ -1,20 +1,34 @@
 """The images extract feeds to the backbone: view 0 is the plain preprocessed image, views 1..k are seeded
-augmentations (RandomResizedCrop + horizontal flip), reproducible per (image, view) whatever worker runs them."""
+augmentations (RandomResizedCrop + horizontal flip), reproducible per (image, view) whatever worker runs them.
+
+An augmented view's key holds, besides the augmentation's settings, the digest of what this process's augmentation
+makes of a few probe images (data/probes.py) through this very dataset: the plain view's pixels are measured by the
+feature fingerprint, the augmented views' by their key, so a torchvision change to the crop or the flip, or to the
+RGB decode the augmented views read, leaves no augmented row of the old code served."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset, get_worker_info
 from torchvision.transforms import InterpolationMode, v2
 
-from transfer_learning.data.decode import read_checked
+from transfer_learning.common.hashing import sha256_bytes
+from transfer_learning.data.decode import read_checked, warnings_held_back
 from transfer_learning.data.images import Preprocessing
 from transfer_learning.data.pixels import PlainPixels
+from transfer_learning.data.probes import PROBES_DIR
 
 PLAIN_VIEW = "0"
+# the probes the augmentation is measured on: shrunk (a photo), enlarged, 16-bit grey, CMYK, EXIF-rotated, each
+# read as the augmented views read their images (RGB); views 1..3 of each flip some and not others
+AUGMENT_PROBES = ("rgb_photo_600x450.jpg", "rgb8_21x33.png", "grey16_19x23.png", "cmyk_26x20.jpg",
+                  "exif_rotated_22x14.jpg")
+AUGMENT_PROBE_VIEWS = (1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -30,11 +44,32 @@ def augment_spec(preprocessing: Preprocessing) -> dict:
 
 
 def view_id(view: int, preprocessing: Preprocessing) -> str:
-    """How a view is keyed in the store: '0', or the augmentation spec's hash and the view's number."""
+    """How a view is keyed in the store: '0', or the hash of the augmentation spec and of what this process's
+    augmentation makes of the probes (`augment_digest`), and the view's number."""
     if view == 0:
         return PLAIN_VIEW
-    spec = json.dumps(augment_spec(preprocessing), sort_keys=True)
+    spec = json.dumps({**augment_spec(preprocessing), "pixels": augment_digest(preprocessing)}, sort_keys=True)
     return f"aug-{hashlib.sha256(spec.encode()).hexdigest()[:8]}-{view}"
+
+
+@functools.lru_cache(maxsize=None)
+def augment_digest(preprocessing: Preprocessing) -> str:
+    """sha256 of the seeded augmented views AUGMENT_PROBE_VIEWS of AUGMENT_PROBES as ViewDataset gives them,
+    computed once per process and preprocessing. torch's random state is left as it was."""
+    requests = [ViewRequest(str(PROBES_DIR / name), sha256_bytes((PROBES_DIR / name).read_bytes()), view)
+                for name in AUGMENT_PROBES for view in AUGMENT_PROBE_VIEWS]
+    dataset = ViewDataset(requests, preprocessing)
+    hashed = hashlib.sha256()
+    with warnings_held_back(), torch.random.fork_rng(devices=[]):
+        for index, request in enumerate(requests):
+            tensor, error = dataset[index]
+            hashed.update(f"{Path(request.path).name} {request.view}\0".encode())
+            if error is not None:  # a decoder gone is a change of pixels too; the reason, not this checkout's path
+                hashed.update(f"bad image: {error.removeprefix(request.path)}\0".encode())
+                continue
+            hashed.update(f"{tensor.dtype} {tuple(tensor.shape)}\0".encode())
+            hashed.update(tensor.contiguous().numpy().tobytes())
+    return hashed.hexdigest()
 
 
 def augment_transform(preprocessing: Preprocessing) -> v2.Compose:
