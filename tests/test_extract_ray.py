@@ -23,7 +23,9 @@ from tests.faults import actor_killed_once, faulty_env
 from tests.test_extract import CUDA_VS_CPU_RTOL_OF_SCALE, metrics, read_split, set_params
 from transfer_learning.common.errors import UserError
 from transfer_learning.common.hashing import sha256_bytes
+from transfer_learning.data import images
 from transfer_learning.features import ray_engine
+from transfer_learning.features.ray_actor import NodePixelsDiffer
 from transfer_learning.features.ray_engine import check_fits, decode_in_tasks, gpus_per_actor, ort_threads
 from transfer_learning.features.store import store_key
 from transfer_learning.features.views import PLAIN_VIEW
@@ -129,6 +131,16 @@ def test_ray_rows_equal_local_rows_through_an_actor_kill_and_a_bad_image_and_eac
     extract.main()
     assert (metrics()["computed"], metrics()["reused"]) == (0, 59)  # the failed ray run stored all the others
 
+    # an actor whose node makes other probe pixels than the driver (here the driver's are another digest): the
+    # worker's error reaches the user as the UserError it is, not as Ray's wrapping, and no row is stored
+    with monkeypatch.context() as patched:
+        patched.setattr(images, "probe_digest", lambda preprocessing: "0" * 64)
+        set_params(extract={"store": "store-other-pixels", **RAY, "ray": {"actors": 1}})
+        with pytest.raises(NodePixelsDiffer, match="this Ray node .* decodes the probe images to other pixels than "
+                                                   "the driver: its libraries differ"):
+            extract.main()
+    assert store_rows(Path("store-other-pixels")) == {}
+
 
 def test_the_actors_views_are_the_local_engines_and_the_plain_view_imports_no_torch(workdir):
     """decode_views (torch-free for view 0) gives ViewDataset's bytes and error messages; an actor in a fresh
@@ -176,7 +188,7 @@ def test_a_worker_whose_libraries_make_other_probe_pixels_than_the_drivers_refus
     that decodes the probes otherwise (a decoder missing, another Pillow) stops before its first row. Here the
     driver's digest is that of another bit_depth rule, as a node whose decoding differs would measure it."""
     from transfer_learning.backbone import files as backbone_files
-    from transfer_learning.features.ray_actor import BackboneActor, NodePixelsDiffer, read_views
+    from transfer_learning.features.ray_actor import BackboneActor, read_views
 
     preprocessing = backbone_files.load().preprocessing.with_bit_depth(12)
     elsewhere = preprocessing.with_bit_depth(8).probe_digest()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 import warnings
 from pathlib import Path
@@ -33,7 +34,7 @@ from tqdm import tqdm
 
 from transfer_learning.common.errors import UserError
 from transfer_learning.data.images import Preprocessing
-from transfer_learning.features.ray_actor import CONCURRENT_BATCHES, BackboneActor, read_views
+from transfer_learning.features.ray_actor import CONCURRENT_BATCHES, BackboneActor, NodePixelsDiffer, read_views
 from transfer_learning.features.ray_cluster import ray_cluster
 from transfer_learning.features.store import FeatureStore
 from transfer_learning.features.views import ViewRequest
@@ -42,6 +43,32 @@ from transfer_learning.params import ExtractParams
 log = logging.getLogger("extract")
 READER_CPUS = 1.0  # per reader task (decode: tasks)
 RETRIES = 3  # per actor and per batch: a crash that repeats every time (a poisoned image, OOM) ends the run
+NODE_PIXELS_DIFFER = re.compile(rf"{NodePixelsDiffer.__name__}: (this Ray node .*)")
+
+
+def node_pixels_differ(error: BaseException) -> NodePixelsDiffer | None:
+    """A worker's NodePixelsDiffer as the driver receives it: Ray Data wraps what a task or an actor's constructor
+    raised (UserCodeException, ActorDiedError) and keeps only its traceback's text."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, NodePixelsDiffer):
+            return error
+        if found := NODE_PIXELS_DIFFER.search(str(error)):
+            return NodePixelsDiffer(found.group(1))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def worker_errors_shown(batches):
+    """`batches`, a node whose libraries make other probe pixels than the driver's raised as the UserError it is,
+    not as the Ray exception that carries its text."""
+    try:
+        yield from batches
+    except Exception as error:
+        if (differ := node_pixels_differ(error)) is not None:
+            raise differ from error
+        raise
 
 
 def gpus_per_actor(setting: float | str, cluster: dict[str, float], actors: int) -> float:
@@ -128,7 +155,7 @@ def compute(store: FeatureStore, todo: dict[str, ViewRequest], onnx_bytes: bytes
         first_rows_at = None  # seconds from the start to the first rows back: Ray's start-up, actors' included
         busy = 0.0
         with tqdm(total=len(todo), desc="extract (ray)", unit="img", smoothing=0.1) as bar:
-            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            for batch in worker_errors_shown(dataset.iter_batches(batch_size=None, batch_format="numpy")):
                 good = [i for i, (key, error) in enumerate(zip(batch["key"], batch["error"]))
                         if not error and key not in stored]
                 if good:
