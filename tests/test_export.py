@@ -15,12 +15,15 @@ from transfer_learning.common.errors import UserError
 CASES = {
     # arch: (weights, [(cut, pool, expected feature_dim)]). The export traces every node before the cut, so the block
     # and node cuts sit early in the network: what they prove (the cut resolved, pooled, exported with a dynamic
-    # batch, equal to torch) does not depend on depth; the penultimate cut exports the whole network. The default
-    # backbone's penultimate cut is the `exported` fixture's export (tests/conftest.py), checked below.
+    # batch, equal to torch) does not depend on depth. With the default backbone's penultimate export (the `exported`
+    # fixture's, tests/conftest.py, checked below) they export every ONNX op type of the three whole networks, the
+    # head's global pooling and flatten included; each penultimate cut's node and feature_dim are checked without one.
     "mobilenet_v2": ("IMAGENET1K_V1", [(5, "max", 32), ("features.3.add", "avg", 24)]),
-    "resnet18": ("none", [("penultimate", "avg", 512), (3, "none", 64 * 56 * 56), ("layer2.1.relu_1", "max", 128)]),
-    "efficientnet_b0": ("none", [("penultimate", "avg", 1280), (4, "avg", 40), ("features.2.1.add", "max", 24)]),
+    "resnet18": ("none", [(3, "none", 64 * 56 * 56), ("layer2.1.relu_1", "max", 128)]),
+    "efficientnet_b0": ("none", [(3, "avg", 24), ("features.1.0.block.1", "max", 32)]),
 }
+# arch: (the graph node `backbone.cut: penultimate` names, the feature_dim it gives with `pool: avg`)
+PENULTIMATE = {"mobilenet_v2": ("flatten", 1280), "resnet18": ("flatten", 512), "efficientnet_b0": ("flatten", 1280)}
 
 
 def check_onnx_against_torch(batch_sizes=(1, 3)):
@@ -44,10 +47,22 @@ def test_export_cuts(project, arch):
     weights, cuts = CASES[arch]
     project.params(backbone={"arch": arch, "weights": weights})
     download.main()
+    check_penultimate(*PENULTIMATE[arch])
     for cut, pool, dim in cuts:
         project.params(backbone={"arch": arch, "weights": weights, "cut": cut, "pool": pool})
         export.main()
         check_export(dim)
+
+
+def check_penultimate(node: str, dim: int) -> None:
+    """The node and feature_dim the export stage would resolve and compute for `cut: penultimate, pool: avg`, from
+    the downloaded backbone's anatomy and its torch forward pass: no export (the whole network's ops are exported
+    by the cuts above and the `exported` fixture)."""
+    backbone = backbone_files.load()
+    assert backbone.anatomy.cut_node("penultimate") == node
+    module = PooledFeatures(backbone.model(), node, "avg").eval()
+    with torch.inference_mode():
+        assert module(torch.rand(2, 3, 224, 224)).shape == (2, dim)
 
 
 def check_export(dim: int) -> None:
