@@ -404,8 +404,10 @@ class SklearnHead(Section):
         self.check_trusted()
         module_name, _, class_name = self.estimator.rpartition(".")
         if self._sklearn_own():
-            self._listed_sklearn_classifier()
-            return sklearn_classifiers()[class_name]
+            # from the one module the catalog says holds it (the module named, else the public one): scikit-learn's
+            # all_estimators would import every scikit-learn module, and through its array API support torch
+            listed = self._listed_sklearn_classifier()
+            return getattr(importlib.import_module(module_name or listed["public"].rpartition(".")[0]), class_name)
         try:
             found = getattr(importlib.import_module(module_name), class_name, None)
         except Exception as error:  # a trusted module may fail to import in any way
@@ -436,13 +438,6 @@ ESTIMATOR_FORMS = ("valid: a scikit-learn classifier by class name or dotted pat
 
 def _under(module_name: str, packages: list[str]) -> bool:
     return any(module_name == p or module_name.startswith(p + ".") for p in packages)
-
-
-def sklearn_classifiers() -> dict[str, type]:
-    """Class name -> class, every classifier scikit-learn ships (imports scikit-learn's modules only)."""
-    from sklearn.utils.discovery import all_estimators
-
-    return dict(all_estimators(type_filter="classifier"))
 
 
 HeadSpec = Annotated[Union[LogisticHead, LinearHead, MLPHead, SklearnHead], Field(discriminator="type")]

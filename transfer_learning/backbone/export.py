@@ -5,13 +5,14 @@ The ONNX file is checked against torch with ONNX Runtime on real photos at two b
 export.atol the stage fails with the numbers.
 """
 import hashlib
+import importlib.util
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from sklearn.datasets import load_sample_images
 
 from transfer_learning.backbone import files as backbone_files
 from transfer_learning.backbone import onnx_export
@@ -25,9 +26,24 @@ for noisy in ("onnx_ir", "onnxscript"):
 PARITY_BATCH_SIZES = (2, 5)
 
 
+def sample_photos() -> list[Image.Image]:
+    """scikit-learn's bundled sample photos (china.jpg, flower.jpg), read as its load_sample_images reads them,
+    from the installed package's folder: importing scikit-learn (and scipy) would cost seconds of CPU."""
+    spec = importlib.util.find_spec("sklearn")
+    folder = Path(spec.submodule_search_locations[0]) / "datasets" / "images"
+    paths = sorted(folder.glob("*.jpg"))
+    if not paths:
+        raise UserError(f"no sample photos (*.jpg) in {folder}: reinstall scikit-learn")
+    photos = []
+    for path in paths:
+        with Image.open(path) as image:
+            photos.append(Image.fromarray(np.asarray(image)))
+    return photos
+
+
 def parity_batches(transform) -> list[torch.Tensor]:
     """Real photos (scikit-learn's bundled samples) and seeded crops of them, one batch per size."""
-    photos = [Image.fromarray(p) for p in load_sample_images().images]
+    photos = sample_photos()
     rng = np.random.default_rng(0)
     images = []
     while len(images) < max(PARITY_BATCH_SIZES):

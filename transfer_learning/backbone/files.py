@@ -2,6 +2,9 @@
 
 meta.json records the sha256 of weights.pt as written (`weights_pt_sha256`; its `sha256` is the verified source
 file's); the weights are loaded only from bytes that match it.
+
+torch and torchvision are imported only by `model` and `save`: extract and predict read meta.json alone, and
+importing torchvision costs seconds of CPU (its ops import torch._dynamo).
 """
 from __future__ import annotations
 
@@ -9,12 +12,9 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-from torchvision.models import get_model
-
-from transfer_learning.backbone.anatomy import Anatomy
+from transfer_learning.backbone.nodes import Anatomy
 from transfer_learning.common.atomic import atomic_path, atomic_write_text
 from transfer_learning.common.errors import UserError
 from transfer_learning.common.hashing import read_verified, sha256_file
@@ -25,6 +25,9 @@ WEIGHTS = BACKBONE_DIR / "weights.pt"
 META = BACKBONE_DIR / "meta.json"
 ONNX = Path("models/backbone.onnx")
 WEIGHTS_DIGEST = "weights_pt_sha256"
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,9 @@ class Backbone:
         return self.meta[WEIGHTS_DIGEST]
 
     def model(self) -> nn.Module:
+        import torch
+        from torchvision.models import get_model
+
         model = get_model(self.arch, weights=None, num_classes=self.num_classes)
         state = torch.load(io.BytesIO(verified_weights(self.weights_sha256)), map_location="cpu", weights_only=True)
         model.load_state_dict(state)
@@ -58,6 +64,8 @@ def save(model: nn.Module, meta: dict) -> None:
     """weights.pt, then meta.json with its sha256. Saved to a file named weights.pt, not through a buffer: torch
     names the archive inside after the file, and the same bytes as before keep the fine-tune fingerprints (which
     hash weights.pt) and so their checkpoints valid."""
+    import torch
+
     with atomic_path(WEIGHTS) as tmp:
         torch.save(model.state_dict(), tmp)
     atomic_write_text(META, json.dumps({**meta, WEIGHTS_DIGEST: sha256_file(WEIGHTS)}, indent=2) + "\n")

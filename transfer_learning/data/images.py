@@ -8,14 +8,17 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from transfer_learning.data.decode import BIT_DEPTHS, BadImage, BitDepth, decode, is_bit_depth  # noqa: F401
 from transfer_learning.data.pixels import NormalizeTable, PlainPixels
 from transfer_learning.data.probes import probe_digest
+
+if TYPE_CHECKING:  # torch is imported by the adapters below only: reading or hashing a Preprocessing needs none
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +78,16 @@ class Preprocessing:
     def transform(self) -> Callable[[Image.Image], torch.Tensor]:
         """PIL image -> normalized float CHW tensor (3 channels): data/pixels.py's plain pixels, then its
         normalization."""
+        import torch
+
         pixels, table = PlainPixels.of(self), _table(self.mean, self.std)
         return lambda image: torch.from_numpy(table.inputs([pixels(image)])[0])
 
     def pixels(self) -> Callable[[Image.Image], torch.Tensor]:
         """PIL image -> resized, cropped uint8 CHW tensor (3 channels, a grey image's plane repeated):
         data/pixels.py's PlainPixels."""
+        import torch
+
         pixels = PlainPixels.of(self)
 
         def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -91,6 +98,8 @@ class Preprocessing:
 
     def normalize(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW (grey images may be one plane) -> float32 NCHW: data/pixels.py's NormalizeTable."""
+        import torch
+
         return torch.from_numpy(_table(self.mean, self.std).inputs(np.ascontiguousarray(batch.numpy())))
 
 

@@ -12,16 +12,19 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import Dataset, get_worker_info
-from torchvision.transforms import InterpolationMode, v2
 
 from transfer_learning.common.hashing import sha256_bytes
 from transfer_learning.data.decode import read_checked, warnings_held_back
 from transfer_learning.data.images import Preprocessing
 from transfer_learning.data.pixels import PlainPixels
 from transfer_learning.data.probes import PROBES_DIR
+
+if TYPE_CHECKING:  # imported where augmented views are made: torchvision costs seconds of CPU (torch._dynamo)
+    from torchvision.transforms import v2
 
 PLAIN_VIEW = "0"
 # the probes the augmentation is measured on: shrunk (a photo), enlarged, 16-bit grey, CMYK, EXIF-rotated, each
@@ -73,6 +76,8 @@ def augment_digest(preprocessing: Preprocessing) -> str:
 
 
 def augment_transform(preprocessing: Preprocessing) -> v2.Compose:
+    from torchvision.transforms import InterpolationMode, v2
+
     spec = augment_spec(preprocessing)["random_resized_crop"]
     return v2.Compose([
         v2.RandomResizedCrop(spec["size"], scale=tuple(spec["scale"]), ratio=tuple(spec["ratio"]),
@@ -103,7 +108,7 @@ class ViewDataset(Dataset):
         self.preprocessing = preprocessing
         self.grey_planes = grey_planes
         self.plain = PlainPixels.of(preprocessing)  # torchvision's Resize + CenterCrop, bit for bit (data/pixels.py)
-        self.augment = augment_transform(preprocessing)
+        self.augment = augment_transform(preprocessing) if any(r.view for r in requests) else None
 
     def __len__(self) -> int:
         return len(self.requests)
