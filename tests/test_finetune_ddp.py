@@ -81,6 +81,9 @@ def test_two_processes_resume_after_a_sigkill_fail_with_a_workers_error_and_matc
     # the frozen prefix's outputs: computed once, by the launcher (train and val images), only read by the ranks
     computed = [int(n) for n in re.findall(r"(\d+) to compute", killed.stderr)]
     assert [n for n in computed if n] == [36, 12] and len(computed) > 2, killed.stderr[-3000:]
+    # and its export checked against torch once, by the launcher: rank 0 (which logs) took the bytes it checked
+    assert "the bytes the launcher checked against torch" in killed.stderr, killed.stderr[-3000:]
+    assert "not the file the launcher checked" not in killed.stderr
 
     failed = run_stage(two, fail_after_epoch=2)  # rank 1 raises once epoch 2 is saved
     assert failed.returncode == 2, failed.stderr[-3000:]

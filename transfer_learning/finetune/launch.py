@@ -9,8 +9,8 @@ and writes the outputs); every other node joins with
     python -m transfer_learning.finetune.launch --node-rank <1..nnodes-1>
 
 from its own copy of the project (same params.yaml, data/prepared, models/, images at the manifest's paths).
-Before the workers start, the launcher computes the frozen prefix's outputs the store lacks, once per machine: the
-ranks only read them. A worker that raises fails the stage with its error; the checkpoint keeps the epochs done.
+Before the workers start, the launcher checks the frozen prefix's export against torch and computes its outputs the
+store lacks, once per machine: the ranks only compare the export's digest with the one checked, and read the rows. A worker that raises fails the stage with its error; the checkpoint keeps the epochs done.
 """
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ import tempfile
 from pathlib import Path
 
 from transfer_learning.common.errors import UserError, run_main
+from transfer_learning.common.hashing import sha256_bytes
 from transfer_learning.finetune.distributed import LAUNCHER_PID
+from transfer_learning.finetune.prefix import Checked
 from transfer_learning.finetune.run import prepare, train
 from transfer_learning.params import Params, load_params
 
@@ -32,14 +34,15 @@ log = logging.getLogger("finetune")
 WORKER = "transfer_learning.finetune.worker"
 
 
-def torchrun_args(params: Params, node_rank: int, result: Path) -> list[str]:
+def torchrun_args(params: Params, node_rank: int, result: Path, checked_prefix: Path | None = None) -> list[str]:
     settings = params.finetune
     args = ["--nproc-per-node", str(settings.nproc), "--nnodes", str(settings.nnodes), "--max-restarts", "0"]
     if settings.nnodes == 1:
         args.append("--standalone")
     else:
         args += ["--rdzv-backend", "static", "--rdzv-endpoint", settings.rdzv_endpoint, "--node-rank", str(node_rank)]
-    return [*args, "-m", WORKER, "--result", str(result)]
+    args += ["-m", WORKER, "--result", str(result)]
+    return args if checked_prefix is None else [*args, "--checked-prefix", str(checked_prefix)]
 
 
 @contextlib.contextmanager
@@ -59,17 +62,24 @@ def worker_environment(nproc: int):
                 os.environ[key] = value
 
 
-def cache_prefix_outputs(params: Params) -> None:
-    """The frozen prefix's outputs for the images the store lacks, computed here once rather than by each rank."""
-    prepare(params, params.finetune.batch_size)
+def cache_prefix_outputs(params: Params, folder: Path) -> Path | None:
+    """The frozen prefix's export checked against torch and its outputs for the images the store lacks, here once
+    rather than by each rank; the file naming the checked export for the ranks (None: the net has no frozen
+    prefix)."""
+    prefix = prepare(params, params.finetune.batch_size).prefix
+    if prefix is None:
+        return None
+    checked = folder / "checked_prefix.json"
+    checked.write_text(Checked(sha256_bytes(prefix.onnx), prefix.max_abs_diff).to_json())
+    return checked
 
 
-def run_workers(params: Params, node_rank: int, result: Path) -> None:
+def run_workers(params: Params, node_rank: int, result: Path, checked_prefix: Path | None = None) -> None:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     settings = params.finetune
-    argv = torchrun_args(params, node_rank, result)
+    argv = torchrun_args(params, node_rank, result, checked_prefix)
     log.info("finetune.nproc %d x finetune.nnodes %d: torchrun %s", settings.nproc, settings.nnodes, " ".join(argv))
     with worker_environment(settings.nproc):
         try:
@@ -104,10 +114,10 @@ def finetune(params: Params) -> dict:
 
 def launch(params: Params, node_rank: int = 0) -> dict | None:
     """Runs this node's workers and waits for them; rank 0's metrics on node 0, None on another node."""
-    cache_prefix_outputs(params)
     with tempfile.TemporaryDirectory(prefix="finetune-") as folder:
+        checked_prefix = cache_prefix_outputs(params, Path(folder))
         result = Path(folder) / "metrics.json"
-        run_workers(params, node_rank, result)
+        run_workers(params, node_rank, result, checked_prefix)
         if node_rank != 0:
             return None
         if not result.is_file():

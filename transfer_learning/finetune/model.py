@@ -76,6 +76,11 @@ def _unwrap(out):
     return out["out"] if isinstance(out, dict) else out
 
 
+def tail_features(tail: nn.Module, x: torch.Tensor, pool: str) -> torch.Tensor:
+    """The tail's output on the prefix's output `x`, pooled: what the head takes."""
+    return pool_features(_unwrap(tail(x)), pool)
+
+
 class Standardize(nn.Module):
     """The init head's standardization, (x - mean) / scale, as fixed buffers.
 
@@ -142,7 +147,7 @@ class FineTuneNet(nn.Module):
     def features(self, x: torch.Tensor, from_prefix: bool = False) -> torch.Tensor:
         if not from_prefix:
             x = self.prefix_output(x)
-        return pool_features(_unwrap(self.tail(x)), self.pool)
+        return tail_features(self.tail, x, self.pool)
 
     def forward(self, x: torch.Tensor, from_prefix: bool = False) -> torch.Tensor:
         return self.head(self.features(x, from_prefix))

@@ -6,10 +6,13 @@ sha256 of the ONNX bytes run (weights, prefix node) and the preprocessing.
 The export is kept in the store (`finetune/<recipe digest>/prefix.onnx`, with the recipe and sha256 beside it), as
 the layer sweep keeps its graphs: exporting takes seconds, a run whose rows are all stored should not pay it. Every
 run checks the kept file against the torch prefix before its bytes name or compute a row: a file swapped together
-with its record passes the digest, not that check, and is exported again.
+with its record passes the digest, not that check, and is exported again. In a data-parallel run the launcher
+checks it once (`Checked`); each rank then only compares the bytes it reads with the digest of the bytes the launcher
+checked, and checks them against torch itself when they differ.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -76,27 +79,55 @@ def kept_path(store: Path, made_from: dict) -> Path:
     return store / KEPT_DIR / digest / "prefix.onnx"
 
 
+@dataclass(frozen=True)
+class Checked:
+    """Prefix bytes another process of this run (the launcher) checked against torch: their sha256 and how far
+    they were from torch."""
+
+    sha256: str
+    max_abs_diff: float
+
+    def to_json(self) -> str:
+        return json.dumps({"sha256": self.sha256, "max_abs_diff": self.max_abs_diff}) + "\n"
+
+    @classmethod
+    def read(cls, path: Path) -> "Checked":
+        record = json.loads(path.read_text())
+        return cls(str(record["sha256"]), float(record["max_abs_diff"]))
+
+
 def checked_export(module: FlatPrefix, made_from: dict, path: Path, preprocessing: Preprocessing,
-                   atol: float) -> tuple[bytes, float]:
+                   atol: float, checked: Checked | None = None) -> tuple[bytes, float]:
     """The prefix's ONNX bytes (kept, or exported now) and their largest difference from torch on real photos,
-    relative to the output's scale; a UserError naming export.atol when even a fresh export is further off."""
-    batches = parity_batches(preprocessing.transform())
+    relative to the output's scale; a UserError naming export.atol when even a fresh export is further off.
+    `checked`: what the launcher found for the bytes it checked; the same bytes are not checked again."""
     exported = []
 
+    @functools.cache
+    def batches() -> list[torch.Tensor]:  # real photos, read only when something is exported or checked
+        return parity_batches(preprocessing.transform())
+
     def export(target: Path) -> None:
-        onnx_export.export(module, batches[0], target, made_from["opset"])
+        onnx_export.export(module, batches()[0], target, made_from["opset"])
         exported.append(target)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):  # one exporter; the torchrun ranks wait, then reuse it
         data = kept_export(path, made_from, export)
-        max_abs_diff = onnx_export.parity(module, path, batches, relative=True)
+        if checked is not None and not exported and sha256_bytes(data) == checked.sha256:
+            log.info("the frozen prefix's export %s: the bytes the launcher checked against torch (sha256 compared)",
+                     path)
+            path.touch()
+            return data, checked.max_abs_diff
+        if checked is not None:
+            log.warning("the frozen prefix's export %s is not the file the launcher checked: checking it here", path)
+        max_abs_diff = onnx_export.parity(module, path, batches(), relative=True)
         if max_abs_diff > atol and not exported:
             log.warning("the kept frozen-prefix export %s differs from torch by %.3g > export.atol %g: exporting "
                         "again", path, max_abs_diff, atol)
             record_of(path).unlink(missing_ok=True)
             data = kept_export(path, made_from, export)
-            max_abs_diff = onnx_export.parity(module, path, batches, relative=True)
+            max_abs_diff = onnx_export.parity(module, path, batches(), relative=True)
         path.touch()  # its last use, which `stages.store gc` keeps a recent one by
     if max_abs_diff > atol:
         raise UserError(f"export.atol: the frozen prefix's ONNX ({made_from['prefix_node']}) differs from torch by "
@@ -139,12 +170,14 @@ class FrozenPrefix:
 
 
 def frozen_prefix(net: FineTuneNet, backbone: Backbone, cut_node: str, preprocessing: Preprocessing,
-                  export: ExportParams, providers: list[str], store: Path) -> FrozenPrefix:
-    """The net's frozen prefix exported (or its kept export reused) and checked against torch."""
+                  export: ExportParams, providers: list[str], store: Path,
+                  checked: Checked | None = None) -> FrozenPrefix:
+    """The net's frozen prefix exported (or its kept export reused) and checked against torch (unless these are the
+    bytes `checked` names)."""
     module = FlatPrefix(net).eval()
     made_from = recipe(backbone, net, cut_node, export.opset)
     path = kept_path(store, made_from)
-    data, max_abs_diff = checked_export(module, made_from, path, preprocessing, export.atol)
+    data, max_abs_diff = checked_export(module, made_from, path, preprocessing, export.atol, checked)
     shape = tuple(net.prefix_output(torch.zeros(1, 3, preprocessing.crop, preprocessing.crop)).shape[1:])
     log.info("frozen prefix (%s) as ONNX: %s, max |onnx - torch| %.2g (relative, export.atol %g)",
              made_from["prefix_node"], path, max_abs_diff, export.atol)

@@ -40,11 +40,12 @@ from transfer_learning.finetune.data import (
     split_images,
 )
 from transfer_learning.finetune.distributed import Group
+from transfer_learning.finetune.composed import export_joined
 from transfer_learning.finetune.curves import write_curves
 from transfer_learning.finetune.files import FINETUNE_DIR, LOGITS, PROBABILITIES
 from transfer_learning.finetune.loop import Inputs, fit
 from transfer_learning.finetune.model import FineTuneNet, Probabilities
-from transfer_learning.finetune.prefix import FrozenPrefix, frozen_prefix
+from transfer_learning.finetune.prefix import Checked, FrozenPrefix, frozen_prefix
 from transfer_learning.heads import files as head_files
 from transfer_learning.params import Params
 
@@ -168,8 +169,9 @@ def write_bytes(path: Path, data: bytes) -> None:
 
 
 def export_onnx(net: FineTuneNet, onnx_file: Path, run_dir: Path, preprocessing, opset: int, atol: float,
-                checkpoint_sha256: str | None) -> tuple[float, bytes]:
-    """Exports and parity-checks the model; a finished run's kept export is reused instead once it passes the
+                checkpoint_sha256: str | None, prefix: FrozenPrefix | None = None) -> tuple[float, bytes]:
+    """Exports and parity-checks the model (with a frozen `prefix`, its checked export joined to the tail's:
+    finetune/composed.py); a finished run's kept export is reused instead once it passes the
     same parity check against `net` (the verified checkpoint's weights): its digest beside it in a shared store
     catches damage, the parity check also a file swapped together with its record. Returns the largest
     ONNX-vs-torch difference (relative, for the logits) and the ONNX bytes written to `onnx_file`."""
@@ -186,7 +188,10 @@ def export_onnx(net: FineTuneNet, onnx_file: Path, run_dir: Path, preprocessing,
             return max_abs_diff, kept
         log.warning("the kept ONNX export %s differs from the checkpoint's weights by %.3g > export.atol %g: "
                     "exporting again", run_dir / "model.onnx", max_abs_diff, atol)
-    onnx_export.export(Probabilities(net), batches[0], onnx_file, opset, (PROBABILITIES, LOGITS))
+    if prefix is None:
+        onnx_export.export(Probabilities(net), batches[0], onnx_file, opset, (PROBABILITIES, LOGITS))
+    else:
+        export_joined(net, prefix.onnx, prefix.shape, batches[0], onnx_file, opset, (PROBABILITIES, LOGITS))
     max_abs_diff = onnx_export.parity(Probabilities(net), onnx_file, batches, relative=True)
     data = onnx_file.read_bytes()
     write_bytes(run_dir / "model.onnx", data)
@@ -251,9 +256,9 @@ class Prepared:
         return None if self.prefix is None else self.prefix.fingerprint
 
 
-def prepare(params: Params, batch_size: int) -> Prepared:
+def prepare(params: Params, batch_size: int, checked: Checked | None = None) -> Prepared:
     """The net (finetune.unfreeze, init_head, bn) and its inputs in batches of `batch_size`; the frozen prefix's
-    outputs are computed here for the images the store lacks."""
+    outputs are computed here for the images the store lacks. `checked`: the prefix export the launcher checked."""
     settings = params.finetune
     backbone = backbone_files.load()
     preprocessing = backbone.preprocessing.with_bit_depth(manifest.read_bit_depth())
@@ -272,7 +277,7 @@ def prepare(params: Params, batch_size: int) -> Prepared:
         augment = None
     store = resolve_store(params.extract.store)
     prefix = frozen_prefix(net, backbone, setup.cut_node, preprocessing, params.export, params.extract.providers,
-                           store) if has_prefix else None
+                           store, checked) if has_prefix else None
     train_inputs = inputs_for(train, augment, prefix if cache_train else None, preprocessing, batch_size)
     val_inputs = inputs_for(val, None, prefix, preprocessing, batch_size)
     return Prepared(setup, backbone, preprocessing, classes, train, val, test, train_inputs, val_inputs, cache_train,
@@ -283,14 +288,15 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def train(params: Params, group: Group | None = None) -> dict | None:
+def train(params: Params, group: Group | None = None, checked: Checked | None = None) -> dict | None:
     """Trains (alone, or as one rank of `group`) and writes models/finetune/, the curves and the checkpoint; returns
-    the metrics (None on a rank other than 0, which writes nothing)."""
+    the metrics (None on a rank other than 0, which writes nothing). `checked`: the prefix export the launcher
+    checked against torch."""
     started = time.perf_counter()
     settings = params.finetune
     device = default_device() if group is None else group.device
     world = 1 if group is None else group.world
-    prepared = prepare(params, settings.batch_size // world)
+    prepared = prepare(params, settings.batch_size // world, checked)
     setup, net = prepared.setup, prepared.setup.net
     run_fp = run_fingerprint(params, setup.unfreeze, setup.bn, setup.head, prepared.train, prepared.val,
                              prepared.prefix_fp)
@@ -305,7 +311,7 @@ def train(params: Params, group: Group | None = None) -> dict | None:
             return None
     net.cpu().eval()
     max_abs_diff = write_outputs(params, setup, outcome, checkpoint, prepared.backbone, prepared.preprocessing,
-                                 prepared.classes, prepared.test)
+                                 prepared.classes, prepared.test, prepared.prefix)
     best = outcome.history[outcome.best_epoch]
     trained_epochs = [r for r in outcome.history if r["epoch"] > 0]
     log.info("fine-tuned (unfreeze %r): best epoch %d, val accuracy %.4f (%.4f before any update) -> %s",
@@ -336,7 +342,8 @@ def train(params: Params, group: Group | None = None) -> dict | None:
 
 
 def write_outputs(params: Params, setup: Setup, outcome, checkpoint: Path, backbone: backbone_files.Backbone,
-                  preprocessing, classes: list[str], test: LabelledImages) -> float:
+                  preprocessing, classes: list[str], test: LabelledImages,
+                  prefix: FrozenPrefix | None = None) -> float:
     """models/finetune/ (the verified ONNX export, the state dict, test scores, meta.json last) and the curves;
     returns the ONNX export's largest difference from torch."""
     net = setup.net
@@ -344,7 +351,7 @@ def write_outputs(params: Params, setup: Setup, outcome, checkpoint: Path, backb
     FINETUNE_DIR.mkdir(parents=True)
     onnx_file = finetune_files.onnx_path()
     max_abs_diff, onnx_model = export_onnx(net, onnx_file, checkpoint.parent, preprocessing, params.export.opset,
-                                           params.export.atol, outcome.checkpoint_sha256)
+                                           params.export.atol, outcome.checkpoint_sha256, prefix)
     if max_abs_diff > params.export.atol:
         raise UserError(f"export.atol: the fine-tuned model's ONNX differs from torch by {max_abs_diff:.3g} > "
                         f"{params.export.atol:g}; the checkpoint {checkpoint} is kept, so a re-run only re-exports")

@@ -12,6 +12,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from transfer_learning.common.atomic import atomic_write_text
 from transfer_learning.finetune.distributed import join
+from transfer_learning.finetune.prefix import Checked
 from transfer_learning.finetune.run import train
 from transfer_learning.params import load_params
 
@@ -20,11 +21,13 @@ from transfer_learning.params import load_params
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--result", type=Path, required=True)
+    parser.add_argument("--checked-prefix", type=Path, help="the frozen prefix export the launcher checked")
     args = parser.parse_args()
     group = join()
     logging.basicConfig(level=logging.INFO if group.leader else logging.WARNING,
                         format=f"%(asctime)s rank {group.rank} %(name)s: %(message)s", datefmt="%H:%M:%S")
-    metrics = train(load_params(resolve_estimators=False, resolve_backbone=False), group)
+    checked = None if args.checked_prefix is None else Checked.read(args.checked_prefix)
+    metrics = train(load_params(resolve_estimators=False, resolve_backbone=False), group, checked)
     if metrics is not None:
         atomic_write_text(args.result, json.dumps(metrics) + "\n")
 
