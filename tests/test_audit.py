@@ -16,6 +16,7 @@ from stages import audit as audit_stage
 from stages import extract, prepare
 from tests.conftest import merged
 from tests.dvc_repo import DvcRepo
+from tests.test_pipeline_dvc import baseline  # noqa: F401  (the fixture: the pipeline run once, committed)
 from transfer_learning.audit.confident_learning import (calibrated, confident_joint, find_label_issues,
                                                         prune_by_noise_rate, thresholds)
 from transfer_learning.common.errors import UserError
@@ -189,13 +190,13 @@ def test_lists_outside_the_curation_folder_not_csv_or_the_audits_own_outputs_are
         load_params()
 
 
-def test_an_edited_list_re_runs_prepare_under_dvc(tmp_path):
-    repo = DvcRepo(tmp_path, data={"source": "digits", "per_class": 6, "val_fraction": 0.2, "test_fraction": 0.2})
+@pytest.mark.slow
+def test_an_edited_list_re_runs_prepare_under_dvc(baseline, tmp_path):
+    repo = DvcRepo.copy_of(baseline, tmp_path / "repo")  # run with data.exclude: [data/curation/exclude.csv], empty
+    tmp_path = repo.root
     lists = tmp_path / "data" / "curation"
-    (lists / "exclude.csv").write_text("sha256\n")
-    repo.set_params(data={"source": "digits", "per_class": 6, "val_fraction": 0.2, "test_fraction": 0.2,
-                           "exclude": ["data/curation/exclude.csv"]})
-    repo.dvc("repro", "prepare")
+    assert (lists / "exclude.csv").read_text() == "sha256\n"
+    assert yaml.safe_load((tmp_path / "params.yaml").read_text())["data"]["exclude"] == ["data/curation/exclude.csv"]
     kept = (tmp_path / "data/prepared/manifest.csv").read_text().splitlines()[1:]
     assert "prepare" not in repo.dvc("status", "prepare")
     first = next(csv.DictReader((tmp_path / "data/prepared/manifest.csv").open()))

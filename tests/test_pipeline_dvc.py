@@ -31,8 +31,11 @@ QUICK_HEADS = {
 
 
 def build_baseline(root: Path) -> None:
-    """The whole pipeline once on 60 images with the quick heads, committed: what the experiments below start from."""
-    repo = DvcRepo(root, data={"per_class": 6, "val_fraction": 0.2, "test_fraction": 0.2})
+    """The whole pipeline once on 60 images with the quick heads, committed: what the experiments below start from.
+    It excludes the images an empty list names (an edit of the list alone: tests/test_audit.py)."""
+    repo = DvcRepo(root, data={"per_class": 6, "val_fraction": 0.2, "test_fraction": 0.2,
+                               "exclude": ["data/curation/exclude.csv"]})
+    (root / "data" / "curation" / "exclude.csv").write_text("sha256\n")
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["heads"] = QUICK_HEADS
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -96,17 +99,16 @@ def test_repro_skips_what_did_not_change_and_params_scope_reruns(repo: DvcRepo) 
     out = repo.dvc("repro", check=False)
     assert "backbone.cutt: unknown key" in out and "Running stage 'check_params'" in out
     assert "Running stage" not in out.replace("Running stage 'check_params'", "")
+    # the committed params.yaml again, with a comment (a valid edit no stage reads): the check's output, removed
+    # when it failed, is written again, the same bytes, and nothing else runs (that such an edit alone re-runs the
+    # check alone: tests/test_machine_settings.py)
     repo.run("git", "checkout", "params.yaml")
-    out = repo.dvc("repro")  # the check's output, removed when it failed, is written again: the same bytes
-    assert "Running stage" not in out.replace("Running stage 'check_params'", "")
-    assert (repo.root / "data/prepared/manifest.csv").read_bytes() == manifest_before
-
-    # a valid edit no stage reads (a comment): the check re-runs, nothing else does
     params_file = repo.root / "params.yaml"
     params_file.write_text("# a comment\n" + params_file.read_text())
     out = repo.dvc("repro")
     assert "Running stage 'check_params'" in out
     assert "Running stage" not in out.replace("Running stage 'check_params'", "")
+    assert (repo.root / "data/prepared/manifest.csv").read_bytes() == manifest_before
 
     metrics = json.loads(repo.run(sys.executable, "-m", "dvc", "metrics", "show", "--json").stdout)
     files = metrics[""]["data"]
@@ -147,31 +149,36 @@ def test_edits_and_experiments_reuse_features_and_rerun_only_what_changed(one_he
     assert json.loads((tmp_path / "metrics/heads/logreg.json").read_text())["params"] == {"C": 0.1}
     assert (tmp_path / "models/heads/knn").is_dir()  # the removed head's stage output stays, and is not evaluated:
     assert set(json.loads((tmp_path / "metrics/evaluate.json").read_text())) == {"logreg", "mlp", "best"}
-    repo.run("git", "checkout", "params.yaml")
-
-    # a new split, no new image: prepare and extract re-run and compute nothing, in .dvc/tmp/exps (--temp) with the
-    # workspace's store
-    out = repo.dvc("exp", "run", "--temp", "extract", "-S", "data.val_fraction=0.25", "-S", "data.test_fraction=0.25")
-    assert "Running stage 'prepare'" in out and "Running stage 'extract'" in out
-    assert f"60 reused from the store {tmp_path / 'data' / 'feature-store'}" in out and ", 0 to compute" in out
+    # a new split run outside the workspace: the queued sweep below
 
 
 @pytest.mark.slow
 def test_a_queued_sweep_runs_each_experiment_and_exp_show_lists_them(repo: DvcRepo) -> None:
-    """Each queued experiment changes one thing on the baseline: the knn head and evaluate re-run."""
-    for k in (1, 5):
-        repo.dvc("exp", "run", "--queue", "-S", f"heads.knn.grid.n_neighbors=[{k}]")
+    """Each queued experiment changes one thing on the baseline: a head (the knn head and evaluate re-run), or the
+    split (`extract` as the target: prepare and extract re-run). Both run in a copy under .dvc/tmp/exps."""
+    repo.dvc("exp", "run", "--queue", "-S", "heads.knn.grid.n_neighbors=[1]")
+    repo.dvc("exp", "run", "--queue", "-n", "new-split", "extract",
+             "-S", "data.val_fraction=0.25", "-S", "data.test_fraction=0.25")
     repo.dvc("exp", "run", "--run-all", "-j", "1")  # waits for the queue; exits 0 even if one failed, so:
     assert "Failed" not in repo.dvc("queue", "status")
+
+    # a new split, no new image: prepare and extract re-run and compute nothing, with the workspace's store
+    out = repo.dvc("queue", "logs", "new-split")
+    assert "Running stage 'prepare'" in out and "Running stage 'extract'" in out
+    assert f"60 reused from the store {repo.root / 'data' / 'feature-store'}" in out and ", 0 to compute" in out
+
     shown = json.loads(repo.run(sys.executable, "-m", "dvc", "exp", "show", "--json").stdout)
     experiments = [e for commit in shown for e in (commit.get("experiments") or [])]
-    knn_grids = set()
+    changed = set()
     for experiment in experiments:
         data = experiment["revs"][0]["data"]
         assert experiment["executor"] is None or experiment["executor"]["state"] == "success"
         assert "accuracy" in data["metrics"]["metrics/evaluate.json"]["data"]["logreg"]
-        knn_grids.add(str(data["params"]["params.yaml"]["data"]["heads"]["knn"]["grid"]["n_neighbors"]))
-    assert {"[1]", "[5]"} <= knn_grids and len(experiments) == 2
+        params = data["params"]["params.yaml"]["data"]
+        changed.add((str(params["heads"]["knn"]["grid"]["n_neighbors"]), params["data"]["val_fraction"],
+                     data["metrics"]["metrics/extract.json"]["data"]["computed"]))
+    # the baseline's knn is [3], its val_fraction 0.2, its extract computed 60
+    assert changed == {("[1]", 0.2, 60), ("[3]", 0.25, 0)} and len(experiments) == 2
     shown = repo.dvc("exp", "show", "--no-pager", "--csv")
     assert "logreg.accuracy" in shown.splitlines()[0] and "computed" in shown.splitlines()[0]
 
