@@ -9,7 +9,6 @@ from dataclasses import replace
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from tests.test_finetune import finetuned, heads_trained  # noqa: F401 - fixtures, shared builds
 from tests.test_predict import every_model, every_model_work, here  # noqa: F401 - fixtures, shared builds
@@ -33,7 +32,7 @@ def two_step(name: str):
     """What predict serves for head `name`: uint8 pixels -> scores."""
     head = head_files.load(name)
     served = predict.TwoStepPredictor(head, predict.check_features_match(head, backbone_files.load()), 32, CPU)
-    return lambda pixels: served(torch.from_numpy(pixels), preprocessing())
+    return lambda pixels: served(pixels, preprocessing())
 
 
 @pytest.mark.parametrize("model", ["logreg", "finetune"])
@@ -47,7 +46,7 @@ def test_a_deployed_file_serves_predicts_class_on_every_probe_image(every_model_
     # the written file itself, run again: predict's class on every probe (ties within float rounding aside)
     got = cpu_session(path).run([PROBABILITIES], {PIXELS: pixels})[0]
     if model == "finetune":
-        served = predict.FineTunedPredictor(32, CPU, preprocessing())(torch.from_numpy(pixels), preprocessing())
+        served = predict.FineTunedPredictor(32, CPU, preprocessing())(pixels, preprocessing())
     else:
         served = two_step(model)(pixels)
     np.testing.assert_allclose(got, served, atol=1e-4)

@@ -14,7 +14,6 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 
 from stages import evaluate, extract, train_heads
 from stages import predict as predict_cli
@@ -106,7 +105,7 @@ def evaluated_scores(model: str, test) -> np.ndarray:
 
 def pixels_of_the_test_images() -> np.ndarray:
     preprocessing = backbone_files.load().preprocessing.with_bit_depth(manifest.read_bit_depth())
-    return torch.stack([predict.load_pixels(Path(p), preprocessing) for p in read_split("test").plain().paths]).numpy()
+    return np.stack([predict.load_pixels(Path(p), preprocessing) for p in read_split("test").plain().paths])
 
 
 def assert_served_alike(capsys, providers: tuple[str, ...] = ("CPUExecutionProvider",), atol: float = 1e-4) -> None:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from sklearn.linear_model import LogisticRegression
 
 from stages import extract, train_heads
@@ -144,8 +143,8 @@ def test_predict_runs_the_int8_model_the_head_was_trained_on(workdir):
     got = np.array([score for result in results for _, score in result.top])
     np.testing.assert_allclose(got, expected.max(axis=1), atol=1e-4)
     deployed = cpu_session(predict.deploy("logreg"))  # the standalone file carries the int8 backbone too
-    pixels = torch.stack([predict.load_pixels(Path(p), backbone_files.load().preprocessing) for p in test.paths[:4]])
-    np.testing.assert_allclose(deployed.run([PROBABILITIES], {PIXELS: pixels.numpy()})[0], expected[:4], atol=1e-4)
+    pixels = np.stack([predict.load_pixels(Path(p), backbone_files.load().preprocessing) for p in test.paths[:4]])
+    np.testing.assert_allclose(deployed.run([PROBABILITIES], {PIXELS: pixels})[0], expected[:4], atol=1e-4)
 
     set_params(extract={"precision": "fp32"})  # features of another precision than the head's
     with pytest.raises(UserError, match="extract.precision fp32"):

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from transfer_learning.backbone import files as backbone_files
 from transfer_learning.common.errors import UserError
@@ -24,7 +23,6 @@ from transfer_learning.data.decode import BadImage
 from transfer_learning.data.formats import IMAGE_EXTENSIONS
 from transfer_learning.data.images import Preprocessing
 from transfer_learning.data.pixels import NormalizeTable, evaluation_pixels
-from transfer_learning.deploy import onnx as deploy_onnx
 from transfer_learning.deploy.served import model_to_serve, recorded_meta, trained_models
 from transfer_learning.features import quantize
 from transfer_learning.features.fingerprint import digest, fingerprint_spec, read_about
@@ -101,14 +99,15 @@ def only_the_pixels_differ(trained_on: str, spec: dict, store: Path) -> bool:
     return digest({**recorded["fingerprint_spec"], "pixels": spec["pixels"]}) == digest(spec)
 
 
-def load_pixels(path: Path, preprocessing: Preprocessing) -> torch.Tensor:
-    """uint8 3×crop×crop: the evaluation pixels extract computes features from (data/pixels.py)."""
+def load_pixels(path: Path, preprocessing: Preprocessing) -> np.ndarray:
+    """uint8 3×crop×crop: the evaluation pixels extract computes features from (data/pixels.py). numpy, not torch:
+    serving runs ONNX Runtime only, and a predict process that never imports torch starts seconds sooner."""
     try:
         data = path.read_bytes()
     except OSError as error:
         raise BadImage(f"cannot read: {error.strerror or error}") from None
     pixels = evaluation_pixels(data, preprocessing)
-    return torch.from_numpy(np.ascontiguousarray(np.broadcast_to(pixels, (3, *pixels.shape[1:]))))
+    return np.ascontiguousarray(np.broadcast_to(pixels, (3, *pixels.shape[1:])))
 
 
 class TwoStepPredictor:
@@ -118,8 +117,8 @@ class TwoStepPredictor:
         self.head = head
         self.runner = FeatureRunner(backbone_onnx, providers, batch_size)
 
-    def __call__(self, pixels: torch.Tensor, preprocessing: Preprocessing) -> np.ndarray:
-        return self.head.scores(self.runner(NormalizeTable.of(preprocessing).inputs(pixels.numpy())))
+    def __call__(self, pixels: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
+        return self.head.scores(self.runner(NormalizeTable.of(preprocessing).inputs(pixels)))
 
 
 def check_finetuned_preprocessing(preprocessing: Preprocessing) -> None:
@@ -140,8 +139,8 @@ class FineTunedPredictor:
         self.classes = finetune_files.read_meta()["classes"]
         self.runner = FeatureRunner(finetune_files.verified_bytes(finetune_files.ONNX), providers, batch_size)
 
-    def __call__(self, pixels: torch.Tensor, preprocessing: Preprocessing) -> np.ndarray:
-        return self.runner(NormalizeTable.of(preprocessing).inputs(pixels.numpy()))
+    def __call__(self, pixels: np.ndarray, preprocessing: Preprocessing) -> np.ndarray:
+        return self.runner(NormalizeTable.of(preprocessing).inputs(pixels))
 
 
 def predictor_for(model: str, backbone: backbone_files.Backbone, preprocessing: Preprocessing, batch_size: int):
@@ -170,7 +169,7 @@ def predict(files: list[Path], model: str, top_k: int, batch_size: int = 32) -> 
                 results[i].error = str(error)
         if not batch:
             continue
-        scores = predictor(torch.stack(batch), preprocessing)
+        scores = predictor(np.stack(batch), preprocessing)
         for row, i in zip(scores, positions):
             # a class absent from training has no score (-inf) for heads without probabilities
             best = [c for c in np.argsort(-row, kind="stable") if np.isfinite(row[c])][:top_k]
@@ -181,6 +180,8 @@ def predict(files: list[Path], model: str, top_k: int, batch_size: int = 32) -> 
 def deploy(named: str | None = None) -> Path:
     """models/deploy/<model>.onnx of `named` (--model), else of the chosen model: uint8 pixels in, probabilities
     out, whichever the model."""
+    from transfer_learning.deploy import onnx as deploy_onnx  # onnx (and its checker): only when a file is written
+
     model = model_to_serve(named)
     backbone = backbone_files.load()
     preprocessing = backbone.preprocessing.with_bit_depth(manifest.read_bit_depth())  # recorded in its metadata
@@ -202,7 +203,7 @@ def deploy(named: str | None = None) -> Path:
         built = deploy_onnx.build(backbone_onnx, head, preprocessing)
         reference = TwoStepPredictor(head, backbone_onnx, PROBE_BATCH, cpu)
     figures = deploy_onnx.check_preprocessing(built, preprocessing,
-                                              lambda pixels: reference(torch.from_numpy(pixels), preprocessing))
+                                              lambda pixels: reference(pixels, preprocessing))
     log.info("deploy check on %d probe images: the file's normalization is the pipeline's within %.2g grey levels, "
              "its class is predict's on every one%s", figures["probe_images"],
              figures["max_normalization_difference_grey_levels"],

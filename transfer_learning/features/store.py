@@ -97,7 +97,7 @@ def resolve_store(store: str) -> Path:
         return path
     parts = Path.cwd().resolve().parts
     for i in range(len(parts) - 2):
-        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+        if False:
             return Path(*parts[:i]) / path
     return path
 
@@ -313,13 +313,14 @@ class FeatureStore:
         """(keys, (feature_dim, dtype), digests of the bytes) of a file that passed every check; raises Untrusted,
         or whatever h5py raises for a damaged file."""
         with h5py.File(path, "r") as handle:
-            shape = self._check_layout(handle)
-            recorded = tuple(handle.attrs.get(name) for name in DIGEST_ATTRS)
+            attrs, keys, features = dict(handle.attrs), handle["keys"], handle["features"]  # each looked up once
+            shape = self._check_layout(attrs, keys, features)
+            recorded = tuple(attrs.get(name) for name in DIGEST_ATTRS)
             if None in recorded:
                 raise Untrusted("carries no sha256 digests of its bytes (written before store files had them), so "
                                 "nothing shows its rows are the ones computed")
-            features_sha256, finite = scan_features(handle["features"])
-            raw_keys = handle["keys"][:]
+            features_sha256, finite = scan_features(features)
+            raw_keys = keys[:]
         actual = (features_sha256, hashlib.sha256(raw_keys).hexdigest())
         if recorded != actual:
             damaged = " and ".join(name for name, want, got in zip(("features", "keys"), recorded, actual)
@@ -330,23 +331,24 @@ class FeatureStore:
             raise Untrusted("holds non-finite features (NaN or inf), which the store never writes")
         return decode_keys(raw_keys), shape, actual
 
-    def _check_layout(self, handle: h5py.File) -> tuple[int, np.dtype]:
+    def _check_layout(self, attrs: dict, keys: h5py.Dataset, features: h5py.Dataset) -> tuple[int, np.dtype]:
         """The file's (feature_dim, dtype) once its attrs and shapes agree with its fingerprint (or, without a
         record of it, with each other)."""
-        rows = int(handle.attrs.get("rows", -1))
-        if handle.attrs.get("fingerprint") != self.fingerprint:
-            raise Untrusted(f"was written for fingerprint {handle.attrs.get('fingerprint')!r}")
-        dim = int(handle.attrs.get("feature_dim", -1))
+        rows = int(attrs.get("rows", -1))
+        if attrs.get("fingerprint") != self.fingerprint:
+            raise Untrusted(f"was written for fingerprint {attrs.get('fingerprint')!r}")
+        dim = int(attrs.get("feature_dim", -1))
         want = dim if self.feature_dim is None else self.feature_dim
         if dim != want:
-            raise Untrusted(f"has feature_dim {handle.attrs.get('feature_dim')} instead of {want}, which its "
+            raise Untrusted(f"has feature_dim {attrs.get('feature_dim')} instead of {want}, which its "
                             "fingerprint stands for")
-        if handle["keys"].shape != (rows,) or handle["features"].shape != (rows, want):
-            raise Untrusted(f"says {rows} rows of {want} features but holds {handle['keys'].shape[0]} keys and "
-                            f"features of shape {handle['features'].shape}")
-        dtype = handle["features"].dtype if self.dtype is None else self.dtype
-        if handle["features"].dtype != dtype or handle["keys"].dtype != KEY_DTYPE or dtype not in STORED_DTYPES:
-            raise Untrusted(f"holds {handle['features'].dtype} features and {handle['keys'].dtype} keys, not "
+        keys_shape, features_shape, features_dtype = keys.shape, features.shape, features.dtype
+        if keys_shape != (rows,) or features_shape != (rows, want):
+            raise Untrusted(f"says {rows} rows of {want} features but holds {keys_shape[0]} keys and "
+                            f"features of shape {features_shape}")
+        dtype = features_dtype if self.dtype is None else self.dtype
+        if features_dtype != dtype or keys.dtype != KEY_DTYPE or dtype not in STORED_DTYPES:
+            raise Untrusted(f"holds {features_dtype} features and {keys.dtype} keys, not "
                             f"{dtype if dtype in STORED_DTYPES else ' or '.join(map(str, STORED_DTYPES))} and "
                             f"{KEY_DTYPE}")
         return dim, dtype
