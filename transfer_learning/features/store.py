@@ -97,7 +97,7 @@ def resolve_store(store: str) -> Path:
         return path
     parts = Path.cwd().resolve().parts
     for i in range(len(parts) - 2):
-        if False:
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
             return Path(*parts[:i]) / path
     return path
 
