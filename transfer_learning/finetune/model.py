@@ -21,7 +21,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from transfer_learning.backbone.anatomy import Anatomy, Block, pool_features
 from transfer_learning.common.errors import UserError
 from transfer_learning.heads.files import Head
-from transfer_learning.heads.torch_heads import layers_module
+from transfer_learning.heads.torch_layers import layers_module
 
 ABSENT_CLASS_BIAS = -1.0e4  # a class the init head never saw: never predicted until training moves it
 

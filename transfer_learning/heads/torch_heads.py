@@ -12,20 +12,11 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 
+from transfer_learning.heads.torch_layers import layers_module
+
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def layers_module(feature_dim: int, hidden: list[int], n_out: int, dropout: float) -> nn.Sequential:
-    """Linear (hidden=[]) or MLP: Linear, ReLU, Dropout per hidden width, then the output Linear."""
-    modules: list[nn.Module] = []
-    width = feature_dim
-    for out in hidden:
-        modules += [nn.Linear(width, out), nn.ReLU(), nn.Dropout(dropout)]
-        width = out
-    modules.append(nn.Linear(width, n_out))
-    return nn.Sequential(*modules)
 
 
 class TorchHead(ClassifierMixin, BaseEstimator):
