@@ -8,12 +8,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 from filelock import FileLock
-from PIL import Image
-from sklearn.datasets import load_digits
 
 pytest_plugins = ["tests.longest_first", "pytester"]
 REPO = Path(__file__).resolve().parents[1]
@@ -84,6 +81,12 @@ DIGITS_PER_CLASS = 6
 
 def write_digits(folder: Path, per_class: int, start: int = 0) -> None:
     """sklearn's digits as PNG files in <class>/ folders: a user's folder of images."""
+    # imported here: every pytest process loads this file, xdist's controller too, which never writes an image
+    # (scikit-learn alone costs ~2.5 s CPU)
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
     digits = load_digits()
     for label in range(10):
         indices = np.flatnonzero(digits.target == label)[start:start + per_class]
