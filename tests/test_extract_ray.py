@@ -2,7 +2,7 @@
 
 One local Ray cluster serves the module (start-up costs seconds), the engine uses a connection the process already
 has; the checks that need a cluster share one test, so that xdist workers do not each start one. The driver-kill
-test runs the stage as its own process, which starts and stops its own cluster.
+check runs the stage as its own process, which joins that cluster by its address (extract.ray.address host:port).
 """
 import contextlib
 import os
@@ -85,8 +85,9 @@ def store_rows(store: Path) -> dict[str, np.ndarray]:
 
 @pytest.mark.slow
 def test_ray_rows_equal_local_rows_through_an_actor_kill_and_a_bad_image_and_each_engine_reuses_the_others(
-        workdir, ray_cluster, monkeypatch):
-    """One test, one cluster (each Ray run starts its actors: seconds), both places images are decoded."""
+        workdir, ray_cluster, monkeypatch, exported, tmp_path):
+    """One test, one cluster (each Ray run starts its actors: seconds), both places images are decoded, and a stage
+    process joining that cluster by its host:port that is SIGKILLed mid-run."""
     set_params(extract={"store": "store-local"})
     extract.main()
     local = features_of_every_split()
@@ -140,6 +141,8 @@ def test_ray_rows_equal_local_rows_through_an_actor_kill_and_a_bad_image_and_eac
                                                    "the driver: its libraries differ"):
             extract.main()
     assert store_rows(Path("store-other-pixels")) == {}
+
+    assert_a_killed_driver_loses_at_most_its_last_commit_and_local_resumes(exported, tmp_path)
 
 
 def test_the_actors_views_are_the_local_engines_and_the_plain_view_imports_no_torch(workdir):
@@ -254,16 +257,25 @@ def test_gpu_actors_by_default_on_a_cluster_with_gpus_share_the_cpu_rows(workdir
                                    atol=CUDA_VS_CPU_RTOL_OF_SCALE * np.abs(cpu_rows["features"]).max())
 
 
-@pytest.mark.slow
-def test_a_killed_driver_loses_at_most_its_last_commit_and_local_resumes(exported, tmp_path):
-    work = tmp_path / "work"
+def assert_a_killed_driver_loses_at_most_its_last_commit_and_local_resumes(exported: Path, tmp_path: Path) -> None:
+    """The stage in a process of its own, joining the running cluster by its GCS host:port (as a driver on another
+    machine would), is SIGKILLed right after the store's first commit of 8 rows: the local engine resumes the rest."""
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    work = tmp_path / "killed-driver"
     shutil.copytree(exported, work)
     with contextlib.chdir(work):
-        set_params(extract={**RAY, "ray": {"batch_size": 8}})
+        set_params(extract={**RAY, "ray": {"batch_size": 8, "address": address}})
+    jobs_before = {job["JobID"] for job in ray._private.state.jobs()}
     # the store commits each batch of 8 rows as it arrives; the driver is SIGKILLed right after the first commit
-    killed = subprocess.run([sys.executable, "-m", "stages.extract"], cwd=work, capture_output=True, text=True,
-                            env=faulty_env(tmp_path / "faults", commit_rows=8, kill_after_commits=1), timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    killed = subprocess.Popen([sys.executable, "-m", "stages.extract"], cwd=work, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=faulty_env(tmp_path / "faults", commit_rows=8, kill_after_commits=1))
+    _, stderr = killed.communicate(timeout=300)
+    assert killed.returncode == -signal.SIGKILL, stderr
+    new_drivers = [job["DriverPid"] for job in ray._private.state.jobs() if job["JobID"] not in jobs_before]
+    assert new_drivers == [killed.pid], "the stage did not join the running cluster"
     committed = len(store_keys(work / "store"))
     total = len((work / "data/prepared/manifest.csv").read_text().splitlines()) - 1
     assert 0 < committed < total, "the kill should land mid-run"
