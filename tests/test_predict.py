@@ -20,6 +20,7 @@ from stages import predict as predict_cli
 from tests.conftest import REPO, built_once
 from tests.test_finetune import HEADS as FINETUNE_HEADS
 from tests.test_finetune import finetuned, heads_trained, set_params  # noqa: F401 - fixtures, shared builds
+from tests.test_quantize import int8_calibrated  # noqa: F401 - fixture, a shared build
 from transfer_learning.backbone import files as backbone_files
 from transfer_learning.backbone.onnx_export import cpu_session
 from transfer_learning.common.errors import UserError
@@ -57,11 +58,13 @@ def every_model(finetuned, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def every_model_int8(every_model, tmp_path_factory) -> Path:
+def every_model_int8(every_model, int8_calibrated, tmp_path_factory) -> Path:
     """`every_model` at extract.precision int8: features, heads and evaluate again. The fine-tuned model stays as
-    it is: one float ONNX export with its own backbone, which extract.precision does not change."""
+    it is: one float ONNX export with its own backbone, which extract.precision does not change. The int8 backbone
+    is `int8_calibrated`'s (the same backbone and calibration images, so the same cache key: extract reuses it)."""
     def build(root: Path) -> None:
         shutil.copytree(every_model, root, dirs_exist_ok=True)
+        shutil.copytree(int8_calibrated / "store" / quantize.QUANTIZED_DIR, root / "store" / quantize.QUANTIZED_DIR)
         with contextlib.chdir(root):
             set_params(extract=INT8)
             extract.main()
@@ -108,11 +111,13 @@ def pixels_of_the_test_images() -> np.ndarray:
     return np.stack([predict.load_pixels(Path(p), preprocessing) for p in read_split("test").plain().paths])
 
 
-def assert_served_alike(capsys, providers: tuple[str, ...] = ("CPUExecutionProvider",), atol: float = 1e-4) -> None:
+def assert_served_alike(capsys, providers: tuple[str, ...] = ("CPUExecutionProvider",), atol: float = 1e-4,
+                        deployed_elsewhere: tuple[str, ...] = ()) -> None:
     """For every model: evaluate's class (plots/confusion/<model>.csv), `python -m stages.predict`'s and the deployed
     file's (ONNX Runtime on uint8 pixels) are the same on every test image; the deployed probabilities are
     evaluate's within `atol`. Every image's top two classes are further apart than 10 × atol, so one class each
-    is what all three must give, whatever the rounding."""
+    is what all three must give, whatever the rounding. `deployed_elsewhere`: models whose deploy another test
+    proves on byte-identical files; evaluate's and predict's classes are still compared for them."""
     test = read_split("test").plain()
     classes, paths, pixels = test.classes, test.paths, pixels_of_the_test_images()
     for model in MODELS:
@@ -126,6 +131,9 @@ def assert_served_alike(capsys, providers: tuple[str, ...] = ("CPUExecutionProvi
         assert predict_cli.main([*paths, "--model", model, "--json", "--top-k", "1"]) == 0
         output = json.loads(capsys.readouterr().out)
         predicted = {p["path"]: p["top"][0]["class"] for p in output["predictions"]}
+        if model in deployed_elsewhere:
+            assert evaluated == [predicted[p] for p in paths], model
+            continue
 
         assert predict_cli.main(["--deploy", "--model", model]) == 0
         deployed_file = Path(capsys.readouterr().out.strip())
@@ -149,9 +157,23 @@ def test_evaluate_predict_and_the_deployed_file_agree_on_every_test_image_at_fp3
     assert_served_alike(capsys)
 
 
-def test_evaluate_predict_and_the_deployed_file_agree_on_every_test_image_at_int8(every_model_int8_work, capsys):
+def same_files(a: Path, b: Path) -> bool:
+    """The same relative paths with the same bytes under folders (or files) `a` and `b`."""
+    def tree(root: Path) -> dict:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        return {p.relative_to(root): p.read_bytes() for p in files}
+
+    return tree(a) == tree(b)
+
+
+def test_evaluate_predict_and_the_deployed_file_agree_on_every_test_image_at_int8(every_model_int8_work,
+                                                                                every_model, capsys):
     assert json.loads(Path("metrics/extract.json").read_text())["precision"] == "int8"
-    assert_served_alike(capsys)
+    # what a fine-tuned model's deploy reads (its ONNX and record, the backbone's preprocessing, the prepared
+    # images' bit depth) is byte for byte the fp32 project's: the fp32 test's deploy of it is this one
+    for read in (finetune_files.FINETUNE_DIR, backbone_files.META, manifest.PREPARED):
+        assert same_files(every_model / read, every_model_int8_work / read), read
+    assert_served_alike(capsys, deployed_elsewhere=(finetune_files.MODEL_NAME,))
 
 
 @pytest.mark.gpu
