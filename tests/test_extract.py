@@ -126,6 +126,14 @@ def test_new_images_cost_only_their_own_extraction(workdir):
     extract.main()
     assert (metrics()["images"], metrics()["computed"], metrics()["reused"]) == (70, 10, 60)
 
+# the extract stage's process, and whether it imported torch by its end
+REUSED_RUN = """import runpy, sys
+try:
+    runpy.run_module("stages.extract", run_name="__main__")
+finally:
+    print("torch imported:", "torch" in sys.modules)
+"""
+
 
 def test_switching_the_cut_and_back_computes_nothing_the_second_time(workdir):
     extract.main()
@@ -138,8 +146,12 @@ def test_switching_the_cut_and_back_computes_nothing_the_second_time(workdir):
     # repeated gives the same bytes: tests/test_export.py)
     set_params(backbone={"cut": "penultimate"})
     backbone_files.ONNX.write_bytes(penultimate)
-    extract.main()
+    # as DVC runs it, a process of its own: one that reuses every row imports no torch (seconds of CPU)
+    result = subprocess.run([sys.executable, "-c", REUSED_RUN], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
     assert metrics()["computed"] == 0 and metrics()["feature_dim"] == 1280
+    assert result.stdout.strip().splitlines()[-1] == "torch imported: False"
     assert len(list(Path("store").iterdir())) == 4  # two fingerprints, each a folder and a lock file
 
 

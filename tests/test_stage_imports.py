@@ -26,14 +26,17 @@ GROUPS = [
     # they read params, files, HDF5 and images: no deep-learning or ML library at all
     (["check_params", "prepare", "audit", "evaluate", "finetune", "layers", "store"], "",
      ["torch", "torchvision", "sklearn", "scipy", "onnx", "skl2onnx", "dvclive"]),
+    # ONNX Runtime runs the backbone: extract imports torch only to compute rows (its DataLoader), an extract that
+    # reuses every row from the store needs none
+    (["extract"], "", ["torch", "torchvision", "sklearn", "scipy", "onnx", "skl2onnx", "dvclive"]),
     # scikit-learn for the heads; torch only for a linear or MLP head, and a scikit-learn head's class is imported
     # from its own module, not through scikit-learn's all_estimators (which imports torch)
     (["train_heads"], "SklearnHead.model_validate({'type': 'sklearn', 'estimator': 'KNeighborsClassifier'}, "
                       "context={'resolve_estimators': False}).new_estimator()",
      ["torch", "torchvision"]),
-    # ONNX Runtime runs the backbone (extract, predict), the weights are loaded only when the model is built
-    # (advise): reading models/backbone/meta.json imports no torchvision
-    (["extract", "predict", "advise"], "", ["torchvision", "torch._dynamo"]),
+    # the weights are loaded only when the model is built (advise): reading models/backbone/meta.json imports no
+    # torchvision
+    (["predict", "advise"], "", ["torchvision", "torch._dynamo"]),
 ]
 
 PROBE = """

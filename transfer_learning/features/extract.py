@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from transfer_learning.backbone import files as backbone_files
@@ -28,7 +27,7 @@ from transfer_learning.features.fingerprint import about, digest, fingerprint_sp
 from transfer_learning.features.runtime import FeatureRunner
 from transfer_learning.features.split_files import FEATURES_DIR, SplitRows, write_split
 from transfer_learning.features.store import FeatureStore, resolve_store, store_key
-from transfer_learning.features.views import ViewDataset, ViewRequest, collate, one_thread_worker, view_id
+from transfer_learning.features.views import ViewRequest, view_id
 from transfer_learning.params import ExtractParams
 
 log = logging.getLogger("extract")
@@ -59,6 +58,10 @@ def compute(store: FeatureStore, todo: dict[str, ViewRequest], runner: FeatureRu
     Normalizing stays in this thread, between ONNX Runtime calls: ORT's threads meet at a barrier after every
     operator, so CPU taken from any of them by a concurrent normalizer is lost wall time (benchmarks/README.md,
     "Extract: speed and memory")."""
+    from torch.utils.data import DataLoader  # torch (seconds of CPU) only when rows are computed
+
+    from transfer_learning.features.views import ViewDataset, collate, one_thread_worker
+
     started = time.perf_counter()
     keys = list(todo)
     normalize = NormalizeTable.of(preprocessing)

@@ -3,7 +3,9 @@ machine can have, in the order given; a GPU provider that should come up but doe
 fall back to CPU."""
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +27,23 @@ CUDA_OPTIONS = {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
 
 
 def cuda_device_present() -> bool:
+    """What torch sees. torch finds a device through the NVIDIA driver's library: where that library cannot be
+    loaded, torch sees none either, and the answer costs no torch import (seconds of CPU in every extract)."""
+    if not cuda_driver_loadable():
+        return False
     import torch
 
     return torch.cuda.is_available()
+
+
+def cuda_driver_loadable() -> bool:
+    if sys.platform == "darwin":  # no CUDA build of torch there
+        return False
+    try:
+        ctypes.CDLL("nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1")
+    except OSError:
+        return False
+    return True
 
 
 def providers_to_try(requested: list[str], gpu_present: bool) -> list[str]:

@@ -14,15 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-from torch.utils.data import Dataset, get_worker_info
-
 from transfer_learning.common.hashing import sha256_bytes
 from transfer_learning.data.decode import read_checked, warnings_held_back
 from transfer_learning.data.images import Preprocessing
 from transfer_learning.data.pixels import PlainPixels
 from transfer_learning.data.probes import PROBES_DIR
 
+# torch is imported where views are made: a process that only keys plain views (an extract that reuses every row)
+# imports none
 if TYPE_CHECKING:  # imported where augmented views are made: torchvision costs seconds of CPU (torch._dynamo)
     from torchvision.transforms import v2
 
@@ -61,6 +60,8 @@ def augment_digest(preprocessing: Preprocessing) -> str:
     computed once per process and preprocessing. torch's random state is left as it was."""
     requests = [ViewRequest(str(PROBES_DIR / name), sha256_bytes((PROBES_DIR / name).read_bytes()), view)
                 for name in AUGMENT_PROBES for view in AUGMENT_PROBE_VIEWS]
+    import torch
+
     dataset = ViewDataset(requests, preprocessing)
     hashed = hashlib.sha256()
     with warnings_held_back(), torch.random.fork_rng(devices=[]):
@@ -97,9 +98,10 @@ def read_image(request: ViewRequest, preprocessing: Preprocessing):
     return read_checked(request.path, request.sha256, preprocessing.bit_depth)
 
 
-class ViewDataset(Dataset):
+class ViewDataset:
     """Items are (uint8 CHW tensor | None, error | None): a file that changed since prepare or no longer decodes is
-    reported with its path by the caller instead of crashing a worker."""
+    reported with its path by the caller instead of crashing a worker. A map-style dataset for torch's DataLoader
+    (len and indexing), not torch's Dataset subclass: importing this module imports no torch."""
 
     def __init__(self, requests: list[ViewRequest], preprocessing: Preprocessing, grey_planes: bool = False):
         """grey_planes: a grey image's plain view stays one plane (1HW) for a consumer that normalizes it into three
@@ -114,6 +116,8 @@ class ViewDataset(Dataset):
         return len(self.requests)
 
     def __getitem__(self, index: int):
+        import torch
+
         request = self.requests[index]
         if request.view == 0:
             pixels, error = self.plain.read(request.path, request.sha256, self.preprocessing.bit_depth)
@@ -130,6 +134,8 @@ class ViewDataset(Dataset):
 
 def one_thread_worker(_worker: int) -> None:
     """DataLoader worker_init_fn: decoding workers share the cores with inference, one torch thread each."""
+    import torch
+
     torch.set_num_threads(1)
 
 
@@ -138,6 +144,9 @@ def collate(items):
     In a DataLoader worker the stack is written straight into shared memory, as torch's default_collate does:
     the batch goes to the main process through shared memory, and a stack in ordinary memory would be copied
     there once more."""
+    import torch
+    from torch.utils.data import get_worker_info
+
     good = [i for i, (_, error) in enumerate(items) if error is None]
     errors = [error for _, error in items if error is not None]
     if not good:
