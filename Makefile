@@ -40,8 +40,8 @@ endif
 # at the head of each worker's share (tests/longest_first.py), so the long ones do not end the run alone. One
 # BLAS/OpenMP thread per worker (and per stage it starts): OpenBLAS threads otherwise spin waiting for a core another
 # worker holds (a logistic head's fit measured 9 s instead of 0.3 s)
-# Bytecode is cached even where the shell sets PYTHONDONTWRITEBYTECODE: the suite starts a few hundred Python
-# processes (stages, dvc, torchrun ranks), each of which would otherwise compile the project's modules again, and each
+# Bytecode is cached even where the shell sets PYTHONDONTWRITEBYTECODE: every Python process the suite
+# starts (stages, dvc, torchrun ranks) would otherwise compile the project's modules again, and each
 # worker would rewrite the tests' assertions again.
 TEST_ENV := OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 test: setup

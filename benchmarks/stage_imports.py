@@ -1,5 +1,5 @@
 """CPU seconds a stage process spends importing its module, before any work: every `dvc repro` pays it once per
-stage that runs, and the test suite pays it a few hundred times. Each stage is imported in a fresh interpreter
+stage that runs, and the test suite pays it for every stage it runs. Each stage is imported in a fresh interpreter
 (bytecode already cached), REPEATS times; prints the median and the spread, and beside it what `import torch` and
 `import torchvision` alone cost in the same run, the yardsticks the stages are measured against.
 
