@@ -18,6 +18,8 @@ ALLOWED = {
                        "in for its workers when it is unset",
     "PYTHONPATH": "Python's own: whether local Ray workers already import the package or it must be shipped to them",
     "XDG_CACHE_HOME": "the XDG base-directory standard: where the cache folder lives",
+    "TORCH_HOME": "torch's own: where torch.hub keeps downloaded weights; make setup looks for them there as torch.hub "
+                  "does, without importing torch",
 }
 # (module, function): the call's first argument names the variable it reads
 READERS = {("os", "getenv"), ("os.environ", "get"), ("os.environ", "pop"), ("os.environ", "setdefault"),
