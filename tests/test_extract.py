@@ -138,10 +138,10 @@ finally:
 def test_switching_the_cut_and_back_computes_nothing_the_second_time(workdir):
     extract.main()
     penultimate = backbone_files.ONNX.read_bytes()
-    set_params(backbone={"cut": 10})
+    set_params(backbone={"cut": 2})  # any other cut: a small one exports in half the CPU of a deep one
     export.main()
     extract.main()
-    assert metrics()["computed"] == 60 and metrics()["feature_dim"] == 64
+    assert metrics()["computed"] == 60 and metrics()["feature_dim"] == 16
     # back: DVC restores the export it made for these params from its cache rather than exporting again (an export
     # repeated gives the same bytes: tests/test_export.py)
     set_params(backbone={"cut": "penultimate"})
