@@ -16,8 +16,10 @@ PLOTS_PAGE = "plots_page.html"  # the project's .dvc/config names it as plots.ht
 
 
 def stage_env() -> dict[str, str]:
-    """The stages run `python`: the interpreter running the tests, whatever venv it is in."""
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    """The stages run `python`: the interpreter running the tests, whatever venv it is in. DVC_NO_ANALYTICS: `dvc
+    init` would otherwise start a detached analytics process (1 CPU-s) before .dvc/config can turn analytics off."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "DVC_NO_ANALYTICS": "1"}
 
 
 class DvcRepo:

@@ -15,18 +15,11 @@ from tests.conftest import built_once, merged
 from tests.dvc_repo import DvcRepo
 
 
-@pytest.mark.slow
-def test_bad_params_fail_before_any_work(tmp_path):
-    repo = DvcRepo(tmp_path, backbone={"arch": "mobilenet_v9"})
-    out = repo.dvc("repro", "prepare", "export", check=False)
-    assert "backbone.arch: 'mobilenet_v9' is not a torchvision classification model" in out
-    assert not (tmp_path / "data" / "prepared" / "manifest.csv").exists()
-
-
+# a scikit-learn head to edit and a torch head that draws curves (tests/test_reports.py); the other head types are
+# trained in tests/test_heads.py and tests/test_predict.py
 QUICK_HEADS = {
     "logreg": {"type": "logistic", "C": [0.01, 1.0]},
     "mlp": {"type": "mlp", "hidden": [32], "epochs": 10},
-    "knn": {"type": "sklearn", "estimator": "sklearn.neighbors.KNeighborsClassifier", "grid": {"n_neighbors": [3]}},
 }
 
 
@@ -87,80 +80,89 @@ def edit_params(repo: DvcRepo, **changes) -> None:
 @pytest.mark.slow
 def test_repro_skips_what_did_not_change_and_params_scope_reruns(repo: DvcRepo) -> None:
     # every stage ran once (build_baseline checks it)
-    again = repo.dvc("repro")
-    assert "Running stage" not in again
-    for stage in ("prepare", "download", "export", "extract", "train_heads@logreg", "evaluate"):
-        assert f"Stage '{stage}' didn't change, skipping" in again
-
-    # a typo in a key no stage reads by name, beside an edit prepare reads: check_params (it depends on the whole
-    # params.yaml, every stage on its output) runs and stops the repro on it, before any work: prepare does not start
+    # a typo in a key no stage reads by name and an invalid value, beside an edit prepare reads: check_params (it
+    # depends on the whole params.yaml, every stage on its output) runs, names both and stops the repro before any
+    # work: prepare does not start
     manifest_before = (repo.root / "data/prepared/manifest.csv").read_bytes()
-    edit_params(repo, backbone={"cutt": 14}, data={"per_class": 7})
+    edit_params(repo, backbone={"cutt": 14, "arch": "mobilenet_v9"}, data={"per_class": 7})
     out = repo.dvc("repro", check=False)
     assert "backbone.cutt: unknown key" in out and "Running stage 'check_params'" in out
+    assert "backbone.arch: 'mobilenet_v9' is not a torchvision classification model" in out
     assert "Running stage" not in out.replace("Running stage 'check_params'", "")
     # the committed params.yaml again, with a comment (a valid edit no stage reads): the check's output, removed
-    # when it failed, is written again, the same bytes, and nothing else runs (that such an edit alone re-runs the
-    # check alone: tests/test_machine_settings.py)
+    # when it failed, is written again, the same bytes, and every other stage skips: nothing on the copy of the
+    # baseline is stale (that such an edit alone re-runs the check alone, and that nothing is stale after it:
+    # tests/test_machine_settings.py)
     repo.run("git", "checkout", "params.yaml")
     params_file = repo.root / "params.yaml"
     params_file.write_text("# a comment\n" + params_file.read_text())
     out = repo.dvc("repro")
     assert "Running stage 'check_params'" in out
     assert "Running stage" not in out.replace("Running stage 'check_params'", "")
+    for stage in ("prepare", "download", "export", "extract", "train_heads@logreg", "evaluate"):
+        assert f"Stage '{stage}' didn't change, skipping" in out
     assert (repo.root / "data/prepared/manifest.csv").read_bytes() == manifest_before
 
-    metrics = json.loads(repo.run(sys.executable, "-m", "dvc", "metrics", "show", "--json").stdout)
-    files = metrics[""]["data"]
-    assert files["metrics/prepare.json"]["data"]["images"] == 60
-    assert files["metrics/export.json"]["data"]["feature_dim"] == 1280
-
-    edit_params(repo, data={"per_class": 7})  # a data edit re-runs prepare only
-    out = repo.dvc("repro", "prepare", "export")
-    assert "Running stage 'prepare'" in out
-    assert "Stage 'download' didn't change, skipping" in out
-    assert "Stage 'export' didn't change, skipping" in out
-
-    edit_params(repo, backbone={"pool": "max"})  # a pool edit re-exports, no download
-    status = repo.dvc("status", "download", "export")  # what repro would run (an export costs 10 s)
-    assert "export:" in status and "backbone.pool" in status and "download:" not in status
+    # what repro would run (an export costs 10 s): a data edit re-runs prepare only, a pool edit re-exports, no
+    # download (neither depends on prepare's outputs: dvc.yaml; that prepare re-runs on an edit of its deps:
+    # tests/test_audit.py)
+    edit_params(repo, data={"per_class": 7}, backbone={"pool": "max"})
+    status = json.loads(repo.run(sys.executable, "-m", "dvc", "status", "--json", "prepare", "download",
+                                 "export").stdout)
+    assert status == {"prepare": [{"changed deps": {"params.yaml": {"data": "modified"}}}],
+                      "export": [{"changed deps": {"params.yaml": {"backbone.pool": "modified"}}}]}
 
 
 @pytest.mark.slow
-def test_edits_and_experiments_reuse_features_and_rerun_only_what_changed(one_head_experiment, tmp_path) -> None:
+def test_edits_and_experiments_reuse_features_rerun_only_what_changed_and_finetune_as_advised(one_head_experiment,
+                                                                                             tmp_path) -> None:
     out = (one_head_experiment / "exp_run.out").read_text()  # `dvc exp run -S heads.logreg.C=[0.1,1]`
     assert "Stage 'extract' didn't change, skipping" in out and "Running stage 'train_heads@logreg'" in out
-    assert "Stage 'train_heads@mlp' didn't change, skipping" in out
+    assert "Stage 'train_heads@mlp' didn't change, skipping" in out  # the other heads are not retrained
+    assert "finetune.enabled is false: skipped" in out  # it depends on models/heads: a no-op when disabled
 
     repo = DvcRepo.copy_of(one_head_experiment / "repo", tmp_path / "repo")
     tmp_path = repo.root
     params = yaml.safe_load((tmp_path / "params.yaml").read_text())
     params["heads"]["logreg"]["C"] = [0.1]  # an edit of heads.* in params.yaml, and a head removed
-    del params["heads"]["knn"]
+    del params["heads"]["mlp"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = repo.dvc("status")
-    assert "train_heads@logreg" in status and "train_heads@mlp" not in status
+    assert "train_heads@logreg" in status
     assert "extract" not in status and "evaluate" in status  # evaluate: its param `heads`, which heads there are
+    # and, in the same run, fine-tuning as the advisor says (digits: small and unlike ImageNet -> the last 2 blocks),
+    # side by side with the heads
+    edit_params(repo, finetune={"enabled": True, "unfreeze": "auto", "epochs": 1, "batch_size": 8,
+                                "augment": {"hflip": False, "random_resized_crop": False}})
     out = repo.dvc("repro")
-    assert "Running stage 'train_heads@logreg'" in out and "Running stage 'evaluate'" in out
-    for stage in ("prepare", "download", "export", "extract", "train_heads@mlp"):
-        assert f"Stage '{stage}' didn't change, skipping" in out  # the other heads are not retrained
-    assert "finetune.enabled is false: skipped" in out  # it depends on models/heads: a no-op when disabled
+    for stage in ("train_heads@logreg", "finetune", "evaluate"):
+        assert f"Running stage '{stage}'" in out
+    for stage in ("prepare", "download", "export", "extract", "advise"):
+        assert f"Stage '{stage}' didn't change, skipping" in out
     assert json.loads((tmp_path / "metrics/heads/logreg.json").read_text())["params"] == {"C": 0.1}
-    assert (tmp_path / "models/heads/knn").is_dir()  # the removed head's stage output stays, and is not evaluated:
-    assert set(json.loads((tmp_path / "metrics/evaluate.json").read_text())) == {"logreg", "mlp", "best"}
+    assert (tmp_path / "models/heads/mlp").is_dir()  # the removed head's stage output stays, and is not evaluated:
+    assert set(json.loads((tmp_path / "metrics/evaluate.json").read_text())) == {"logreg", "finetune", "best"}
+
+    advice = json.loads((tmp_path / "metrics/advice.json").read_text())
+    finetuned = json.loads((tmp_path / "metrics/finetune.json").read_text())
+    assert advice["strategy"] == "partial_finetune" and finetuned["unfreeze"] == advice["unfreeze"] == 2
+    timings = json.loads((tmp_path / "reports/timings/finetune.json").read_text())
+    assert {"seconds", "epoch_seconds"}.issubset(timings) and not [key for key in finetuned if "seconds" in key]
+    assert "| finetune" in (tmp_path / "reports/summary.md").read_text()
+    plots = repo.dvc("plots", "show")  # the dvclive curves under plots/ and the confusion files
+    assert "failed" not in plots.lower()
     # a new split run outside the workspace: the queued sweep below
 
 
 @pytest.mark.slow
 def test_a_queued_sweep_runs_each_experiment_and_exp_show_lists_them(repo: DvcRepo) -> None:
-    """Each queued experiment changes one thing on the baseline: a head (the knn head and evaluate re-run), or the
-    split (`extract` as the target: prepare and extract re-run). Both run in a copy under .dvc/tmp/exps."""
-    repo.dvc("exp", "run", "--queue", "-S", "heads.knn.grid.n_neighbors=[1]")
+    """Each queued experiment changes one thing on the baseline: a head (the logreg head and evaluate re-run), or
+    the split (`extract` as the target: prepare and extract re-run). Both run in a copy under .dvc/tmp/exps."""
+    repo.dvc("exp", "run", "--queue", "-S", "heads.logreg.C=[0.1]")
     repo.dvc("exp", "run", "--queue", "-n", "new-split", "extract",
              "-S", "data.val_fraction=0.25", "-S", "data.test_fraction=0.25")
-    repo.dvc("exp", "run", "--run-all", "-j", "1")  # waits for the queue; exits 0 even if one failed, so:
-    assert "Failed" not in repo.dvc("queue", "status")
+    # waits for the queue; exits 0 even if one failed: `exp show` below finds both, each with its metrics
+    repo.dvc("exp", "run", "--run-all", "-j", "1")
 
     # a new split, no new image: prepare and extract re-run and compute nothing, with the workspace's store
     out = repo.dvc("queue", "logs", "new-split")
@@ -173,31 +175,13 @@ def test_a_queued_sweep_runs_each_experiment_and_exp_show_lists_them(repo: DvcRe
     for experiment in experiments:
         data = experiment["revs"][0]["data"]
         assert experiment["executor"] is None or experiment["executor"]["state"] == "success"
-        assert "accuracy" in data["metrics"]["metrics/evaluate.json"]["data"]["logreg"]
+        metrics = data["metrics"]
+        assert "accuracy" in metrics["metrics/evaluate.json"]["data"]["logreg"]
+        assert metrics["metrics/prepare.json"]["data"]["images"] == 60
+        assert metrics["metrics/export.json"]["data"]["feature_dim"] == 1280
         params = data["params"]["params.yaml"]["data"]
-        changed.add((str(params["heads"]["knn"]["grid"]["n_neighbors"]), params["data"]["val_fraction"],
-                     data["metrics"]["metrics/extract.json"]["data"]["computed"]))
-    # the baseline's knn is [3], its val_fraction 0.2, its extract computed 60
-    assert changed == {("[1]", 0.2, 60), ("[3]", 0.25, 0)} and len(experiments) == 2
-    shown = repo.dvc("exp", "show", "--no-pager", "--csv")
-    assert "logreg.accuracy" in shown.splitlines()[0] and "computed" in shown.splitlines()[0]
-
-
-@pytest.mark.slow
-def test_a_finetune_experiment_follows_the_advice_and_is_reported_beside_the_heads(repo: DvcRepo) -> None:
-    tmp_path = repo.root
-    # fine-tuning as the advisor says (digits: small and unlike ImageNet -> the last 2 blocks), side by side
-    out = repo.dvc("exp", "run", "-S", "finetune.enabled=true", "-S", "finetune.unfreeze=auto", "-S",
-                   "finetune.epochs=1", "-S", "finetune.batch_size=8", "-S", "finetune.augment.hflip=false",
-                   "-S", "finetune.augment.random_resized_crop=false")
-    assert "Running stage 'finetune'" in out and "Running stage 'evaluate'" in out
-    assert "Stage 'extract' didn't change, skipping" in out
-    advice = json.loads((tmp_path / "metrics/advice.json").read_text())
-    finetuned = json.loads((tmp_path / "metrics/finetune.json").read_text())
-    assert advice["strategy"] == "partial_finetune" and finetuned["unfreeze"] == advice["unfreeze"] == 2
-    timings = json.loads((tmp_path / "reports/timings/finetune.json").read_text())
-    assert {"seconds", "epoch_seconds"}.issubset(timings) and not [key for key in finetuned if "seconds" in key]
-    assert "finetune" in json.loads((tmp_path / "metrics/evaluate.json").read_text())
-    assert "| finetune" in (tmp_path / "reports/summary.md").read_text()
-    plots = repo.dvc("plots", "show")  # the dvclive curves under plots/ and the confusion files
-    assert "failed" not in plots.lower()
+        changed.add((str(params["heads"]["logreg"]["C"]), params["data"]["val_fraction"],
+                     metrics["metrics/extract.json"]["data"]["computed"]))
+    # the baseline's logreg C is [0.01, 1.0], its val_fraction 0.2, its extract computed 60
+    assert changed == {("[0.1]", 0.2, 60), ("[0.01, 1.0]", 0.25, 0)} and len(experiments) == 2
+    # the same table as CSV: tests/test_reports.py

@@ -131,3 +131,4 @@ def test_reports_draw_each_chart_once_offline_and_a_one_head_edit_changes_a_few_
     every = next(csv.reader(io.StringIO(repo.run(sys.executable, "-m", "dvc", "exp", "show", "--csv",
                                                  "--no-pager").stdout)))
     assert not [column for column in every if "seconds" in column or column.endswith("_per_s")], every
+    assert [column for column in every if column.endswith("logreg.accuracy")] and "computed" in every, every
