@@ -32,7 +32,8 @@ class Project:
 
     def params(self, **sections) -> dict:
         params = merged(DEFAULT_PARAMS, sections)
-        (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        # libyaml's dumper: the same text as yaml.safe_dump at a quarter of the CPU, for the hundreds of tests here
+        (self.root / "params.yaml").write_text(yaml.dump(params, Dumper=yaml.CSafeDumper, sort_keys=False))
         return params
 
 

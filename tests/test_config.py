@@ -519,8 +519,18 @@ def test_missing_params_file_is_a_user_error(tmp_path):
 
 def test_invalid_yaml_is_a_user_error(project):
     (project.root / "params.yaml").write_text("data: {source: [unclosed\n")
-    with pytest.raises(UserError, match="params.yaml is not valid YAML"):
+    with pytest.raises(UserError, match="params.yaml is not valid YAML") as caught:
         load_params()
+    # the line it stopped at, with a caret under the place (PyYAML's own parser; libyaml's message has neither)
+    assert "line 1, column 16:\n    data: {source: [unclosed\n                   ^" in str(caught.value)
+
+
+def test_both_yaml_parsers_read_params_files_alike():
+    """load_params parses with libyaml and reports errors with PyYAML's parser: the two must read the same data."""
+    texts = [(REPO / "params.yaml").read_text(), "a: [1e-3, 1.5E+2, -2e5, '1e-3', 1_000, 0x10, yes, ~, .inf]\n"]
+    for text in texts:
+        assert yaml.load(text, Loader=config.LibyamlParamsLoader) == yaml.load(text, Loader=config.ParamsLoader)
+    assert config.LibyamlParamsLoader.__mro__[1] is yaml.CSafeLoader  # libyaml is there (the PyYAML wheels ship it)
 
 
 def test_extract_can_skip_importing_estimators_but_the_others_check_them(project):
