@@ -4,6 +4,7 @@ package folders of transfer_learning they import (directory deps), so a new modu
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,13 @@ PACKAGES = ("stages", "transfer_learning")
 def project_imports(path: Path) -> set[Path]:
     """The project's .py files that `path` imports, at any depth in the file (lazy imports in functions too), with
     the __init__.py of every package on the way (Python runs them all)."""
+    return set(_project_imports(path, path.read_text()))
+
+
+@functools.lru_cache(maxsize=None)  # by text: each stage's closure walks the same modules, and parsing is the cost
+def _project_imports(path: Path, text: str) -> frozenset[Path]:
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(text)):
         if isinstance(node, ast.ImportFrom):
             assert node.level == 0, f"{path}:{node.lineno}: a relative import; the project uses absolute imports"
             names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
@@ -32,7 +38,7 @@ def project_imports(path: Path) -> set[Path]:
             for depth in range(1, len(parts) + 1):
                 folder = ROOT.joinpath(*parts[:depth])
                 found |= {p for p in (folder.with_suffix(".py"), folder / "__init__.py") if p.is_file()}
-    return found
+    return frozenset(found)
 
 
 def import_closure(script: Path) -> set[Path]:

@@ -3,6 +3,7 @@ stage script and has no import cycles; one thin main() per stage script in stage
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -22,14 +23,19 @@ def module_name(path: Path) -> str:
 def imported_names(path: Path) -> list[tuple[int, str]]:
     """(line, dotted name) of every import anywhere in the file: module level, in functions, under TYPE_CHECKING.
     `from a.b import c` gives a.b and a.b.c (c may be a module)."""
+    return list(_imported_names(path, path.read_text()))
+
+
+@functools.lru_cache(maxsize=None)  # by text: several checks read every module, and parsing is the cost
+def _imported_names(path: Path, text: str) -> tuple[tuple[int, str], ...]:
     found = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(text)):
         if isinstance(node, ast.ImportFrom):
             assert node.level == 0, f"{path}:{node.lineno}: a relative import"
             found += [(node.lineno, node.module)] + [(node.lineno, f"{node.module}.{a.name}") for a in node.names]
         elif isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
-    return found
+    return tuple(found)
 
 
 LIBRARY_MODULES = {module_name(p): p for p in LIBRARY.rglob("*.py")}
