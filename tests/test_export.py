@@ -13,17 +13,23 @@ from transfer_learning.backbone.anatomy import PooledFeatures
 from transfer_learning.common.errors import UserError
 
 CASES = {
-    # arch: (weights, [(cut, pool, expected feature_dim)]). The export traces every node before the cut, so the block
-    # and node cuts sit early in the network: what they prove (the cut resolved, pooled, exported with a dynamic
-    # batch, equal to torch) does not depend on depth. With the default backbone's penultimate export (the `exported`
-    # fixture's, tests/conftest.py, checked below) they export every ONNX op type of the three whole networks, the
-    # head's global pooling and flatten included; each penultimate cut's node and feature_dim are checked without one.
-    "mobilenet_v2": ("IMAGENET1K_V1", [(2, "max", 16), ("features.3.add", "avg", 24)]),
-    "resnet18": ("none", [(3, "none", 64 * 56 * 56), ("layer2.1.relu_1", "max", 128)]),
-    "efficientnet_b0": ("none", [(3, "avg", 24), ("features.1.0.block.1", "max", 32)]),
+    # arch: (weights, the exported cut (node, pool, feature_dim), the block cut resolved (block, pool, feature_dim)).
+    # The export traces every node before the cut, so the exported node cuts sit early in the network: what they
+    # prove (the cut resolved, pooled, exported with a dynamic batch, equal to torch) does not depend on depth. With
+    # the default backbone's penultimate export (the `exported` fixture's, tests/conftest.py, checked below) they
+    # export every ONNX op type of the three whole networks, the head's global pooling and flatten included, and
+    # each of the three pools. A block number reaches the export as a node the anatomy resolves, the same code path
+    # as a node name: each block cut's and penultimate cut's node and feature_dim are checked without an export
+    # (test_layers exports block cuts through the stage and compares their rows).
+    "mobilenet_v2": ("IMAGENET1K_V1", ("features.3.add", "avg", 24), (2, "max", 16)),
+    "resnet18": ("none", ("layer1.0.relu_1", "none", 64 * 56 * 56), (3, "max", 64)),
+    "efficientnet_b0": ("none", ("features.1.0.block.1", "max", 32), (3, "avg", 24)),
 }
 # arch: (the graph node `backbone.cut: penultimate` names, the feature_dim it gives with `pool: avg`)
 PENULTIMATE = {"mobilenet_v2": ("flatten", 1280), "resnet18": ("flatten", 512), "efficientnet_b0": ("flatten", 1280)}
+# arch: the graph node each block cut above names
+BLOCK_NODES = {"mobilenet_v2": "features.1.conv.2", "resnet18": "layer1.1.relu_1",
+               "efficientnet_b0": "features.2.1.add"}
 
 
 def check_onnx_against_torch(batch_sizes=(1, 3)):
@@ -44,23 +50,23 @@ def check_onnx_against_torch(batch_sizes=(1, 3)):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", list(CASES))
 def test_export_cuts(project, arch):
-    weights, cuts = CASES[arch]
+    weights, (node, pool, dim), (block, block_pool, block_dim) = CASES[arch]
     project.params(backbone={"arch": arch, "weights": weights})
     download.main()
-    check_penultimate(*PENULTIMATE[arch])
-    for cut, pool, dim in cuts:
-        project.params(backbone={"arch": arch, "weights": weights, "cut": cut, "pool": pool})
-        export.main()
-        check_export(dim)
+    check_resolved("penultimate", *PENULTIMATE[arch], "avg")
+    check_resolved(block, BLOCK_NODES[arch], block_dim, block_pool)
+    project.params(backbone={"arch": arch, "weights": weights, "cut": node, "pool": pool})
+    export.main()
+    check_export(dim)
 
 
-def check_penultimate(node: str, dim: int) -> None:
-    """The node and feature_dim the export stage would resolve and compute for `cut: penultimate, pool: avg`, from
-    the downloaded backbone's anatomy and its torch forward pass: no export (the whole network's ops are exported
-    by the cuts above and the `exported` fixture)."""
+def check_resolved(cut: int | str, node: str, dim: int, pool: str) -> None:
+    """The node and feature_dim the export stage would resolve and compute for `cut` and `pool`, from the
+    downloaded backbone's anatomy and its torch forward pass: no export (the exported cuts above and the
+    `exported` fixture export the whole networks' ops)."""
     backbone = backbone_files.load()
-    assert backbone.anatomy.cut_node("penultimate") == node
-    module = PooledFeatures(backbone.model(), node, "avg").eval()
+    assert backbone.anatomy.cut_node(cut) == node
+    module = PooledFeatures(backbone.model(), node, pool).eval()
     with torch.inference_mode():
         assert module(torch.rand(2, 3, 224, 224)).shape == (2, dim)
 
@@ -81,15 +87,6 @@ def test_the_default_backbone_exported_at_its_penultimate_cut(exported, monkeypa
     check_export(1280)
 
 
-def test_export_is_byte_identical_when_repeated(project):
-    project.params(backbone={"cut": 2})
-    download.main()
-    export.main()
-    first = backbone_files.ONNX.read_bytes()
-    export.main()
-    assert backbone_files.ONNX.read_bytes() == first  # the feature store's fingerprint relies on this
-
-
 def test_in_place_activations_switched_off_for_the_export_give_the_same_bytes_and_are_switched_back(tmp_path,
                                                                                                       monkeypatch):
     torch.manual_seed(0)
@@ -104,12 +101,17 @@ def test_in_place_activations_switched_off_for_the_export_give_the_same_bytes_an
     assert (tmp_path / "switched.onnx").read_bytes() == (tmp_path / "as_is.onnx").read_bytes()
 
 
-def test_parity_above_atol_fails_with_the_numbers(project):
+def test_parity_above_atol_fails_with_the_numbers_and_a_repeated_export_gives_the_same_bytes(project):
     project.params(backbone={"cut": 2}, export={"atol": 1e-12})
     download.main()
     with pytest.raises(UserError, match=r"export.atol: ONNX Runtime differs from torch by .* > atol 1e-12"):
         export.main()
     assert json.loads(open("metrics/export.json").read())["max_abs_diff"] > 1e-12
+    first = backbone_files.ONNX.read_bytes()  # written before the check (export.atol is not in the file)
+    project.params(backbone={"cut": 2})
+    export.main()
+    assert backbone_files.ONNX.read_bytes() == first  # the feature store's fingerprint relies on this
+    check_export(16)
 
 
 def test_bad_cut_fails_before_exporting(project):
