@@ -40,7 +40,7 @@ def build_baseline(root: Path) -> None:
     assert json.loads((root / "metrics/finetune.json").read_text())["skipped"] is True
     scores = json.loads((root / "metrics/evaluate.json").read_text())
     assert scores.pop("best") in QUICK_HEADS and set(scores) == set(QUICK_HEADS)
-    # `dvc plots show` on these outputs: tests/test_reports.py (every chart) and the fine-tune experiment below
+    # `dvc plots show` on these outputs: tests/test_reports.py (every chart) and the fine-tune run below
     repo.run("git", "add", "-A")
     repo.run("git", "commit", "-qm", "baseline")
 
