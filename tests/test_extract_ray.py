@@ -265,8 +265,8 @@ def assert_a_killed_driver_loses_at_most_its_last_commit_and_local_resumes(expor
     address = ray.get_runtime_context().gcs_address
     work = tmp_path / "killed-driver"
     shutil.copytree(exported, work)
-    with contextlib.chdir(work):
-        set_params(extract={**RAY, "ray": {"batch_size": 8, "address": address}})
+    with contextlib.chdir(work):  # one actor: a pool is proven above, and each actor is a worker process to start
+        set_params(extract={**RAY, "ray": {"actors": 1, "batch_size": 8, "address": address}})
     jobs_before = {job["JobID"] for job in ray._private.state.jobs()}
     # the store commits each batch of 8 rows as it arrives; the driver is SIGKILLed right after the first commit
     killed = subprocess.Popen([sys.executable, "-m", "stages.extract"], cwd=work, stdout=subprocess.PIPE,
