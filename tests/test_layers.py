@@ -32,7 +32,7 @@ from transfer_learning.layers.adopt import ADOPT_RTOL
 from transfer_learning.layers.blocks import chosen_blocks
 from transfer_learning.layers.kept import kept_export, record_of
 
-SWEPT = [2, 4]  # of ResNet-18's 6 blocks: conv1, bn1, layer1..layer4; the sweep exports up to the deepest
+SWEPT = [2, 3]  # of ResNet-18's 6 blocks: conv1, bn1, layer1..layer4; the sweep exports up to the deepest
 
 
 def set_params(**sections) -> None:
@@ -55,7 +55,7 @@ def save_tiny_backbone() -> None:
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory) -> Path:
-    """A project with 40 prepared digits, the tiny backbone, and one sweep of blocks 2 and 4."""
+    """A project with 40 prepared digits, the tiny backbone, and one sweep of blocks 2 and 3."""
     import contextlib
 
     def build(root: Path) -> None:
@@ -103,8 +103,8 @@ def test_one_graph_gives_every_blocks_rows_as_the_cut_export_computes_them_and_t
     assert "seconds" not in m and "total" in json.loads(Path("reports/timings/layers.json").read_text())
     table = Path("plots/layers/accuracy.csv").read_text().splitlines()
     assert table[0].startswith("block,name,feature_dim,val_accuracy") and [r.split(",")[0] for r in table[1:]] == \
-        ["2", "4"]
-    assert "| 4 | layer2 | 128 |" in Path("reports/layers.md").read_text()
+        ["2", "3"]
+    assert "| 3 | layer1 | 64 |" in Path("reports/layers.md").read_text()
     assert m["adopted"][str(best)]["adopted"] == 40 and m["adopted"][str(best)]["max_rel_diff"] <= ADOPT_RTOL
     for block in SWEPT:  # the ordinary pipeline at `backbone.cut: block`
         set_params(backbone={"cut": block})
@@ -120,7 +120,7 @@ def test_one_graph_gives_every_blocks_rows_as_the_cut_export_computes_them_and_t
         assert json.loads(Path("metrics/extract.json").read_text())["computed"] == 40
         keys = read_plain_keys("train")
         ordinary, swept = read_split("train").plain().features, sweep_rows(block, keys)
-        assert ordinary.shape == swept.shape == (len(keys), {2: 64, 4: 128}[block])
+        assert ordinary.shape == swept.shape == (len(keys), 64)
         assert np.abs(ordinary - swept).max() <= ADOPT_RTOL * max(1.0, float(np.abs(ordinary).max()))
 
 
