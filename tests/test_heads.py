@@ -159,8 +159,9 @@ def test_an_onnx_head_is_the_same_bytes_in_every_process(tmp_path):
     """skl2onnx lists the graph's opset imports in an order that follows Python's string hashing, which differs
     between processes: a retrained identical kNN head must still be the same file (else DVC sees a new output).
     Two processes whose skl2onnx orders really differ prove it: this one and one with another hash seed, the first
-    whose order differs from this one's. Seeds 1, 3, 4 and 5 gave four different orders (Python 3.11, skl2onnx
-    1.20), so at most one of them repeats this process's order: one or two processes here, each ~4.4 CPU-s."""
+    whose order differs from this one's. Seeds 3, 5, 4 and 1 gave four different orders (Python 3.11, skl2onnx
+    1.20), so at most one of them repeats this process's order: one or two processes here, each ~4.4 CPU-s. Seed 1's
+    order is the most common one (two seeds in six gave it), so it is tried last."""
     import subprocess
     import sys
 
@@ -176,25 +177,13 @@ def test_an_onnx_head_is_the_same_bytes_in_every_process(tmp_path):
     order, digest = here.getvalue().splitlines()
     root = Path(__file__).resolve().parents[1]
     others = []
-    for seed in (seed for seed in ("1", "3", "4", "5") if seed != os.environ.get("PYTHONHASHSEED")):
+    for seed in (seed for seed in ("3", "5", "4", "1") if seed != os.environ.get("PYTHONHASHSEED")):
         others.append(subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
                                      env={**os.environ, "PYTHONHASHSEED": seed}, check=True).stdout.splitlines())
         if others[-1][0] != order:
             break
     assert others[-1][0] != order, f"no seed gave skl2onnx another opset order than {order}: {others}"
     assert others[-1][1] == digest, (order, others)
-
-
-def test_the_head_stage_imports_scikit_learn_without_pandas_and_leaves_pandas_importable():
-    """~0.25 s of every head edit: scikit-learn imports pandas only to keep it at hand."""
-    import subprocess
-    import sys
-
-    script = ("import sys; from stages import train_heads; import sklearn.linear_model; "
-              "print('sklearn' in sys.modules, 'pandas' in sys.modules); import pandas; print(pandas.__name__)")
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["True", "False", "pandas"]
 
 
 def test_ties_keep_the_first_grid_point(features):

@@ -30,10 +30,13 @@ GROUPS = [
     # reuses every row from the store needs none
     (["extract"], "", ["torch", "torchvision", "sklearn", "scipy", "onnx", "skl2onnx", "dvclive"]),
     # scikit-learn for the heads; torch only for a linear or MLP head, and a scikit-learn head's class is imported
-    # from its own module, not through scikit-learn's all_estimators (which imports torch)
+    # from its own module, not through scikit-learn's all_estimators (which imports torch). scikit-learn imports
+    # pandas only to keep it at hand: hidden while scikit-learn loads (heads/selection.py)...
     (["train_heads"], "SklearnHead.model_validate({'type': 'sklearn', 'estimator': 'KNeighborsClassifier'}, "
                       "context={'resolve_estimators': False}).new_estimator()",
-     ["torch", "torchvision"]),
+     ["torch", "torchvision", "pandas"]),
+    # ...and importable again after (a failed import fails the probe)
+    ([], "import pandas", []),
     # the weights are loaded only when the model is built (advise): reading models/backbone/meta.json imports no
     # torchvision
     (["predict", "advise"], "", ["torchvision", "torch._dynamo"]),
