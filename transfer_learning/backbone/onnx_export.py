@@ -7,14 +7,17 @@ import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
 
 from transfer_learning.common.atomic import atomic_write
+
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger(__name__)
 INPUT, OUTPUT = "images", "features"
@@ -22,6 +25,8 @@ INPUT, OUTPUT = "images", "features"
 
 def export(module: nn.Module, example: torch.Tensor, path: Path, opset: int, outputs: tuple[str, ...] = (OUTPUT,)
            ) -> None:
+    import onnx  # here, not at the top: ~2 CPU-s, and a process that only runs parity checks needs none
+
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), out_of_place(module):
         warnings.simplefilter("ignore")

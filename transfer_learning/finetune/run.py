@@ -40,7 +40,6 @@ from transfer_learning.finetune.data import (
     split_images,
 )
 from transfer_learning.finetune.distributed import Group
-from transfer_learning.finetune.composed import export_joined
 from transfer_learning.finetune.curves import write_curves
 from transfer_learning.finetune.files import FINETUNE_DIR, LOGITS, PROBABILITIES
 from transfer_learning.finetune.loop import Inputs, fit
@@ -176,6 +175,8 @@ def export_onnx(net: FineTuneNet, onnx_file: Path, run_dir: Path, preprocessing,
     catches damage, the parity check also a file swapped together with its record. Returns the largest
     ONNX-vs-torch difference (relative, for the logits) and the ONNX bytes written to `onnx_file`."""
     from transfer_learning.backbone.export import parity_batches
+    # here, not at the top: it imports onnx (~2 CPU-s), which a rank that only trains never needs
+    from transfer_learning.finetune.composed import export_joined
 
     batches = parity_batches(preprocessing.transform())
     kept = kept_export(run_dir, opset, checkpoint_sha256)
