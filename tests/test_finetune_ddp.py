@@ -19,14 +19,15 @@ import pytest
 import yaml
 
 from tests.faults import faulty_env
+from tests.test_finetune import finetuned, heads_trained  # noqa: F401 (fixtures: the frozen prefix's kept export)
 from transfer_learning.common.errors import UserError
 from transfer_learning.finetune.distributed import rank_share
 from transfer_learning.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
-# a fresh head (no train_heads needed) on the last block, over the frozen prefix's cached outputs: the epochs are
-# cheap, the processes' start-up is what is measured
-SETTINGS = {"enabled": True, "unfreeze": 1, "init_head": None, "epochs": 3, "batch_size": 8, "patience": 5,
+# a fresh head on the last two blocks (the frozen prefix `finetuned` exported), over the prefix's cached outputs: the
+# epochs are cheap, the processes' start-up is what is measured
+SETTINGS = {"enabled": True, "unfreeze": 2, "init_head": None, "epochs": 3, "batch_size": 8, "patience": 5,
             "augment": {"random_resized_crop": False, "hflip": False, "color_jitter": 0.0}}
 
 
@@ -61,7 +62,8 @@ def checkpoint_of(root: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_two_processes_resume_after_a_sigkill_fail_with_a_workers_error_and_match_one_process(exported, tmp_path):
+def test_two_processes_resume_after_a_sigkill_fail_with_a_workers_error_and_match_one_process(exported, finetuned,
+                                                                                             tmp_path):
     import torch
 
     from transfer_learning.finetune import run
@@ -69,6 +71,10 @@ def test_two_processes_resume_after_a_sigkill_fail_with_a_workers_error_and_matc
 
     one, two = tmp_path / "one", tmp_path / "two"
     shutil.copytree(exported, two)
+    # the frozen prefix's export as the one-process stage kept it (the same prefix node): exporting it is not what is
+    # tested here, and its rows are not copied, so the launcher still computes them
+    [kept] = (finetuned / "store/finetune").glob("*/prefix.onnx")
+    shutil.copytree(kept.parent, two / "store/finetune" / kept.parent.name)
     set_finetune(two, **SETTINGS, nproc=2)
     killed = run_stage(two, kill_after_epoch=1)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
@@ -82,6 +88,7 @@ def test_two_processes_resume_after_a_sigkill_fail_with_a_workers_error_and_matc
     computed = [int(n) for n in re.findall(r"(\d+) to compute", killed.stderr)]
     assert [n for n in computed if n] == [36, 12] and len(computed) > 2, killed.stderr[-3000:]
     # and its export checked against torch once, by the launcher: rank 0 (which logs) took the bytes it checked
+    assert f"{kept.parent.name}/prefix.onnx: kept export reused (sha256 checked)" in killed.stderr, killed.stderr[-3000:]
     assert "the bytes the launcher checked against torch" in killed.stderr, killed.stderr[-3000:]
     assert "not the file the launcher checked" not in killed.stderr
 
