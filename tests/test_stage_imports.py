@@ -5,6 +5,7 @@ One subprocess imports the stages from the lightest to the heaviest and, after e
 packages that are loaded: what a group may not import is what no group before it imported either."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -14,9 +15,12 @@ from pathlib import Path
 import numpy as np
 from sklearn.datasets import load_sample_images
 
+from tests.conftest import Project
 from tests.test_layout import imported_names
+from tests.test_prepare import plain_class
 from transfer_learning.backbone.export import sample_photos
 from transfer_learning.common import catalog
+from transfer_learning.data.manifest import MANIFEST
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "torchvision", "torch._dynamo", "sklearn", "scipy", "onnx", "skl2onnx", "dvclive")
@@ -37,6 +41,9 @@ GROUPS = [
      ["torch", "torchvision", "pandas"]),
     # ...and importable again after (a failed import fails the probe)
     ([], "import pandas", []),
+    # prepare's whole run on a folder of images (the probe's working folder), decoding included: it re-runs on every
+    # data edit and needs no torch (its stratified split's scikit-learn is loaded by now)
+    ([], "from stages import prepare; prepare.main()", ["torch", "torchvision"]),
     # the weights are loaded only when the model is built (advise): reading models/backbone/meta.json imports no
     # torchvision
     (["predict", "advise"], "", ["torchvision", "torch._dynamo"]),
@@ -57,12 +64,17 @@ print(json.dumps(loaded))
 
 def test_each_stage_imports_no_heavy_package_it_does_not_use(tmp_path):
     catalog.sklearn_classifiers()  # the listing new_estimator reads: built here when missing (that imports all)
+    Project(tmp_path).params(data={"source": "photos", "per_class": None})
+    for c, label in enumerate(("ant", "bee", "cow")):
+        plain_class(tmp_path / "photos" / label, 10, seed=c + 1)
     result = subprocess.run([sys.executable, "-c", PROBE, json.dumps(GROUPS)], cwd=tmp_path, capture_output=True,
                             text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
-    found = {", ".join(stages): packages for (stages, _, _), packages in zip(GROUPS, loaded) if packages}
+    found = {", ".join(stages) or run: packages for (stages, run, _), packages in zip(GROUPS, loaded) if packages}
     assert not found, f"stages import heavy packages their work does not use: {found}"
+    with open(tmp_path / MANIFEST, newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 30  # prepare really ran, on every image
 
 
 def test_the_probe_sees_a_heavy_import():
