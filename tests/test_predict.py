@@ -27,7 +27,7 @@ from transfer_learning.common.errors import UserError
 from transfer_learning.data import manifest
 from transfer_learning.deploy import onnx as deploy_onnx
 from transfer_learning.deploy import predict, served
-from transfer_learning.deploy.onnx import PIXELS, PROBABILITIES
+from transfer_learning.deploy.onnx import CHECK, PIXELS, PROBABILITIES
 from transfer_learning.evaluate.choice import BEST_KEY, EVALUATE_METRICS
 from transfer_learning.evaluate.report import CONFUSION_PLOTS
 from transfer_learning.features import quantize
@@ -41,6 +41,7 @@ HEADS = {**FINETUNE_HEADS,
          "mlp": {"type": "mlp", "hidden": [16], "epochs": 30, "lr": 1.0e-2, "patience": 5}}
 MODELS = sorted(HEADS) + [finetune_files.MODEL_NAME]
 INT8 = {"precision": "int8", "calibration_images": 6}
+CPU = ["CPUExecutionProvider"]
 
 
 @pytest.fixture(scope="module")
@@ -111,13 +112,41 @@ def pixels_of_the_test_images() -> np.ndarray:
     return np.stack([predict.load_pixels(Path(p), preprocessing) for p in read_split("test").plain().paths])
 
 
+def preprocessing():
+    return backbone_files.load().preprocessing.with_bit_depth(manifest.read_bit_depth())
+
+
+def two_step(name: str):
+    """What predict serves for head `name`: uint8 pixels -> scores."""
+    head = head_files.load(name)
+    served = predict.TwoStepPredictor(head, predict.check_features_match(head, backbone_files.load()), 32, CPU)
+    return lambda pixels: served(pixels, preprocessing())
+
+
+def assert_serves_predicts_class_on_every_probe_image(deployed_file: Path, model: str) -> None:
+    """The deploy check's figures in the written file (its normalization within 0.01 grey level, predict's class on
+    every probe image), and the written file itself, run again, giving predict's probabilities on the probes."""
+    written = onnx.load(str(deployed_file))
+    figures = json.loads({p.key: p.value for p in written.metadata_props}[CHECK])
+    names, pixels = deploy_onnx.probe_pixels(preprocessing())
+    assert figures["probe_images"] == len(names) >= 20 and figures["same_class"] == len(names), model
+    assert figures["max_normalization_difference_grey_levels"] <= 0.01, model  # the same float32 arithmetic
+    got = cpu_session(deployed_file).run([PROBABILITIES], {PIXELS: pixels})[0]
+    if model == finetune_files.MODEL_NAME:
+        served = predict.FineTunedPredictor(32, CPU, preprocessing())(pixels, preprocessing())
+    else:
+        served = two_step(model)(pixels)
+    np.testing.assert_allclose(got, served, atol=1e-4, err_msg=model)
+
+
 def assert_served_alike(capsys, providers: tuple[str, ...] = ("CPUExecutionProvider",), atol: float = 1e-4,
-                        deployed_elsewhere: tuple[str, ...] = ()) -> None:
+                        deployed_elsewhere: tuple[str, ...] = (), probed: tuple[str, ...] = ()) -> None:
     """For every model: evaluate's class (plots/confusion/<model>.csv), `python -m stages.predict`'s and the deployed
     file's (ONNX Runtime on uint8 pixels) are the same on every test image; the deployed probabilities are
     evaluate's within `atol`. Every image's top two classes are further apart than 10 × atol, so one class each
     is what all three must give, whatever the rounding. `deployed_elsewhere`: models whose deploy another test
-    proves on byte-identical files; evaluate's and predict's classes are still compared for them."""
+    proves on byte-identical files; evaluate's and predict's classes are still compared for them. `probed`: models
+    whose deployed file is also checked on the probe images (assert_serves_predicts_class_on_every_probe_image)."""
     test = read_split("test").plain()
     classes, paths, pixels = test.classes, test.paths, pixels_of_the_test_images()
     for model in MODELS:
@@ -151,10 +180,13 @@ def assert_served_alike(capsys, providers: tuple[str, ...] = ("CPUExecutionProvi
         np.testing.assert_allclose(probabilities, scores, atol=atol, err_msg=model)
         np.testing.assert_allclose(one, probabilities[:1], atol=atol, err_msg=model)
         np.testing.assert_allclose(probabilities.sum(axis=1), 1, atol=1e-5, err_msg=model)
+        if model in probed:
+            assert_serves_predicts_class_on_every_probe_image(deployed_file, model)
 
 
 def test_evaluate_predict_and_the_deployed_file_agree_on_every_test_image_at_fp32(every_model_work, capsys):
-    assert_served_alike(capsys)
+    # a head's file and the fine-tuned model's, built two ways, on the probe images too (test_deploy_check.py)
+    assert_served_alike(capsys, probed=("logreg", finetune_files.MODEL_NAME))
 
 
 def same_files(a: Path, b: Path) -> bool:
@@ -174,6 +206,20 @@ def test_evaluate_predict_and_the_deployed_file_agree_on_every_test_image_at_int
     for read in (finetune_files.FINETUNE_DIR, backbone_files.META, manifest.PREPARED):
         assert same_files(every_model / read, every_model_int8_work / read), read
     assert_served_alike(capsys, deployed_elsewhere=(finetune_files.MODEL_NAME,))
+
+
+def test_predict_runs_the_int8_model_the_head_was_trained_on(every_model_int8_work):
+    """predict's scores at int8 are the head's on the int8 rows (the deployed file, which carries the int8 backbone
+    too, is compared with them in the int8 agreement test above); features of another precision are refused."""
+    test = read_split("test")
+    results = predict.predict([Path(p) for p in test.paths], "logreg", top_k=1)
+    expected = head_files.load("logreg").scores(test.features)
+    got = np.array([score for result in results for _, score in result.top])
+    np.testing.assert_allclose(got, expected.max(axis=1), atol=1e-4)
+
+    set_params(extract={"precision": "fp32"})  # features of another precision than the head's
+    with pytest.raises(UserError, match="extract.precision fp32"):
+        predict.predict([Path(test.paths[0])], "logreg", top_k=1)
 
 
 @pytest.mark.gpu

@@ -11,17 +11,13 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from stages import extract, train_heads
+from stages import extract
 from tests.conftest import built_once
 from tests.test_extract import metrics, set_params
-from transfer_learning.backbone import files as backbone_files
-from transfer_learning.backbone.onnx_export import cpu_session
+from tests.test_finetune import heads_trained  # noqa: F401 - fixture, a shared build
 from transfer_learning.common.errors import UserError
-from transfer_learning.deploy.onnx import PIXELS, PROBABILITIES
-from transfer_learning.deploy import predict
 from transfer_learning.features import quantize
 from transfer_learning.features.split_files import read_split
-from transfer_learning.heads import files as head_files
 from transfer_learning.params import load_params
 
 INT8 = {"precision": "int8", "calibration_images": 6}
@@ -31,7 +27,8 @@ CALIBRATED, REUSED = "int8 model: calibrated", "int8 model: reused"
 @pytest.fixture(scope="module")
 def int8_calibrated(exported, tmp_path_factory) -> Path:
     """`exported` with its features extracted at int8: the calibrated model in store/quantized, built once per run.
-    test_int8_rows_differ_from_fp32_but_a_logistic_head_lands_close is the test that calibrates from scratch."""
+    test_int8_rows_differ_from_fp32_but_a_logistic_head_lands_close is the test that calibrates from scratch, and
+    test_predict's int8 project serves this model."""
     def build(root: Path) -> None:
         shutil.copytree(exported, root, dirs_exist_ok=True)
         with contextlib.chdir(root):
@@ -49,6 +46,16 @@ def int8_workdir(int8_calibrated, tmp_path, monkeypatch) -> Path:
     return work
 
 
+@pytest.fixture
+def fp32_extracted(heads_trained, tmp_path, monkeypatch) -> Path:
+    """A private copy of `exported` with its features extracted at fp32: test_finetune's `heads_trained`, which the
+    fine-tune and predict tests build anyway (its heads play no part here)."""
+    work = tmp_path / "work"
+    shutil.copytree(heads_trained, work)
+    monkeypatch.chdir(work)
+    return work
+
+
 def features_and_labels() -> dict:
     return {split: (read_split(split).features, read_split(split).labels) for split in ("train", "val", "test")}
 
@@ -60,8 +67,7 @@ def held_out_accuracy(splits: dict) -> float:
     return float(np.mean(np.concatenate([head.predict(f) == labels for f, labels in held])))
 
 
-def test_int8_rows_differ_from_fp32_but_a_logistic_head_lands_close(workdir, caplog):
-    extract.main()
+def test_int8_rows_differ_from_fp32_but_a_logistic_head_lands_close(fp32_extracted, caplog):
     fp32 = features_and_labels()
     fp32_fingerprint = metrics()["fingerprint"]
     assert metrics()["precision"] == "fp32"
@@ -151,23 +157,3 @@ def test_fp16_on_cuda_gives_rows_close_to_fp32(workdir, onnxruntime_cuda):
     assert metrics()["precision"] == "fp16" and metrics()["computed"] == 60
     fp16 = read_split("test").features
     np.testing.assert_allclose(fp16, fp32, atol=2e-2 * float(np.abs(fp32).max()))
-
-
-@pytest.mark.slow
-def test_predict_runs_the_int8_model_the_head_was_trained_on(int8_workdir):
-    set_params(extract=INT8, heads={"logreg": {"type": "logistic", "C": [1.0]}})
-    extract.main()
-    train_heads.main()
-    test = read_split("test")
-    results = predict.predict([Path(p) for p in test.paths], "logreg", top_k=1)
-    expected = head_files.load("logreg").scores(test.features)
-    got = np.array([score for result in results for _, score in result.top])
-    np.testing.assert_allclose(got, expected.max(axis=1), atol=1e-4)
-    deployed = cpu_session(predict.deploy("logreg"))  # the standalone file carries the int8 backbone too
-    pixels = np.stack([predict.load_pixels(Path(p), backbone_files.load().preprocessing) for p in test.paths[:4]])
-    np.testing.assert_allclose(deployed.run([PROBABILITIES], {PIXELS: pixels})[0], expected[:4], atol=1e-4)
-
-    set_params(extract={"precision": "fp32"})  # features of another precision than the head's
-    with pytest.raises(UserError, match="extract.precision fp32"):
-        predict.predict([Path(test.paths[0])], "logreg", top_k=1)
-
