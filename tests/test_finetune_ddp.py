@@ -88,7 +88,8 @@ def test_two_processes_resume_after_a_sigkill_fail_with_a_workers_error_and_matc
     computed = [int(n) for n in re.findall(r"(\d+) to compute", killed.stderr)]
     assert [n for n in computed if n] == [36, 12] and len(computed) > 2, killed.stderr[-3000:]
     # and its export checked against torch once, by the launcher: rank 0 (which logs) took the bytes it checked
-    assert f"{kept.parent.name}/prefix.onnx: kept export reused (sha256 checked)" in killed.stderr, killed.stderr[-3000:]
+    reused = f"{kept.parent.name}/prefix.onnx: kept export reused (sha256 checked)"
+    assert reused in killed.stderr, killed.stderr[-3000:]
     assert "the bytes the launcher checked against torch" in killed.stderr, killed.stderr[-3000:]
     assert "not the file the launcher checked" not in killed.stderr
 
