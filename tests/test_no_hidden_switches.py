@@ -4,6 +4,7 @@ read from the environment (tests/faults.py puts them in the processes it starts)
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +48,11 @@ def string_constants(tree: ast.Module) -> dict[str, str]:
     return found
 
 
+@functools.lru_cache(maxsize=None)  # by text: many modules import from the same few, and parsing is the cost
+def module_constants(source: str) -> dict[str, str]:
+    return string_constants(ast.parse(source))
+
+
 class Reads:
     """The environment variables a module reads, as names or as what could not be resolved to one."""
 
@@ -63,7 +69,7 @@ class Reads:
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in PRODUCT:
                 module = self.root / (node.module.replace(".", "/") + ".py")
                 if module.is_file():
-                    constants = string_constants(ast.parse(module.read_text()))
+                    constants = module_constants(module.read_text())
                     found |= {alias.asname or alias.name: constants[alias.name] for alias in node.names
                               if alias.name in constants}
         return found
