@@ -110,7 +110,7 @@ def test_batchnorm_policy(bn, tmp_path):
     assert moved and all(name.startswith(tail) for name in moved)  # the tail trained, nothing else
 
 
-def test_an_interrupted_run_resumes_from_its_last_epoch_and_ends_where_an_uninterrupted_one_does(tmp_path):
+def test_an_interrupted_run_resumes_from_its_last_epoch_and_ends_where_an_uninterrupted_one_does_curves_too(tmp_path):
     params = FinetuneParams(epochs=3, batch_size=4, patience=5)
     torch.manual_seed(0)
     reference = tiny_net(1)
@@ -138,6 +138,16 @@ def test_an_interrupted_run_resumes_from_its_last_epoch_and_ends_where_an_uninte
     for key, value in reference.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
 
+    # the dvclive curves of the resumed run are those of the uninterrupted one
+    files = curve_files(outcome.history, tmp_path / "uninterrupted")
+    assert curve_files(again.history, tmp_path / "resumed") == files
+    assert set(files) == {f"plots/metrics/{c}.tsv" for c in finetune_curves.CURVES}  # no summary: not a plot
+    folder = tmp_path / "uninterrupted" / finetune_curves.PLOTS_DIR / "plots/metrics"
+    for curve in finetune_curves.CURVES:  # step = epoch; epoch 0 (before any update) has val curves only
+        expected = [(r["epoch"], r[curve]) for r in outcome.history if r[curve] is not None]
+        assert read_curve(folder / f"{curve}.tsv") == expected
+        assert [step for step, _ in expected] == ([0, 1, 2, 3] if curve.startswith("val") else [1, 2, 3])
+
 
 def curve_files(history: list[dict], folder: Path) -> dict[str, bytes]:
     """What write_curves makes of `history` in `folder`: {path under plots/finetune: bytes}."""
@@ -152,36 +162,6 @@ def read_curve(path: Path) -> list[tuple[int, float]]:
     header, *rows = path.read_text().splitlines()
     assert header == f"step\t{path.stem}"
     return [(int(step), float(value)) for step, value in (row.split("\t") for row in rows)]
-
-
-def test_the_dvclive_curves_of_a_resumed_run_are_those_of_an_uninterrupted_one(tmp_path):
-    params = FinetuneParams(epochs=3, batch_size=4, patience=5)
-    torch.manual_seed(0)
-    state = {k: v.clone() for k, v in tiny_net(1).state_dict().items()}
-
-    def run(checkpoint: Path, on_epoch_end=None):
-        net = tiny_net(1)
-        net.load_state_dict(state)
-        return fit(net, tensor_inputs(12, 0), tensor_inputs(6, 1), params, 0, checkpoint, torch.device("cpu"),
-                   on_epoch_end=on_epoch_end)
-
-    def kill_after_epoch_1(epoch: int) -> None:
-        if epoch == 1:
-            raise KeyboardInterrupt
-
-    uninterrupted = run(tmp_path / "a.pt")
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "b.pt", kill_after_epoch_1)
-    resumed = run(tmp_path / "b.pt")
-    assert resumed.resumed_from == 1
-    files = curve_files(uninterrupted.history, tmp_path / "uninterrupted")
-    assert curve_files(resumed.history, tmp_path / "resumed") == files
-    assert set(files) == {f"plots/metrics/{c}.tsv" for c in finetune_curves.CURVES}  # no summary: not a plot
-    folder = tmp_path / "uninterrupted" / finetune_curves.PLOTS_DIR / "plots/metrics"
-    for curve in finetune_curves.CURVES:  # step = epoch; epoch 0 (before any update) has val curves only
-        expected = [(r["epoch"], r[curve]) for r in uninterrupted.history if r[curve] is not None]
-        assert read_curve(folder / f"{curve}.tsv") == expected
-        assert [step for step, _ in expected] == ([0, 1, 2, 3] if curve.startswith("val") else [1, 2, 3])
 
 
 def test_a_checkpoint_of_another_network_is_not_resumed(tmp_path):
