@@ -16,7 +16,7 @@ import yaml
 from stages import store as store_cli
 from tests.conftest import built_once
 from tests.dvc_repo import DvcRepo
-from tests.test_layers import SWEPT, swept, work  # noqa: F401 (fixtures: one real sweep of blocks 2 and 4)
+from tests.test_layers import SWEPT, swept, work  # noqa: F401 (fixtures: one real sweep of SWEPT's blocks)
 from tests.test_store_cli import age, extract_stub, fill, fp, run
 from transfer_learning.common.errors import UserError
 from transfer_learning.features.fingerprint import read_about
@@ -165,7 +165,7 @@ def test_force_goes_on_with_what_could_be_read_and_says_what_it_could_not(histor
 
 def test_a_layer_sweeps_rows_are_kept_while_its_metrics_name_them_in_the_workspace_a_commit_or_an_experiment(
         work, capsys):
-    """One real sweep (blocks 2 and 4, the best adopted as a `backbone.cut` folder): metrics/layers.json names
+    """One real sweep (SWEPT's blocks, the best adopted as a `backbone.cut` folder): metrics/layers.json names
     every folder gc must keep."""
     metrics = json.loads(Path("metrics/layers.json").read_text())
     blocks = metrics["block_fingerprints"]
@@ -190,7 +190,9 @@ def test_a_layer_sweeps_rows_are_kept_while_its_metrics_name_them_in_the_workspa
         return {line.split()[1].rstrip(":"): line for line in out.splitlines() if line.startswith(("keep", "delete"))}
 
     said = collect()  # the workspace's metrics
-    assert "workspace (layer sweep block 2)" in said[blocks["2"]] and "(layer sweep block 4)" in said[blocks["4"]]
+    first, last = (str(b) for b in SWEPT)
+    assert f"workspace (layer sweep block {first})" in said[blocks[first]]
+    assert f"(layer sweep block {last})" in said[blocks[last]]
     assert "adopted for `backbone.cut:" in said[next(iter(adopted))]
     assert not unused.exists()
 
