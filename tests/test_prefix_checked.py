@@ -24,7 +24,7 @@ ATOL = 1e-4
 
 def test_a_rank_reuses_only_the_bytes_the_launcher_checked(tmp_path, caplog):
     model = get_model("mobilenet_v2", weights=None)
-    net = FineTuneNet(model, anatomy(model), "features.5.add", "avg", 1, "frozen", None, 3, SIZE)
+    net = FineTuneNet(model, anatomy(model), "features.3.add", "avg", 1, "frozen", None, 3, SIZE)
     module = FlatPrefix(net).eval()
     preprocessing = Preprocessing(resize=36, crop=SIZE, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
                                   interpolation="bilinear")
