@@ -271,8 +271,9 @@ def run_extract(cwd: Path, env: dict[str, str] | None = None) -> subprocess.Pope
 def test_sigkill_then_resume_gives_the_uninterrupted_features(exported, tmp_path):
     work = tmp_path / "work"
     shutil.copytree(exported, work)
+    keep_first_images(40, work)
     store = work / "store"
-    # the 60 images in batches of 16, a commit every 16 rows: SIGKILLed right after the 2nd commit, mid-run
+    # 40 images in batches of 16, a commit every 16 rows: SIGKILLed right after the 2nd commit, mid-run
     process = run_extract(work, faulty_env(tmp_path / "faults", commit_rows=16, kill_after_commits=2))
     out, _ = process.communicate(timeout=300)
     assert process.returncode == -signal.SIGKILL, out
@@ -287,6 +288,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_features(exported, tmp_path
 
     clean = tmp_path / "clean"
     shutil.copytree(exported, clean)
+    keep_first_images(40, clean)
     with contextlib.chdir(clean):
         extract.main()  # uninterrupted
     for split in ("train", "val", "test"):
