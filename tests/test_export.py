@@ -92,12 +92,16 @@ def test_in_place_activations_switched_off_for_the_export_give_the_same_bytes_an
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU6(inplace=True),
                               torch.nn.Conv2d(4, 4, 1), torch.nn.SiLU(inplace=True)).eval()
+    net[3].weight.requires_grad_(False)  # parameters are traced without grad: a frozen one stays frozen
     example = torch.rand(2, 3, 8, 8)
     onnx_export.export(net, example, tmp_path / "switched.onnx", opset=18)
     assert [layer.inplace for layer in net if hasattr(layer, "inplace")] == [True, True]  # the caller's net
+    assert [p.requires_grad for p in net.parameters()] == [True, True, True, True, False, True]
+    assert torch.is_grad_enabled()
     with monkeypatch.context() as patch:
         patch.setattr(onnx_export, "out_of_place", lambda module: contextlib.nullcontext())
-        onnx_export.export(net, example, tmp_path / "as_is.onnx", opset=18)  # in-place ops traced as they are
+        patch.setattr(onnx_export, "without_grad", lambda module: contextlib.nullcontext())
+        onnx_export.export(net, example, tmp_path / "as_is.onnx", opset=18)  # in-place ops and autograd as they are
     assert (tmp_path / "switched.onnx").read_bytes() == (tmp_path / "as_is.onnx").read_bytes()
 
 
