@@ -1,7 +1,6 @@
 """predict and the deploy ONNX: the real exported MobileNetV2 with ONNX Runtime, real heads of every type, the real
 fine-tuned model, real image files. What evaluate shows is what predict and the deployed file serve."""
 import contextlib
-import contextlib
 import json
 import logging
 import os
@@ -62,10 +61,11 @@ def every_model(finetuned, tmp_path_factory) -> Path:
 def every_model_int8(every_model, int8_calibrated, tmp_path_factory) -> Path:
     """`every_model` at extract.precision int8: features, heads and evaluate again. The fine-tuned model stays as
     it is: one float ONNX export with its own backbone, which extract.precision does not change. The int8 backbone
-    is `int8_calibrated`'s (the same backbone and calibration images, so the same cache key: extract reuses it)."""
+    and its rows are `int8_calibrated`'s (the same backbone, calibration images and images, so the same cache key
+    and fingerprint: extract reuses both and computes no row; test_quantize proves that reuse)."""
     def build(root: Path) -> None:
         shutil.copytree(every_model, root, dirs_exist_ok=True)
-        shutil.copytree(int8_calibrated / "store" / quantize.QUANTIZED_DIR, root / "store" / quantize.QUANTIZED_DIR)
+        shutil.copytree(int8_calibrated / "store", root / "store", dirs_exist_ok=True)
         with contextlib.chdir(root):
             set_params(extract=INT8)
             extract.main()
@@ -200,7 +200,8 @@ def same_files(a: Path, b: Path) -> bool:
 
 def test_evaluate_predict_and_the_deployed_file_agree_on_every_test_image_at_int8(every_model_int8_work,
                                                                                 every_model, capsys):
-    assert json.loads(Path("metrics/extract.json").read_text())["precision"] == "int8"
+    extracted = json.loads(Path("metrics/extract.json").read_text())
+    assert extracted["precision"] == "int8" and extracted["computed"] == 0  # `int8_calibrated`'s rows, reused
     # what a fine-tuned model's deploy reads (its ONNX and record, the backbone's preprocessing, the prepared
     # images' bit depth) is byte for byte the fp32 project's: the fp32 test's deploy of it is this one
     for read in (finetune_files.FINETUNE_DIR, backbone_files.META, manifest.PREPARED):
