@@ -1,6 +1,7 @@
 """extract.precision: int8 (ORT static quantization, cached and verified) and fp16 (CUDA), with real ORT, HDF5 and
 images (the digits project of `exported`, MobileNetV2)."""
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -24,16 +25,29 @@ INT8 = {"precision": "int8", "calibration_images": 6}
 CALIBRATED, REUSED = "int8 model: calibrated", "int8 model: reused"
 
 
+EXTRACT_LOG = "int8-extract.log"  # the build's extract log, kept beside the project for the test that reads it
+
+
 @pytest.fixture(scope="module")
-def int8_calibrated(exported, tmp_path_factory) -> Path:
-    """`exported` with its features extracted at int8: the calibrated model in store/quantized, built once per run.
-    test_int8_rows_differ_from_fp32_but_a_logistic_head_lands_close is the test that calibrates from scratch, and
+def int8_calibrated(heads_trained, tmp_path_factory) -> Path:
+    """test_finetune's `heads_trained` (fp32 rows extracted; its heads play no part here) with its features
+    extracted again at int8, built once per run: the int8 model calibrated from scratch into store/quantized, its
+    rows beside the fp32 ones, that extract's log in EXTRACT_LOG. The int8 rows test reads that first int8 run,
     test_predict's int8 project serves this model."""
     def build(root: Path) -> None:
-        shutil.copytree(exported, root, dirs_exist_ok=True)
-        with contextlib.chdir(root):
-            set_params(extract=INT8)
-            extract.main()
+        shutil.copytree(heads_trained, root, dirs_exist_ok=True)
+        handler, logger = logging.FileHandler(root / EXTRACT_LOG), logging.getLogger()
+        level = logger.level
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        try:
+            with contextlib.chdir(root):
+                set_params(extract=INT8)
+                extract.main()
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+            handler.close()
 
     return built_once(tmp_path_factory, "int8-calibrated", build)
 
@@ -42,16 +56,6 @@ def int8_calibrated(exported, tmp_path_factory) -> Path:
 def int8_workdir(int8_calibrated, tmp_path, monkeypatch) -> Path:
     work = tmp_path / "work"
     shutil.copytree(int8_calibrated, work)
-    monkeypatch.chdir(work)
-    return work
-
-
-@pytest.fixture
-def fp32_extracted(heads_trained, tmp_path, monkeypatch) -> Path:
-    """A private copy of `exported` with its features extracted at fp32: test_finetune's `heads_trained`, which the
-    fine-tune and predict tests build anyway (its heads play no part here)."""
-    work = tmp_path / "work"
-    shutil.copytree(heads_trained, work)
     monkeypatch.chdir(work)
     return work
 
@@ -67,29 +71,26 @@ def held_out_accuracy(splits: dict) -> float:
     return float(np.mean(np.concatenate([head.predict(f) == labels for f, labels in held])))
 
 
-def test_int8_rows_differ_from_fp32_but_a_logistic_head_lands_close(fp32_extracted, caplog):
-    fp32 = features_and_labels()
-    fp32_fingerprint = metrics()["fingerprint"]
-    assert metrics()["precision"] == "fp32"
-
-    set_params(extract=INT8)
-    with caplog.at_level(logging.INFO):
-        extract.main()
-    assert CALIBRATED in caplog.text
-    assert metrics()["precision"] == "int8" and metrics()["computed"] == 60  # its own store folder
-    assert metrics()["fingerprint"] != fp32_fingerprint
+def test_int8_rows_differ_from_fp32_but_a_logistic_head_lands_close(int8_workdir, heads_trained):
+    # the project's first int8 extract (`int8_calibrated`'s build), after its fp32 one (`heads_trained`'s)
+    fp32_fingerprint = json.loads((heads_trained / "metrics/extract.json").read_text())["fingerprint"]
+    assert CALIBRATED in Path(EXTRACT_LOG).read_text() and REUSED not in Path(EXTRACT_LOG).read_text()
     metrics_int8 = metrics()
+    assert metrics_int8["precision"] == "int8" and metrics_int8["computed"] == 60  # its own store folder
+    assert metrics_int8["fingerprint"] != fp32_fingerprint
     int8 = features_and_labels()
+
+    set_params(extract={"precision": "fp32"})
+    extract.main()
+    assert metrics()["computed"] == 0 and metrics()["fingerprint"] == fp32_fingerprint
+    assert metrics()["precision"] == "fp32"
+    fp32 = features_and_labels()
     a, b = fp32["test"][0], int8["test"][0]
     assert not np.allclose(a, b, atol=1e-3)
     cosine = np.sum(a * b, 1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cosine.min() > 0.8
     # 24 held-out images: a head on int8 rows may miss at most 2 more than the one on fp32 rows
     assert held_out_accuracy(int8) >= held_out_accuracy(fp32) - 2 / 24
-
-    set_params(extract={"precision": "fp32"})
-    extract.main()
-    assert metrics()["computed"] == 0 and metrics()["fingerprint"] == fp32_fingerprint
     assert_kept_layers_are_float(Path("store", quantize.QUANTIZED_DIR, metrics_int8["quantized_model"]))
 
 
