@@ -135,8 +135,13 @@ def exported(tmp_path_factory) -> Path:
 @pytest.fixture
 def workdir(exported, tmp_path, monkeypatch) -> Path:
     """A private copy of `exported` as the working directory."""
+    return work_copy(exported, tmp_path, monkeypatch)
+
+
+def work_copy(source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private copy of a shared build (tests only read those) as the working directory."""
     work = tmp_path / "work"
-    shutil.copytree(exported, work)
+    shutil.copytree(source, work)
     monkeypatch.chdir(work)
     return work
 

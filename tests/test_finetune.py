@@ -22,7 +22,7 @@ from torchvision.models import get_model
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from stages import evaluate, extract, finetune, train_heads
-from tests.conftest import built_once
+from tests.conftest import built_once, work_copy
 from transfer_learning.backbone import files as backbone_files
 from transfer_learning.backbone.anatomy import anatomy
 from transfer_learning.common.curves import NOTHING_TO_PLOT
@@ -395,10 +395,7 @@ def heads_trained(exported, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def project_with_heads(heads_trained, tmp_path, monkeypatch) -> Path:
-    work = tmp_path / "work"
-    shutil.copytree(heads_trained, work)
-    monkeypatch.chdir(work)
-    return work
+    return work_copy(heads_trained, tmp_path, monkeypatch)
 
 
 # the stage's run that the tests below start from: LP-FT of the last two blocks over the cached prefix, one epoch
@@ -419,10 +416,7 @@ def finetuned(heads_trained, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def project_finetuned(finetuned, tmp_path, monkeypatch) -> Path:
-    work = tmp_path / "work"
-    shutil.copytree(finetuned, work)
-    monkeypatch.chdir(work)
-    return work
+    return work_copy(finetuned, tmp_path, monkeypatch)
 
 
 def test_lp_ft_starts_where_the_init_head_is_within_one_val_image(project_finetuned):

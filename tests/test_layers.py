@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from torchvision.models import get_model
 
 from stages import export, extract, layers, prepare
-from tests.conftest import REPO, Project, built_once, write_digits
+from tests.conftest import REPO, Project, built_once, work_copy, write_digits
 from transfer_learning.backbone import files as backbone_files
 from transfer_learning.backbone.anatomy import anatomy
 from transfer_learning.common.errors import UserError
@@ -75,10 +74,7 @@ def swept(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def work(swept, tmp_path, monkeypatch) -> Path:
-    copy = tmp_path / "work"
-    shutil.copytree(swept, copy)
-    monkeypatch.chdir(copy)
-    return copy
+    return work_copy(swept, tmp_path, monkeypatch)
 
 
 def sweep_metrics() -> dict:

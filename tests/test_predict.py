@@ -16,7 +16,7 @@ import pytest
 
 from stages import evaluate, extract, train_heads
 from stages import predict as predict_cli
-from tests.conftest import REPO, built_once
+from tests.conftest import REPO, built_once, work_copy
 from tests.test_finetune import HEADS as FINETUNE_HEADS
 from tests.test_finetune import finetuned, heads_trained, set_params  # noqa: F401 - fixtures, shared builds
 from tests.test_quantize import int8_calibrated  # noqa: F401 - fixture, a shared build
@@ -73,13 +73,6 @@ def every_model_int8(every_model, int8_calibrated, tmp_path_factory) -> Path:
             evaluate.main()
 
     return built_once(tmp_path_factory, "predict-every-model-int8", build)
-
-
-def work_copy(source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    work = tmp_path / "work"
-    shutil.copytree(source, work)
-    monkeypatch.chdir(work)
-    return work
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from stages import extract
-from tests.conftest import built_once
+from tests.conftest import built_once, work_copy
 from tests.test_extract import metrics, set_params
 from tests.test_finetune import heads_trained  # noqa: F401 - fixture, a shared build
 from transfer_learning.common.errors import UserError
@@ -54,10 +54,7 @@ def int8_calibrated(heads_trained, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def int8_workdir(int8_calibrated, tmp_path, monkeypatch) -> Path:
-    work = tmp_path / "work"
-    shutil.copytree(int8_calibrated, work)
-    monkeypatch.chdir(work)
-    return work
+    return work_copy(int8_calibrated, tmp_path, monkeypatch)
 
 
 def features_and_labels() -> dict:
