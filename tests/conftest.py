@@ -146,6 +146,14 @@ def work_copy(source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     return work
 
 
+def keep_first_images(n: int, work: Path = Path(".")) -> None:
+    """Only the manifest's first n images (classes 0 and 1, every split for n >= 12): for a test whose point does not
+    depend on how many images there are."""
+    manifest = work / "data/prepared/manifest.csv"
+    rows = manifest.read_text().splitlines()
+    manifest.write_text("\n".join(rows[:n + 1]) + "\n")
+
+
 @pytest.fixture
 def mount_small_disk(tmp_path):
     """`mount_small_disk("1M")` -> a folder on a real tmpfs of that size, so that writes fail with the kernel's own

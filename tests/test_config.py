@@ -7,12 +7,14 @@ import re
 import subprocess
 import sys
 import typing
+import warnings
 from pathlib import Path
 
 import pytest
 import yaml
 from pydantic import BaseModel
 
+from tests.conftest import REPO
 from transfer_learning import params as config
 from transfer_learning.common.dvc_outputs import dvc_outputs
 from transfer_learning.common.errors import UserError
@@ -20,7 +22,6 @@ from transfer_learning.evaluate.report import BEST_KEY
 from transfer_learning.finetune import files as finetune_files
 from transfer_learning.params import load_params
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def invalid(project, **sections) -> str:
@@ -581,6 +582,9 @@ def test_the_catalog_lists_what_the_libraries_offer():
     assert knn["public"] == "sklearn.neighbors.KNeighborsClassifier" and knn["fails"] is None
     assert "estimators" in classifiers["StackingClassifier"]["fails"]
     assert catalog.onnxruntime_providers() == onnxruntime.get_all_providers()
+    with warnings.catch_warnings():  # listed again, as on a machine's first check: a deprecated class warns no user
+        warnings.simplefilter("error")
+        assert catalog._sklearn_listing() == classifiers
 
 
 def test_a_damaged_catalog_file_is_listed_again(tmp_path, monkeypatch, caplog):

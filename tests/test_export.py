@@ -13,23 +13,20 @@ from transfer_learning.backbone.anatomy import PooledFeatures
 from transfer_learning.common.errors import UserError
 
 CASES = {
-    # arch: (weights, the exported cut (node, pool, feature_dim), the block cut resolved (block, pool, feature_dim)).
-    # The export traces every node before the cut, so the exported node cuts sit early in the network: what they
-    # prove (the cut resolved, pooled, exported with a dynamic batch, equal to torch) does not depend on depth. With
-    # the default backbone's penultimate export (the `exported` fixture's, tests/conftest.py, checked below) they
-    # export every ONNX op type of the three whole networks, the head's global pooling and flatten included, and
-    # each of the three pools. A block number reaches the export as a node the anatomy resolves, the same code path
-    # as a node name: each block cut's and penultimate cut's node and feature_dim are checked without an export
-    # (test_layers exports block cuts through the stage and compares their rows).
-    "mobilenet_v2": ("IMAGENET1K_V1", ("features.3.add", "avg", 24), (2, "max", 16)),
-    "resnet18": ("none", ("layer1.0.relu_1", "none", 64 * 56 * 56), (3, "max", 64)),
-    "efficientnet_b0": ("none", ("features.1.0.block.1", "max", 32), (3, "avg", 24)),
+    # arch: (weights, the exported cut (node, pool, feature_dim), the block cut resolved (block, its node, pool,
+    # feature_dim)). The export traces every node before the cut, so the exported node cuts sit early in the
+    # network: what they prove (the cut resolved, pooled, exported with a dynamic batch, equal to torch) does not
+    # depend on depth. With the default backbone's penultimate export (the `exported` fixture's, tests/conftest.py,
+    # checked below) they export every ONNX op type of the three whole networks, the head's global pooling and
+    # flatten included, and each of the three pools. A block number reaches the export as a node the anatomy
+    # resolves, the same code path as a node name: each block cut's and penultimate cut's node and feature_dim are
+    # checked without an export (test_layers exports block cuts through the stage and compares their rows).
+    "mobilenet_v2": ("IMAGENET1K_V1", ("features.3.add", "avg", 24), (2, "features.1.conv.2", "max", 16)),
+    "resnet18": ("none", ("layer1.0.relu_1", "none", 64 * 56 * 56), (3, "layer1.1.relu_1", "max", 64)),
+    "efficientnet_b0": ("none", ("features.1.0.block.1", "max", 32), (3, "features.2.1.add", "avg", 24)),
 }
 # arch: (the graph node `backbone.cut: penultimate` names, the feature_dim it gives with `pool: avg`)
 PENULTIMATE = {"mobilenet_v2": ("flatten", 1280), "resnet18": ("flatten", 512), "efficientnet_b0": ("flatten", 1280)}
-# arch: the graph node each block cut above names
-BLOCK_NODES = {"mobilenet_v2": "features.1.conv.2", "resnet18": "layer1.1.relu_1",
-               "efficientnet_b0": "features.2.1.add"}
 
 
 def check_onnx_against_torch(batch_sizes=(1, 3)):
@@ -50,11 +47,11 @@ def check_onnx_against_torch(batch_sizes=(1, 3)):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", list(CASES))
 def test_export_cuts(project, arch):
-    weights, (node, pool, dim), (block, block_pool, block_dim) = CASES[arch]
+    weights, (node, pool, dim), (block, block_node, block_pool, block_dim) = CASES[arch]
     project.params(backbone={"arch": arch, "weights": weights})
     download.main()
     check_resolved("penultimate", *PENULTIMATE[arch], "avg")
-    check_resolved(block, BLOCK_NODES[arch], block_dim, block_pool)
+    check_resolved(block, block_node, block_dim, block_pool)
     project.params(backbone={"arch": arch, "weights": weights, "cut": node, "pool": pool})
     export.main()
     check_export(dim)

@@ -17,7 +17,7 @@ from filelock import FileLock
 from PIL import Image
 
 from stages import export, extract, prepare
-from tests.conftest import DIGITS_PER_CLASS, REPO, write_digits
+from tests.conftest import DIGITS_PER_CLASS, REPO, keep_first_images, write_digits
 from tests.faults import faulty_env
 from transfer_learning.backbone import files as backbone_files
 from transfer_learning.backbone.anatomy import PooledFeatures
@@ -42,14 +42,6 @@ def metrics() -> dict:
 def read_split(split: str) -> dict:
     with h5py.File(f"data/features/{split}.h5", "r") as handle:
         return {name: handle[name][:] for name in handle} | {"attrs": dict(handle.attrs)}
-
-
-def keep_first_images(n: int, work: Path = Path(".")) -> None:
-    """Only the manifest's first n images (classes 0 and 1, every split for n >= 12): for a test whose point does not
-    depend on how many images there are."""
-    manifest = work / "data/prepared/manifest.csv"
-    rows = manifest.read_text().splitlines()
-    manifest.write_text("\n".join(rows[:n + 1]) + "\n")
 
 
 def set_params(**sections) -> None:

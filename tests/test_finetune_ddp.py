@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.conftest import REPO
 from tests.faults import faulty_env
 from tests.test_finetune import finetuned, heads_trained  # noqa: F401 (fixtures: the frozen prefix's kept export)
 from transfer_learning.common.errors import UserError
 from transfer_learning.finetune.distributed import rank_share
 from transfer_learning.params import load_params
 
-REPO = Path(__file__).resolve().parents[1]
 # a fresh head on the last two blocks (the frozen prefix `finetuned` exported), over the prefix's cached outputs: the
 # epochs are cheap, the processes' start-up is what is measured
 SETTINGS = {"enabled": True, "unfreeze": 2, "init_head": None, "epochs": 3, "batch_size": 8, "patience": 5,

@@ -54,7 +54,7 @@ def save_tiny_backbone() -> None:
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory) -> Path:
-    """A project with 40 prepared digits, the tiny backbone, and one sweep of blocks 2 and 3."""
+    """A project with 40 prepared digits, the tiny backbone, and one sweep of the blocks in SWEPT."""
     import contextlib
 
     def build(root: Path) -> None:

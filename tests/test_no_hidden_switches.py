@@ -7,7 +7,8 @@ import ast
 import functools
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
+
 PRODUCT = ("transfer_learning", "stages")
 
 ALLOWED = {

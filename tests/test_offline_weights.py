@@ -8,10 +8,10 @@ import pytest
 import torch
 from torchvision.models import MobileNet_V2_Weights
 
+from tests.conftest import REPO
 from transfer_learning.backbone import offline_weights, weights
 
 MOBILENET = MobileNet_V2_Weights.IMAGENET1K_V1
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_the_file_and_its_hash_are_torchvisions():
@@ -39,10 +39,16 @@ def run_setup(torch_home: Path) -> subprocess.CompletedProcess:
                           env={"PATH": "/usr/bin:/bin", "TORCH_HOME": str(torch_home), "HOME": str(torch_home)})
 
 
-def test_a_verified_cached_file_is_reused_without_importing_torch(tmp_path):
+def cached_weights() -> Path:
+    """The weights `make setup` put in torch.hub's cache."""
     real = weights.cache_path(MOBILENET)
     if not real.is_file():
         pytest.fail(f"{real} missing: run `make setup`")
+    return real
+
+
+def test_a_verified_cached_file_is_reused_without_importing_torch(tmp_path):
+    real = cached_weights()
     cached = tmp_path / "hub" / "checkpoints" / real.name
     cached.parent.mkdir(parents=True)
     cached.symlink_to(real)
@@ -51,8 +57,9 @@ def test_a_verified_cached_file_is_reused_without_importing_torch(tmp_path):
     assert done.stdout.strip() == "[]"
 
 
-def test_a_cached_file_with_another_hash_is_not_reused(tmp_path):
-    tampered = tmp_path / "mobilenet_v2-b0353104.pth"
-    tampered.write_bytes(weights.cache_path(MOBILENET).read_bytes()[:-1] + b"\0")
+def test_a_cached_file_with_one_byte_changed_fails_the_hash_check(tmp_path):
+    real = cached_weights()
+    tampered = tmp_path / real.name
+    tampered.write_bytes(real.read_bytes()[:-1] + b"\0")
     assert not offline_weights.has_published_hash(tampered)
-    assert offline_weights.has_published_hash(weights.cache_path(MOBILENET))
+    assert offline_weights.has_published_hash(real)

@@ -62,7 +62,7 @@ def every_model_int8(every_model, int8_calibrated, tmp_path_factory) -> Path:
     """`every_model` at extract.precision int8: features, heads and evaluate again. The fine-tuned model stays as
     it is: one float ONNX export with its own backbone, which extract.precision does not change. The int8 backbone
     and its rows are `int8_calibrated`'s (the same backbone, calibration images and images, so the same cache key
-    and fingerprint: extract reuses both and computes no row; test_quantize proves that reuse)."""
+    and fingerprint: extract reuses both and computes no row, which the int8 agreement test below asserts)."""
     def build(root: Path) -> None:
         shutil.copytree(every_model, root, dirs_exist_ok=True)
         shutil.copytree(int8_calibrated / "store", root / "store", dirs_exist_ok=True)
@@ -100,13 +100,13 @@ def evaluated_scores(model: str, test) -> np.ndarray:
     return head_files.load(model).scores(test.features)
 
 
-def pixels_of_the_test_images() -> np.ndarray:
-    preprocessing = backbone_files.load().preprocessing.with_bit_depth(manifest.read_bit_depth())
-    return np.stack([predict.load_pixels(Path(p), preprocessing) for p in read_split("test").plain().paths])
-
-
 def preprocessing():
     return backbone_files.load().preprocessing.with_bit_depth(manifest.read_bit_depth())
+
+
+def pixels_of_the_test_images() -> np.ndarray:
+    served = preprocessing()
+    return np.stack([predict.load_pixels(Path(p), served) for p in read_split("test").plain().paths])
 
 
 def two_step(name: str):

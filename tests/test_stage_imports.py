@@ -10,19 +10,17 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 from sklearn.datasets import load_sample_images
 
-from tests.conftest import Project
+from tests.conftest import REPO, Project
 from tests.test_layout import imported_names
 from tests.test_prepare import plain_class
 from transfer_learning.backbone.export import sample_photos
 from transfer_learning.common import catalog
 from transfer_learning.data.manifest import MANIFEST
 
-REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "torchvision", "torch._dynamo", "sklearn", "scipy", "onnx", "skl2onnx", "dvclive")
 
 # (stages imported, what else runs, heavy packages none of them may load); in this order, in one process

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,9 @@ def _sklearn_listing() -> dict[str, dict[str, Any]]:
     listing = {}
     for name, found in classes.items():
         try:
-            found()
+            with warnings.catch_warnings():  # a deprecated class warns when built; listing it is no use of it
+                warnings.simplefilter("ignore")
+                found()
             fails = None
         except Exception as error:  # what the user would see constructing it
             fails = str(error)
