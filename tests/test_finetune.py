@@ -536,8 +536,10 @@ def test_nothing_damaged_is_used_the_checkpoint_the_kept_export_and_the_model_fi
 
     flip_float_exponent(checkpoint, largest_tensor_bytes(checkpoint))
     caplog.clear()
+    caplog.set_level(logging.INFO, logger="transfer_learning.finetune.allocator")
     finetune.main()
     assert f"checkpoint {checkpoint} rejected: its sha256" in caplog.text
+    assert "keeps freed memory for the next batch" in caplog.text  # the training process's malloc setting
     assert json.loads(Path("metrics/finetune.json").read_text())["resumed_from_epoch"] is None  # retrained
     np.testing.assert_allclose(finetune_files.read_test_scores(keys), first, atol=tolerance)
     assert sha256_file(kept) == json.loads(record.read_text())["sha256"]  # the kept export: made anew

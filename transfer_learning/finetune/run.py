@@ -32,6 +32,7 @@ from transfer_learning.features.runtime import FeatureRunner
 from transfer_learning.features.store import resolve_store
 from transfer_learning.features.views import ViewDataset, collate
 from transfer_learning.finetune import files as finetune_files
+from transfer_learning.finetune.allocator import keep_freed_memory
 from transfer_learning.finetune.data import (
     AugmentedImages,
     LabelledImages,
@@ -294,6 +295,7 @@ def train(params: Params, group: Group | None = None, checked: Checked | None = 
     the metrics (None on a rank other than 0, which writes nothing). `checked`: the prefix export the launcher
     checked against torch."""
     started = time.perf_counter()
+    keep_freed_memory()
     settings = params.finetune
     device = default_device() if group is None else group.device
     world = 1 if group is None else group.world
