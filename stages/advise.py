@@ -12,6 +12,7 @@ from pathlib import Path
 
 from transfer_learning.advise import advisor
 from transfer_learning.backbone import files as backbone_files
+from transfer_learning.common.allocator import keep_freed_memory
 from transfer_learning.common.atomic import atomic_write_text
 from transfer_learning.common.errors import UserError, run_main
 from transfer_learning.common.metrics import write_metrics, write_timings
@@ -38,6 +39,7 @@ def main() -> None:
         chosen = advisor.sample_rows(train, params.sample, params.seed)
         log.info("measuring similarity to %s's pretraining data on %d of %d train images (seed %d)",
                  backbone.weights, len(chosen), len(train), params.seed)
+        keep_freed_memory()
         measured = advisor.measure(backbone.model(), backbone.preprocessing, [Path(r.path) for r in chosen])
         log.info("BN shift %s over %d BatchNorm layers, top-1 confidence %.3f, entropy %.3f, in %.1f s",
                  "n/a" if measured.bn_shift is None else f"{measured.bn_shift:.4f}", measured.bn_layers,

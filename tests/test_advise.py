@@ -2,6 +2,7 @@
 the quadrant -> strategy mapping, thresholds from params, random init, and the file finetune's `auto` reads."""
 import contextlib
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -60,8 +61,10 @@ def photos_and_digits(project, pretrained_backbone) -> Project:
     return project
 
 
-def test_photo_crops_are_similar_and_digits_are_different(photos_and_digits):
+def test_photo_crops_are_similar_and_digits_are_different(photos_and_digits, caplog):
+    caplog.set_level(logging.INFO, logger="transfer_learning.common.allocator")
     photos = run_advisor(photos_and_digits, "photos", sample=16)
+    assert "keeps freed memory for the next batch" in caplog.text  # the measurement's malloc setting
     report = Path("reports/advice.md").read_text()
     digits = run_advisor(photos_and_digits, "digit-images", sample=16)
 

@@ -536,7 +536,7 @@ def test_nothing_damaged_is_used_the_checkpoint_the_kept_export_and_the_model_fi
 
     flip_float_exponent(checkpoint, largest_tensor_bytes(checkpoint))
     caplog.clear()
-    caplog.set_level(logging.INFO, logger="transfer_learning.finetune.allocator")
+    caplog.set_level(logging.INFO, logger="transfer_learning.common.allocator")
     finetune.main()
     assert f"checkpoint {checkpoint} rejected: its sha256" in caplog.text
     assert "keeps freed memory for the next batch" in caplog.text  # the training process's malloc setting

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from transfer_learning.backbone import files as backbone_files
 from transfer_learning.backbone import onnx_export
+from transfer_learning.common.allocator import keep_freed_memory
 from transfer_learning.common.atomic import atomic_write, atomic_write_text
 from transfer_learning.common.errors import UserError
 from transfer_learning.common.hashing import sha256_bytes, sha256_file
@@ -32,7 +33,6 @@ from transfer_learning.features.runtime import FeatureRunner
 from transfer_learning.features.store import resolve_store
 from transfer_learning.features.views import ViewDataset, collate
 from transfer_learning.finetune import files as finetune_files
-from transfer_learning.finetune.allocator import keep_freed_memory
 from transfer_learning.finetune.data import (
     AugmentedImages,
     LabelledImages,

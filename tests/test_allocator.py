@@ -1,6 +1,6 @@
-"""The fine-tune's malloc setting (transfer_learning/finetune/allocator.py), read back from glibc's own counters in a
-fresh process: before it, a large block is served by its own mmap; after it, from the heap, in the process and in
-the processes it forks (the DataLoader's workers)."""
+"""The malloc setting of the fine-tune and the advisor (transfer_learning/common/allocator.py), read back from
+glibc's own counters in a fresh process: before it, a large block is served by its own mmap; after it, from the
+heap, in the process and in the processes it forks (the DataLoader's workers)."""
 import json
 import subprocess
 import sys
@@ -8,11 +8,11 @@ import sys
 import pytest
 
 from tests.conftest import REPO
-from transfer_learning.finetune.allocator import glibc_version
+from transfer_learning.common.allocator import glibc_version
 
 MMAPPED_BYTES = """
 import ctypes, json, os
-from transfer_learning.finetune.allocator import keep_freed_memory
+from transfer_learning.common.allocator import keep_freed_memory
 
 
 class Mallinfo2(ctypes.Structure):  # glibc's struct mallinfo2 (<malloc.h>)

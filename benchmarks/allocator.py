@@ -1,13 +1,18 @@
-"""The fine-tune's malloc setting (transfer_learning/finetune/allocator.py), measured in one run: training steps of
-MobileNetV2 as `finetune.unfreeze: 2` trains it (the frozen prefix under no_grad, the last two blocks and a new head
-trained with SGD, batch 32 of 224x224 images), each side in fresh processes, --reps processes per side taken in turn:
+"""The malloc setting of the processes that run torch on batches of images (transfer_learning/common/allocator.py),
+measured in one run on two workloads of MobileNetV2 at batch 32 of 224x224 images:
 
-    glibc defaults  vs  keep_freed_memory() called first, as finetune/run.py's train() does
+    train:   a training step as `finetune.unfreeze: 2` trains (the frozen prefix under no_grad, the last two blocks
+             and a new head trained with SGD)
+    forward: a forward pass of the whole network in inference mode, as the advisor measures similarity
+
+each side in fresh processes, --reps processes per side taken in turn:
+
+    glibc defaults  vs  keep_freed_memory() called first, as finetune/run.py's train() and stages/advise.py do
 
 Per process: the median seconds of --steps steps after 2 warm-up steps, the CPU seconds (user, system) those steps
 took, and the peak resident memory. Printed: each side's medians and spread over the processes, and the ratios.
 Self-contained (random weights and images, no project files):
-    python benchmarks/finetune_allocator.py [--reps 5] [--steps 10]
+    python benchmarks/allocator.py [--reps 5] [--steps 10]
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ import json, resource, statistics, sys, time
 import torch
 from torchvision.models import mobilenet_v2
 if sys.argv[1] == "kept":
-    from transfer_learning.finetune.allocator import keep_freed_memory
+    from transfer_learning.common.allocator import keep_freed_memory
     assert keep_freed_memory()
 torch.manual_seed(0)
 net = mobilenet_v2(weights=None, num_classes=10)
@@ -38,13 +43,21 @@ frozen.eval().requires_grad_(False)
 optimizer = torch.optim.SGD(trained.parameters(), lr=1e-3, momentum=0.9)
 images, labels = torch.randn(32, 3, 224, 224), torch.randint(0, 10, (32,))
 
-def step():
+def train_step():
     with torch.no_grad():
         middle = frozen(images)
     loss = torch.nn.functional.cross_entropy(trained(middle), labels)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
+
+
+def forward_step():
+    with torch.inference_mode():
+        net.eval()(images).softmax(1)
+
+
+step = train_step if sys.argv[3] == "train" else forward_step
 
 for _ in range(2):
     step()
@@ -59,10 +72,29 @@ print(json.dumps({"step": statistics.median(seconds), "user": after.ru_utime - b
 """
 
 
-def one_process(side: str, steps: int) -> dict:
-    done = subprocess.run([sys.executable, "-c", STEPS, side, str(steps)], cwd=ROOT, capture_output=True, text=True,
-                          check=True)
+def one_process(side: str, steps: int, workload: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", STEPS, side, str(steps), workload], cwd=ROOT, capture_output=True,
+                          text=True, check=True)
     return json.loads(done.stdout)
+
+
+def compare(workload: str, reps: int, steps: int) -> None:
+    sides = ("defaults", "kept")
+    found: dict[str, list[dict]] = {side: [] for side in sides}
+    for _ in range(reps):
+        for side in sides:
+            found[side].append(one_process(side, steps, workload))
+    timed = {side: Timing(tuple(run["step"] for run in runs)) for side, runs in found.items()}
+    for side, runs in found.items():
+        user = statistics.median(run["user"] for run in runs)
+        system = statistics.median(run["system"] for run in runs)
+        peak = statistics.median(run["peak_mb"] for run in runs)
+        print(f"{workload} {side:8s}: step {timed[side]}; CPU over {steps} steps: user {user:.1f} s, system "
+              f"{system:.1f} s (medians); peak RSS {peak:.0f} MB (median)")
+    print(ratio_line(f"{workload} step time, defaults / kept", timed["defaults"].median / timed["kept"].median,
+                     timed["kept"], timed["defaults"]))
+    peak = {side: statistics.median(run["peak_mb"] for run in runs) for side, runs in found.items()}
+    print(f"{workload} peak RSS, kept / defaults: {peak['kept'] / peak['defaults']:.2f}")
 
 
 def main() -> None:
@@ -72,22 +104,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.reps < 5:
         parser.error("--reps: at least 5")
-    sides = ("defaults", "kept")
-    found: dict[str, list[dict]] = {side: [] for side in sides}
-    for _ in range(args.reps):
-        for side in sides:
-            found[side].append(one_process(side, args.steps))
-    steps = {side: Timing(tuple(run["step"] for run in runs)) for side, runs in found.items()}
-    for side, runs in found.items():
-        user = statistics.median(run["user"] for run in runs)
-        system = statistics.median(run["system"] for run in runs)
-        peak = statistics.median(run["peak_mb"] for run in runs)
-        print(f"{side:8s}: step {steps[side]}; CPU over {args.steps} steps: user {user:.1f} s, system {system:.1f} s "
-              f"(medians); peak RSS {peak:.0f} MB (median)")
-    print(ratio_line("step time, defaults / kept", steps["defaults"].median / steps["kept"].median, steps["kept"],
-                     steps["defaults"]))
-    peak = {side: statistics.median(run["peak_mb"] for run in runs) for side, runs in found.items()}
-    print(f"peak RSS, kept / defaults: {peak['kept'] / peak['defaults']:.2f}")
+    for workload in ("train", "forward"):
+        compare(workload, args.reps, args.steps)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
-"""glibc's malloc set, in each fine-tune process, to keep the memory training frees for the next batch.
+"""glibc's malloc set to keep freed memory for reuse, in the processes that run torch on batches of images: the
+fine-tune's training processes and the advisor's similarity measurement.
 
-Every batch allocates and frees the same large activation and gradient buffers. By default glibc gives each large
-block its own mmap and hands it back with munmap when freed, so the kernel maps and zeroes those pages again on every
-batch: on 2 CPU cores a MobileNetV2 fine-tune spent as much time in the kernel as in torch. Served from the heap
-instead (no mmap) and kept there (the heap is trimmed only when more than TRIM_THRESHOLD of it is free), the same
-epoch takes about half the time for about a fifth more peak memory (benchmarks/finetune_allocator.py). Only where
-memory comes from changes: the weights, losses and outputs are the same. The DataLoader's workers are forked from
-the process that set it, so they keep it too.
+Every batch allocates and frees the same large activation (and, training, gradient) buffers. By default glibc gives
+each large block its own mmap and hands it back with munmap when freed, so the kernel maps and zeroes those pages
+again on every batch: on 2 CPU cores a MobileNetV2 fine-tune spent as much time in the kernel as in torch. Served
+from the heap instead (no mmap) and kept there (the heap is trimmed only when more than TRIM_THRESHOLD of it is
+free), a training step takes less than half the time for about a fifth more peak memory, and the advisor's
+measurement a third less (benchmarks/allocator.py, benchmarks/README.md). Only where memory comes from
+changes: the weights, losses and outputs are the same. Processes forked afterwards (a DataLoader's workers) keep it.
 """
 from __future__ import annotations
 
