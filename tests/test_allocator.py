@@ -37,11 +37,13 @@ before = mmapped_for_a_large_block()
 kept = keep_freed_memory()
 after = mmapped_for_a_large_block()
 read, write = os.pipe()
-if os.fork() == 0:
+child = os.fork()
+if child == 0:
     os.write(write, str(mmapped_for_a_large_block()).encode())
     os._exit(0)
 os.close(write)
 in_a_fork = int(os.read(read, 64))
+os.waitpid(child, 0)
 print(json.dumps({"before": before, "kept": kept, "after": after, "in_a_fork": in_a_fork}))
 """
 

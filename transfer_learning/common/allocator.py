@@ -31,8 +31,8 @@ def glibc_version() -> str | None:
 
 
 def keep_freed_memory() -> bool:
-    """Sets it for this process (and the processes it forks from now on); False, with a log line saying why, where
-    the C library is not glibc or refuses the setting (training then runs as fast as malloc's defaults let it)."""
+    """Sets glibc's malloc so for this process and the processes it forks from now on. False, with a log line saying
+    why, where the C library is not glibc or refuses the setting: the work then runs at malloc's defaults."""
     version = glibc_version()
     if version is None:
         log.info("malloc left at its defaults: the C library is not glibc, whose settings this sets")
