@@ -85,16 +85,14 @@ def compare(workload: str, reps: int, steps: int) -> None:
         for side in sides:
             found[side].append(one_process(side, steps, workload))
     timed = {side: Timing(tuple(run["step"] for run in runs)) for side, runs in found.items()}
-    for side, runs in found.items():
-        user = statistics.median(run["user"] for run in runs)
-        system = statistics.median(run["system"] for run in runs)
-        peak = statistics.median(run["peak_mb"] for run in runs)
-        print(f"{workload} {side:8s}: step {timed[side]}; CPU over {steps} steps: user {user:.1f} s, system "
-              f"{system:.1f} s (medians); peak RSS {peak:.0f} MB (median)")
+    median = {side: {key: statistics.median(run[key] for run in runs) for key in ("user", "system", "peak_mb")}
+              for side, runs in found.items()}
+    for side in sides:
+        print(f"{workload} {side:8s}: step {timed[side]}; CPU over {steps} steps: user {median[side]['user']:.1f} s, "
+              f"system {median[side]['system']:.1f} s (medians); peak RSS {median[side]['peak_mb']:.0f} MB (median)")
     print(ratio_line(f"{workload} step time, defaults / kept", timed["defaults"].median / timed["kept"].median,
                      timed["kept"], timed["defaults"]))
-    peak = {side: statistics.median(run["peak_mb"] for run in runs) for side, runs in found.items()}
-    print(f"{workload} peak RSS, kept / defaults: {peak['kept'] / peak['defaults']:.2f}")
+    print(f"{workload} peak RSS, kept / defaults: {median['kept']['peak_mb'] / median['defaults']['peak_mb']:.2f}")
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ Every batch allocates and frees the same large activation (and, training, gradie
 each large block its own mmap and hands it back with munmap when freed, so the kernel maps and zeroes those pages
 again on every batch: on 2 CPU cores a MobileNetV2 fine-tune spent as much time in the kernel as in torch. Served
 from the heap instead (no mmap) and kept there (the heap is trimmed only when more than TRIM_THRESHOLD of it is
-free), a training step takes less than half the time for about a fifth more peak memory, and the advisor's
+free), a training step takes less than half the time for up to a quarter more peak memory, and the advisor's
 measurement a third less (benchmarks/allocator.py, benchmarks/README.md). Only where memory comes from
 changes: the weights, losses and outputs are the same. Processes forked afterwards (a DataLoader's workers) keep it.
 """
